@@ -1,0 +1,170 @@
+"""Adapters from model frameworks to [`pccore.PCModel`][], and their registry.
+
+Adapters are looked up lazily: an adapter is only imported once its framework has been
+imported by the user (a Haiku object cannot exist before `haiku` is imported), so
+`import pccore` imports no model framework. A third-party package adds an adapter with
+[`pccore.adapters.register`][], or declares it in its own packaging metadata:
+
+```toml
+[project.entry-points."pccore.adapters"]
+toyfw = "toyfw_pc:ToyAdapter"   # name = the framework's top-level module
+```
+"""
+
+import dataclasses
+import importlib
+import sys
+from importlib.metadata import entry_points
+from typing import Any
+
+from pccore._adapter import AbstractAdapter as AbstractAdapter
+from pccore._adapter import UnsupportedLayerError as UnsupportedLayerError
+
+_EXTRAS = {"haiku": "haiku", "flax": "flax", "flax.linen": "flax", "flax.nnx": "flax"}
+_PACKAGES = {"haiku": "dm-haiku", "flax": "flax", "flax.linen": "flax", "flax.nnx": "flax"}
+
+
+@dataclasses.dataclass
+class _Entry:
+    name: str
+    framework_module: str
+    adapter: AbstractAdapter | str
+    priority: int
+
+
+_REGISTRY: dict[str, _Entry] = {}
+_ENTRY_POINTS_LOADED = False
+
+
+def register(
+    name: str,
+    adapter: AbstractAdapter | str,
+    *,
+    framework_module: str | None = None,
+    priority: int | None = None,
+    override: bool = False,
+) -> None:
+    """Register an adapter.
+
+    **Arguments:**
+
+    - `name`: a unique name for the adapter.
+    - `adapter`: an [`pccore.adapters.AbstractAdapter`][] instance, or a
+        `"package.module:attribute"` path to one (or to its class), imported on first use.
+    - `framework_module`: the framework's top-level module; the adapter is only tried once
+        it is in `sys.modules`. Read from the adapter when it is an instance.
+    - `priority`: higher is tried first (default: the adapter's own, or 0).
+    - `override`: replace an adapter already registered under `name`.
+    """
+    if name in _REGISTRY and not override:
+        raise ValueError(
+            f"an adapter named {name!r} is already registered; pass `override=True` to "
+            "replace it or choose another `name`."
+        )
+    if isinstance(adapter, AbstractAdapter):
+        framework_module = framework_module or adapter.framework_module
+        priority = adapter.priority if priority is None else priority
+    elif isinstance(adapter, str):
+        if ":" not in adapter:
+            raise ValueError(
+                f"`adapter` must be an AbstractAdapter or a 'module:attribute' path; got "
+                f"{adapter!r}."
+            )
+        if framework_module is None:
+            raise ValueError("`framework_module` is required when `adapter` is a path.")
+    else:
+        raise TypeError(
+            f"`adapter` must be an AbstractAdapter instance or a 'module:attribute' path; "
+            f"got {type(adapter).__name__}."
+        )
+    _REGISTRY[name] = _Entry(name, framework_module, adapter, priority or 0)
+
+
+def unregister(name: str) -> None:
+    """Remove the adapter registered under `name`."""
+    if name not in _REGISTRY:
+        raise KeyError(f"no adapter named {name!r}; registered: {sorted(_REGISTRY)}.")
+    del _REGISTRY[name]
+
+
+def registered() -> list[str]:
+    """Names of the registered adapters (entry points included)."""
+    _load_entry_points()
+    return sorted(_REGISTRY)
+
+
+def _load_entry_points() -> None:
+    global _ENTRY_POINTS_LOADED
+    if _ENTRY_POINTS_LOADED:
+        return
+    _ENTRY_POINTS_LOADED = True
+    for ep in entry_points(group="pccore.adapters"):  # reading them imports nothing
+        if ep.name not in _REGISTRY:
+            register(ep.name, ep.value, framework_module=ep.name.split(".")[0])
+
+
+def _instantiate(entry: _Entry) -> AbstractAdapter:
+    if isinstance(entry.adapter, str):
+        module, _, attr = entry.adapter.partition(":")
+        obj = getattr(importlib.import_module(module), attr)
+        obj = obj() if isinstance(obj, type) else obj
+        if not isinstance(obj, AbstractAdapter):
+            raise TypeError(
+                f"adapter {entry.name!r} ({entry.adapter}) is a {type(obj).__name__}, not a "
+                "pccore.adapters.AbstractAdapter."
+            )
+        entry.adapter = obj
+    return entry.adapter
+
+
+def get_adapter(model: Any) -> AbstractAdapter:
+    """The registered adapter that handles `model` (highest priority first)."""
+    _load_entry_points()
+    checked = []
+    for entry in sorted(_REGISTRY.values(), key=lambda e: -e.priority):
+        if entry.framework_module not in sys.modules:
+            continue
+        checked.append(entry.name)
+        adapter = _instantiate(entry)
+        if adapter.matches(model):
+            return adapter
+    kind = f"{type(model).__module__}.{type(model).__qualname__}"
+    raise TypeError(
+        f"`model`: no predictive-coding adapter for an object of type {kind}. Checked "
+        f"{checked}; registered: {sorted(_REGISTRY)}. Expected an Equinox module (eqx.nn.MLP, "
+        "eqx.nn.Sequential, or a list of layers), a Haiku transform with its params, a Flax "
+        "Linen module with its variables, or a Flax NNX module. Third-party adapters "
+        "register with pccore.adapters.register() or the 'pccore.adapters' entry-point group."
+    )
+
+
+def require(framework: str) -> Any:
+    """Import a framework by name, or raise an ImportError naming the pccore extra."""
+    try:
+        return importlib.import_module(framework)
+    except ImportError as e:
+        extra = _EXTRAS.get(framework, framework.split(".")[0])
+        package = _PACKAGES.get(framework, framework.split(".")[0])
+        raise ImportError(
+            f"pccore's {framework!r} adapter needs `{package}`, which is not installed. "
+            f'Install it with: pip install "pccore[{extra}]"'
+        ) from e
+
+
+register("equinox", "pccore.adapters._equinox:EquinoxAdapter", framework_module="equinox")
+register(
+    "equinox.sequence",
+    "pccore.adapters._equinox:EquinoxSequenceAdapter",
+    framework_module="equinox",
+    priority=-10,
+)
+
+__all__ = [
+    "AbstractAdapter",
+    "UnsupportedLayerError",
+    "get_adapter",
+    "register",
+    "registered",
+    "require",
+    "unregister",
+]

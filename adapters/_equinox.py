@@ -1,0 +1,256 @@
+"""Equinox adapter: `eqx.nn.MLP`, `eqx.nn.Sequential`, and lists/tuples of layers."""
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+
+from pccore._adapter import AbstractAdapter, UnsupportedLayerError
+from pccore._model import PCModel, WeightSpec
+
+_WEIGHTED = (eqx.nn.Linear, eqx.nn.Conv, eqx.nn.ConvTranspose)
+_act = eqx.filter_vmap(lambda a, b: a(b))  # how eqx.nn.MLP applies a (learnable) activation
+
+
+def _has_params(layer: Any) -> bool:
+    return bool(jtu.tree_leaves(eqx.filter(layer, eqx.is_inexact_array)))
+
+
+def _weight_specs(params: Any) -> tuple[WeightSpec, ...]:
+    """Leaf positions of the `weight` of every Linear/Conv inside a layer's params."""
+
+    def mark(node):
+        if isinstance(node, _WEIGHTED):
+            flags = jtu.tree_map(lambda _: False, node)
+            return eqx.tree_at(lambda m: m.weight, flags, True)
+        return False
+
+    flags = jtu.tree_map(mark, params, is_leaf=lambda n: isinstance(n, _WEIGHTED))
+    return tuple(WeightSpec(i, 0) for i, f in enumerate(jtu.tree_leaves(flags)) if f)
+
+
+def _check_stateless(layers: Sequence[Any], where: str) -> None:
+    for i, layer in enumerate(layers):
+        for sub in jtu.tree_leaves(layer, is_leaf=lambda n: isinstance(n, eqx.Module)):
+            if isinstance(sub, eqx.nn.Dropout) and not sub.inference:
+                raise UnsupportedLayerError(
+                    f"`model`: {where}[{i}] is eqx.nn.Dropout in training mode "
+                    "(`inference=False`); a PC layer runs at every inference step, so a fresh "
+                    "mask per step would make inference stochastic. Pass "
+                    "`eqx.nn.inference_mode(model)` to run it as the identity."
+                )
+            if isinstance(sub, eqx.nn.StatefulLayer) and sub.is_stateful():
+                raise UnsupportedLayerError(
+                    f"`model`: {where}[{i}] is a stateful {type(sub).__name__}, whose "
+                    "eqx.nn.State would be updated at every inference step. Pass "
+                    "`eqx.nn.inference_mode(model)` and its `state` "
+                    "(`pccore.wrap(model, state)`) to run it frozen on its running averages."
+                )
+
+
+class _Frozen(eqx.Module):
+    """A layer function that closes over frozen `eqx.nn.State` (a pytree, never trained)."""
+
+    fn: Callable = eqx.field(static=True)
+    static: Any = eqx.field(static=True)
+    state: Any
+
+    def __call__(self, params, x):
+        model = eqx.combine(params, self.static)
+        return jax.vmap(lambda xi: self.fn(model, xi, self.state))(x)
+
+
+class _Pure(eqx.Module):
+    fn: Callable = eqx.field(static=True)
+    static: Any = eqx.field(static=True)
+
+    def __call__(self, params, x):
+        model = eqx.combine(params, self.static)
+        return jax.vmap(lambda xi: self.fn(model, xi))(x)
+
+
+def _run_group(group, x, state=None):
+    for layer in group:
+        if isinstance(layer, eqx.nn.StatefulLayer) and state is not None:
+            x, _ = layer(x, state)
+        else:
+            x = layer(x)
+    return x
+
+
+def _shapes(layers, params, in_shape) -> tuple[jax.ShapeDtypeStruct, ...]:
+    out, x = [], jax.ShapeDtypeStruct((1, *in_shape.shape), in_shape.dtype)
+    for fn, p in zip(layers, params):
+        x = jax.eval_shape(fn, p, x)
+        out.append(jax.ShapeDtypeStruct(x.shape[1:], x.dtype))
+    return tuple(out)
+
+
+def _in_shape(first: Any, input_shape: Sequence[int] | None, dtype) -> jax.ShapeDtypeStruct:
+    if input_shape is not None:
+        return jax.ShapeDtypeStruct(tuple(input_shape), dtype)
+    if isinstance(first, eqx.nn.Linear):
+        shape = () if first.in_features == "scalar" else (first.in_features,)
+        return jax.ShapeDtypeStruct(shape, dtype)
+    if isinstance(first, eqx.nn.MLP):
+        shape = () if first.in_size == "scalar" else (first.in_size,)
+        return jax.ShapeDtypeStruct(shape, dtype)
+    raise ValueError(
+        f"`input_shape`: cannot infer the per-sample input shape of a model starting with "
+        f"{type(first).__name__}. Pass it, e.g. `pccore.wrap(model, input_shape=(1, 8, 8))`."
+    )
+
+
+def _dtype(tree) -> Any:
+    leaves = jtu.tree_leaves(eqx.filter(tree, eqx.is_inexact_array))
+    return leaves[0].dtype if leaves else jnp.float32
+
+
+class EquinoxAdapter(AbstractAdapter):
+    """`eqx.nn.MLP` (also learnable activations and `scan=True`) and `eqx.nn.Sequential`.
+
+    Options: `input_shape` (per-sample; inferred from a leading `Linear`), and, for models
+    with `eqx.nn.BatchNorm` in inference mode, their `eqx.nn.State` as `variables`.
+    """
+
+    name = "equinox"
+    framework_module = "equinox"
+    priority = 0
+
+    def matches(self, model: Any) -> bool:
+        return isinstance(model, eqx.nn.MLP | eqx.nn.Sequential)
+
+    def wrap(self, model: Any, variables: Any = None, **options: Any) -> PCModel:
+        if isinstance(model, eqx.nn.MLP):
+            if variables is not None:
+                raise ValueError("`variables`: an eqx.nn.MLP has no state; pass none.")
+            return _wrap_mlp(model, **options)
+        return _wrap_sequence(model, variables, **options)
+
+
+class EquinoxSequenceAdapter(AbstractAdapter):
+    """A list or tuple of Equinox layers and plain callables (at least one Equinox module)."""
+
+    name = "equinox.sequence"
+    framework_module = "equinox"
+    priority = -10
+
+    def matches(self, model: Any) -> bool:
+        return type(model) in (list, tuple) and any(isinstance(m, eqx.Module) for m in model)
+
+    def wrap(self, model: Any, variables: Any = None, **options: Any) -> PCModel:
+        return _wrap_sequence(model, variables, **options)
+
+
+def _wrap_sequence(model, state=None, *, input_shape=None, dtype=None) -> PCModel:
+    seq = isinstance(model, eqx.nn.Sequential)
+    items = list(model.layers if seq else model)
+    where = "model.layers" if seq else "model"
+    if state is None:
+        _check_stateless(items, where)
+    for i, item in enumerate(items):
+        if not callable(item):
+            raise TypeError(f"`model`: {where}[{i}] is a {type(item).__name__}, not callable.")
+    groups: list[list[int]] = []
+    for i, layer in enumerate(items):
+        if _has_params(layer) or not groups:
+            groups.append([i])
+        else:
+            groups[-1].append(i)
+    parts = [eqx.partition(tuple(items[j] for j in g), eqx.is_inexact_array) for g in groups]
+    params = tuple(p for p, _ in parts)
+    if state is None:
+        layers = tuple(_Pure(_run_group, s) for _, s in parts)
+    else:
+        layers = tuple(_Frozen(_run_group, s, state) for _, s in parts)
+    in_shape = _in_shape(items[0], input_shape, dtype or _dtype(model))
+    names = tuple(
+        "+".join(f"{j}:{type(items[j]).__name__}" for j in g) for g in groups
+    )
+
+    def rebuild(new_params):
+        flat = list(items)
+        for g, p, (_, s) in zip(groups, new_params, parts):
+            for j, layer in zip(g, eqx.combine(p, s)):
+                flat[j] = layer
+        if seq:
+            return eqx.nn.Sequential(flat)
+        return type(model)(flat)
+
+    return PCModel(
+        layers=layers,
+        params=params,
+        in_shape=in_shape,
+        out_shapes=_shapes(layers, params, in_shape),
+        names=names,
+        weights=tuple(_weight_specs(p) for p in params),
+        skips=(False,) * len(layers),
+        framework="equinox",
+        rebuild=rebuild,
+    )
+
+
+def _mlp_block(block, x):
+    layer, act = block
+    return _act(act, layer(x))
+
+
+def _mlp_final(block, x):
+    layer, act = block
+    return act(layer(x))
+
+
+def _index(tree, i):
+    return jtu.tree_map(lambda a: a[i] if eqx.is_array(a) else a, tree)
+
+
+def _wrap_mlp(mlp: eqx.nn.MLP, *, input_shape=None, dtype=None) -> PCModel:
+    if mlp.scan:
+        first, stacked, last = mlp.layers
+        linears = [first] + [_index(stacked, j) for j in range(mlp.depth - 1)] + [last]
+    else:
+        linears = list(mlp.layers)
+    L = len(linears)
+    scalar_out = mlp.out_size == "scalar"
+    blocks = [(linears[i], _index(mlp.activation, i)) for i in range(L - 1)]
+    blocks.append((linears[-1], mlp.final_activation))
+    parts = [eqx.partition(b, eqx.is_inexact_array) for b in blocks]
+    params = tuple(p for p, _ in parts)
+    fns = [_mlp_block] * (L - 1) + [_mlp_final if scalar_out else _mlp_block]
+    layers = tuple(_Pure(fn, s) for fn, (_, s) in zip(fns, parts))
+    in_shape = _in_shape(mlp, input_shape, dtype or _dtype(mlp))
+
+    def rebuild(new_params):
+        nb = [eqx.combine(p, s) for p, (_, s) in zip(new_params, parts)]
+        lins = [b[0] for b in nb]
+
+        def stack(*xs):
+            return jnp.stack(xs) if eqx.is_array(xs[0]) else xs[0]
+
+        if mlp.scan:
+            hidden = jtu.tree_map(stack, *lins[1:-1]) if L > 2 else stacked
+            new_layers = (lins[0], hidden, lins[-1])
+        else:
+            new_layers = tuple(lins)
+        acts = [b[1] for b in nb[:-1]]
+        activation = jtu.tree_map(stack, *acts) if acts else mlp.activation
+        return eqx.tree_at(
+            lambda m: (m.layers, m.activation, m.final_activation),
+            mlp,
+            (new_layers, activation, nb[-1][1]),
+        )
+
+    return PCModel(
+        layers=layers,
+        params=params,
+        in_shape=in_shape,
+        out_shapes=_shapes(layers, params, in_shape),
+        names=tuple(f"layers[{i}]" for i in range(L)),
+        weights=tuple(_weight_specs(p) for p in params),
+        skips=(False,) * L,
+        framework="equinox",
+        rebuild=rebuild,
+    )

@@ -1,0 +1,40 @@
+"""pccore: predictive coding networks in JAX, for Equinox, Haiku and Flax models."""
+
+import importlib.metadata
+
+from . import theory as theory
+from ._adapter import AbstractAdapter as AbstractAdapter
+from ._adapter import UnsupportedLayerError as UnsupportedLayerError
+from ._energy import PC as PC
+from ._energy import AbstractEnergy as AbstractEnergy
+from ._energy import energy as energy
+from ._energy import init_activities as init_activities
+from ._energy import layer_energies as layer_energies
+from ._evaluate import Evaluation as Evaluation
+from ._evaluate import evaluate as evaluate
+from ._infer import infer as infer
+from ._init import AbstractInit as AbstractInit
+from ._init import FeedForward as FeedForward
+from ._init import RandomNormal as RandomNormal
+from ._init import Zeros as Zeros
+from ._learn import param_grads as param_grads
+from ._learn import train_step as train_step
+from ._loss import MSE as MSE
+from ._loss import AbstractLoss as AbstractLoss
+from ._loss import CrossEntropy as CrossEntropy
+from ._model import PCModel as PCModel
+from ._model import WeightSpec as WeightSpec
+from ._parameterisation import NTP as NTP
+from ._parameterisation import SP as SP
+from ._parameterisation import AbstractParameterisation as AbstractParameterisation
+from ._parameterisation import MuPC as MuPC
+from ._results import RESULTS as RESULTS
+from ._solution import InferenceSolution as InferenceSolution
+from ._solution import SteadyState as SteadyState
+from ._solution import TrainStats as TrainStats
+from ._wrap import wrap as wrap
+
+try:
+    __version__ = importlib.metadata.version("pccore")
+except importlib.metadata.PackageNotFoundError:  # running from a source tree
+    __version__ = "0.0.0"

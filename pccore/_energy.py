@@ -1,0 +1,222 @@
+r"""Energies: the objective predictive coding minimises over activities and parameters.
+
+**Batch convention.** Every energy is defined per sample, $F_i$. Inference follows the
+gradient of the batch *sum* $\mathcal F = \sum_i F_i$, so that
+$\partial \mathcal F / \partial z_i = \partial F_i / \partial z_i$ and a sample's dynamics do
+not depend on the batch it is in. Parameters follow the batch *mean*
+$\mathcal L(\theta) = \frac1B \sum_i F_i(z_i^*, \theta) + R(\theta)$, so learning rates carry
+over across batch sizes as in ordinary training.
+"""
+
+import abc
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
+
+from ._check import check_activities, check_data
+from ._custom_types import Activities, BatchArray, Scalar
+from ._init import AbstractInit, FeedForward
+from ._loss import MSE, AbstractLoss
+from ._model import PCModel
+from ._parameterisation import SP, AbstractParameterisation
+
+
+def _sq(a: Array) -> Float[Array, " batch"]:
+    return 0.5 * jnp.square(a).reshape(a.shape[0], -1).sum(axis=1)
+
+
+class AbstractEnergy(eqx.Module):
+    """A predictive coding variant: its inference variables and its per-sample energy.
+
+    The engine ([`pccore.infer`][], [`pccore.train_step`][]) only calls these methods, so a
+    new variant plugs into every solver and the one update path by subclassing this.
+    Methods other than `prepare` receive the *prepared* model (parameterisation applied).
+    """
+
+    @abc.abstractmethod
+    def variable_shapes(
+        self, model: PCModel, x_clamped: bool
+    ) -> tuple[jax.ShapeDtypeStruct, ...]:
+        """Per-sample shapes of the inference variables."""
+
+    @abc.abstractmethod
+    def data_shapes(
+        self, model: PCModel
+    ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Per-sample shapes of the clamped bottom `x` and top `y`."""
+
+    @abc.abstractmethod
+    def layer_energies(
+        self, model: PCModel, variables: Activities, x: Array | None, y: Array | None
+    ) -> Float[Array, "batch terms"]:
+        """Per-sample energy of every term, in layer order (no regularisers)."""
+
+    @abc.abstractmethod
+    def init(
+        self,
+        model: PCModel,
+        x: Array | None,
+        y: Array | None,
+        initialiser: AbstractInit,
+        key: PRNGKeyArray | None,
+    ) -> Activities:
+        """Initial inference variables."""
+
+    @abc.abstractmethod
+    def predict(self, model: PCModel, x: Array) -> Array:
+        """The feed-forward prediction of the top from `x` (for losses and evaluation)."""
+
+    @abc.abstractmethod
+    def output_loss(self, prediction: Array, y: Array) -> Float[Array, " batch"]:
+        """The per-sample output loss of a prediction (without the output precision)."""
+
+    def prepare(self, model: PCModel) -> PCModel:
+        """Apply the parameterisation (done once per solve, outside the inference loop)."""
+        return model
+
+    def per_sample(
+        self, model: PCModel, variables: Activities, x: Array | None, y: Array | None
+    ) -> Float[Array, " batch"]:
+        """Per-sample total energy $F_i$ (with activity regularisers, without parameter ones)."""
+        return self.layer_energies(model, variables, x, y).sum(axis=1)
+
+    def penalty(self, model: PCModel) -> Scalar:
+        """Parameter regulariser $R(\\theta)$, added once to the batch-mean objective."""
+        return jnp.zeros(())
+
+
+class PC(AbstractEnergy):
+    r"""Standard predictive coding (discriminative, supervised generative or unsupervised).
+
+    $$F(z) = \sum_{l=1}^{L-1} \tfrac12 \lVert z_l - \mu_l(z_{l-1}) \rVert^2
+        + \lambda\, E_{\mathrm{out}}(y, \mu_L(z_{L-1}))
+        + \tfrac{\alpha}{2} \sum_{l\ \mathrm{free}} \lVert z_l \rVert^2$$
+
+    with $\mu_l(z) = a_l$-scaled $f_l(z) + s_l(z)$ (see [`pccore.PCModel`][] and the
+    parameterisations). $z_0 = x$ when `x` is given (clamped input); with `x=None` the
+    bottom latent $z_0$ is free (generative/unsupervised). With `y=None` the output is
+    free and its term vanishes.
+
+    **Arguments:**
+
+    - `loss`: the output loss $E_{\mathrm{out}}$, [`pccore.MSE`][] or [`pccore.CrossEntropy`][].
+    - `parameterisation`: [`pccore.SP`][] (default), [`pccore.NTP`][] or [`pccore.MuPC`][];
+        its `output_precision` is $\lambda$.
+    - `activity_decay`: $\alpha \ge 0$, a Gaussian prior on every free activity.
+    """
+
+    loss: AbstractLoss = MSE()
+    parameterisation: AbstractParameterisation = SP()
+    activity_decay: float | ArrayLike = 0.0
+
+    def variable_shapes(self, model, x_clamped):
+        shapes = (model.in_shape, *model.out_shapes[:-1])
+        return shapes[1:] if x_clamped else shapes
+
+    def data_shapes(self, model):
+        return model.in_shape.shape, model.out_shapes[-1].shape
+
+    def prepare(self, model):
+        return self.parameterisation.apply(model)
+
+    def _chain(self, variables, x):
+        return variables if x is None else (x, *variables)
+
+    def layer_energies(self, model, variables, x, y):
+        z = self._chain(variables, x)
+        L = model.num_layers
+        terms = [_sq(z[l] - model.predict_layer(l - 1, z[l - 1])) for l in range(1, L)]
+        if y is None:
+            terms.append(jnp.zeros(z[0].shape[:1], z[0].dtype))
+        else:
+            mu = model.predict_layer(L - 1, z[L - 1])
+            terms.append(self.parameterisation.output_precision * self.loss(mu, y))
+        return jnp.stack(terms, axis=1)
+
+    def per_sample(self, model, variables, x, y):
+        total = self.layer_energies(model, variables, x, y).sum(axis=1)
+        if isinstance(self.activity_decay, int | float) and self.activity_decay == 0:
+            return total
+        return total + self.activity_decay * sum(_sq(v) for v in variables)
+
+    def init(self, model, x, y, initialiser, key):
+        return initialiser(model, self.variable_shapes(model, x is not None), x, y, key)
+
+    def predict(self, model, x):
+        return model(x)
+
+    def output_loss(self, prediction, y):
+        return self.loss(prediction, y)
+
+
+def energy(
+    model: PCModel,
+    activities: Activities,
+    *,
+    x: BatchArray | None = None,
+    y: BatchArray | None,
+    energy: AbstractEnergy = PC(),
+) -> Scalar:
+    r"""The energy $\mathcal F = \sum_i F_i$ of a batch: the *sum* over samples.
+
+    Its gradient in the activities drives inference. Divide by the batch size for the
+    parameter objective (see the batch convention above; [`pccore.param_grads`][] does).
+
+    **Arguments:**
+
+    - `model`: a [`pccore.PCModel`][].
+    - `activities`: the inference variables (for [`pccore.PC`][]: $z_1..z_{L-1}$, or
+        $z_0..z_{L-1}$ when `x` is None).
+    - `x`: the clamped bottom (input or prior), or None for a free bottom.
+    - `y`: the clamped top (target or observation), or None for a free top.
+    - `energy`: the variant, e.g. `PC(loss=CrossEntropy())`.
+
+    **Returns:** a scalar, $\sum_i F_i$ (activity regularisers included).
+    """
+    x, y = check_data(model, energy, x, y)
+    activities = check_activities(model, energy, activities, x, y)
+    return energy.per_sample(energy.prepare(model), activities, x, y).sum()
+
+
+def layer_energies(
+    model: PCModel,
+    activities: Activities,
+    *,
+    x: BatchArray | None = None,
+    y: BatchArray | None,
+    energy: AbstractEnergy = PC(),
+) -> Float[Array, " terms"]:
+    """Per-layer energies $[E_1, \\dots, E_L]$ in layer order, each summed over the batch.
+
+    They add up to [`pccore.energy`][] without activity regularisers.
+    """
+    x, y = check_data(model, energy, x, y)
+    activities = check_activities(model, energy, activities, x, y)
+    return energy.layer_energies(energy.prepare(model), activities, x, y).sum(axis=0)
+
+
+def init_activities(
+    model: PCModel,
+    x: BatchArray | None = None,
+    *,
+    y: BatchArray | None = None,
+    energy: AbstractEnergy = PC(),
+    init: AbstractInit = FeedForward(),
+    key: PRNGKeyArray | None = None,
+) -> Activities:
+    """Initial inference variables: feed-forward from `x` by default.
+
+    **Arguments:**
+
+    - `model`, `x`, `y`, `energy`: as in [`pccore.energy`][].
+    - `init`: [`pccore.FeedForward`][] (default) or [`pccore.RandomNormal`][] (free bottoms).
+    - `key`: a PRNG key, for random initialisers.
+
+    **Returns:** a tuple of arrays, one per inference variable.
+    """
+    x, y = check_data(model, energy, x, y)
+    if x is None and y is None:
+        raise ValueError("`x` and `y` are both None; pass at least one to fix the batch size.")
+    return energy.init(energy.prepare(model), x, y, init, key)

@@ -1,0 +1,346 @@
+r"""The one inference engine: gradient flow $\dot z = -\nabla_z \mathcal F$, or optimiser steps.
+
+Three routes, one contract (an [`pccore.InferenceSolution`][]):
+
+- a diffrax solver with `ConstantStepSize` and no saved trajectory: a compiled loop over
+  `solver.step` (no per-step bookkeeping beyond the solver's own);
+- a diffrax solver with an adaptive controller, or with `saveat`: `diffrax.diffeqsolve`, with
+  a `diffrax.Event` on the vector field for the steady state;
+- an optax `GradientTransformation`: $z \leftarrow z + \mathrm{update}(\nabla_z \mathcal F)$,
+  state re-initialised per solve; `optax.sgd(η)` is Euler with `dt0 = η`.
+"""
+
+import math
+from typing import Any
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import optax
+from jaxtyping import PRNGKeyArray
+
+from ._check import check_activities, check_data
+from ._custom_types import Activities, BatchArray
+from ._energy import PC, AbstractEnergy
+from ._init import AbstractInit, FeedForward
+from ._model import PCModel
+from ._results import RESULTS
+from ._solution import InferenceSolution, SteadyState
+
+_FAMILIES = (
+    "a diffrax ODE solver (e.g. diffrax.Euler(), diffrax.Heun(), diffrax.Tsit5()), or an "
+    "optax GradientTransformation on the activities (e.g. optax.sgd(0.1))"
+)
+
+
+def activity_grad(energy: AbstractEnergy, model: PCModel, z, x, y):
+    r"""$\nabla_z \sum_i F_i$ on a prepared model."""
+    return jax.grad(lambda z: energy.per_sample(model, z, x, y).sum())(z)
+
+
+def _block_max(a):
+    return jnp.max(jnp.abs(a).reshape(a.shape[0], -1), axis=1, initial=0.0)
+
+
+def is_steady(steady: SteadyState, g, z):
+    """Per-sample, per-variable max-norm test of the vector field (see SteadyState)."""
+    ok = jnp.array(True)
+    for gl, zl in zip(jtu.tree_leaves(g), jtu.tree_leaves(z)):
+        ok = ok & jnp.all(_block_max(gl) <= steady.atol + steady.rtol * _block_max(zl))
+    return ok
+
+
+def field_norm(g):
+    leaves = jtu.tree_leaves(g)
+    if not leaves:
+        return jnp.zeros(())
+    return jnp.max(jnp.stack([jnp.max(jnp.abs(a)) for a in leaves]))
+
+
+def _all_finite(tree):
+    leaves = jtu.tree_leaves(tree)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in leaves])) if leaves else True
+
+
+def is_optax(solver: Any) -> bool:
+    return isinstance(solver, optax.GradientTransformation)
+
+
+def check_solver(solver, stepsize_controller, t1, dt0, max_steps, steady_state, saveat):
+    """Validate the solver options once, at the entry point. Returns the step budget."""
+    if steady_state is not None and not isinstance(steady_state, SteadyState):
+        raise TypeError(
+            f"`steady_state` must be a pccore.SteadyState or None; got "
+            f"{type(steady_state).__name__}. E.g. steady_state=pccore.SteadyState(1e-3, 1e-3)."
+        )
+    if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
+        raise ValueError(f"`max_steps` must be a positive int; got {max_steps!r}.")
+    if is_optax(solver):
+        if saveat is not None and (saveat.subs.ts is None or saveat.subs.steps):
+            raise ValueError(
+                "`saveat`: with an optax solver, times are update counts: pass "
+                "diffrax.SaveAt(ts=jnp.array([0, 5, 10])) with integer step numbers."
+            )
+        return 20 if max_steps is None else max_steps
+    if not isinstance(solver, diffrax.AbstractSolver):
+        raise TypeError(f"`solver` must be {_FAMILIES}; got {type(solver).__name__}.")
+    if not (isinstance(t1, int | float) and t1 > 0):
+        raise ValueError(f"`t1` must be a positive number; got {t1!r}.")
+    adaptive = isinstance(stepsize_controller, diffrax.AbstractAdaptiveStepSizeController)
+    if adaptive and not isinstance(solver, diffrax.AbstractAdaptiveSolver):
+        raise ValueError(
+            f"`solver={type(solver).__name__}()` gives no error estimate, so it cannot be used "
+            f"with `stepsize_controller={type(stepsize_controller).__name__}(...)`. Use a solver "
+            "with an embedded error estimate (diffrax.Heun(), diffrax.Tsit5()), or "
+            "`stepsize_controller=diffrax.ConstantStepSize()` with `dt0`."
+        )
+    if not adaptive:
+        if not isinstance(stepsize_controller, diffrax.ConstantStepSize):
+            raise TypeError(
+                "`stepsize_controller` must be diffrax.ConstantStepSize() or an adaptive "
+                f"controller such as diffrax.PIDController(rtol, atol); got "
+                f"{type(stepsize_controller).__name__}."
+            )
+        if not (isinstance(dt0, int | float) and dt0 > 0):
+            raise ValueError(
+                f"`dt0` must be a positive number with ConstantStepSize; got {dt0!r}. E.g. "
+                "dt0=0.1 (t1/dt0 steps are taken)."
+            )
+        n = max(1, math.ceil(t1 / dt0 - 1e-9))
+        if max_steps is not None and n > max_steps:
+            raise ValueError(
+                f"`t1 / dt0` = {t1}/{dt0} needs {n} steps, more than max_steps={max_steps}. "
+                "Raise `max_steps`, raise `dt0`, or lower `t1`."
+            )
+        return n
+    if dt0 is not None and not (isinstance(dt0, int | float) and dt0 > 0):
+        raise ValueError(f"`dt0` must be a positive number or None; got {dt0!r}.")
+    return 4096 if max_steps is None else max_steps
+
+
+def _finish(energy, model, z, x, y, k, t, result, steady, ts=None, traj=None):
+    g = activity_grad(energy, model, z, x, y)
+    e = energy.per_sample(model, z, x, y).sum()
+    finite = _all_finite(z) & jnp.isfinite(e)
+    result = RESULTS.where(finite, result, RESULTS.diverged)
+    energies = None
+    if traj is not None:
+        energies = jax.vmap(lambda zz: energy.per_sample(model, zz, x, y).sum())(traj)
+    return InferenceSolution(
+        activities=z,
+        num_steps=jnp.asarray(k, jnp.int32),
+        energy=e,
+        result=result,
+        t=jnp.asarray(t, e.dtype),
+        vector_field_norm=field_norm(g),
+        ts=ts,
+        trajectory=traj,
+        energies=energies,
+    )
+
+
+def _solve_optax(opt, energy, model, z0, x, y, n, steady, saveat):
+    grad = lambda z: activity_grad(energy, model, z, x, y)
+    s0 = opt.init(z0)
+    ts = None if saveat is None else jnp.asarray(saveat.subs.ts)
+
+    if steady is None and ts is None:
+
+        def body(_, c):
+            z, s = c
+            upd, s = opt.update(grad(z), s, z)
+            return optax.apply_updates(z, upd), s
+
+        z, _ = jax.lax.fori_loop(0, n, body, (z0, s0))
+        return _finish(energy, model, z, x, y, n, n, RESULTS.completed, steady)
+
+    def save(buf, z, k):
+        if buf is None:
+            return None
+        hit = ts == k
+        return jtu.tree_map(
+            lambda b, a: jnp.where(hit.reshape((-1,) + (1,) * a.ndim), a[None], b), buf, z
+        )
+
+    buf0 = None if ts is None else jtu.tree_map(lambda a: jnp.zeros((ts.size, *a.shape), a.dtype), z0)
+    buf0 = save(buf0, z0, 0)
+
+    def cond(c):
+        k, _, _, done, _ = c
+        return (k < n) & ~done
+
+    def body(c):
+        k, z, s, _, buf = c
+        g = grad(z)
+        done = jnp.array(False) if steady is None else is_steady(steady, g, z)
+        upd, s_new = opt.update(g, s, z)
+        z_new = optax.apply_updates(z, upd)
+        keep = lambda new, old: jtu.tree_map(lambda a, b: jnp.where(done, b, a), new, old)
+        z, s = keep(z_new, z), keep(s_new, s)
+        k = k + jnp.where(done, 0, 1)
+        return k, z, s, done, save(buf, z, k)
+
+    k, z, _, done, buf = jax.lax.while_loop(cond, body, (0, z0, s0, jnp.array(False), buf0))
+    if steady is None:
+        result = RESULTS.completed
+    else:
+        g = activity_grad(energy, model, z, x, y)
+        done = done | is_steady(steady, g, z)
+        result = RESULTS.where(done, RESULTS.converged, RESULTS.max_steps_reached)
+    return _finish(energy, model, z, x, y, k, k, result, steady, ts, buf)
+
+
+def _vector_field(t, z, args):
+    energy, model, x, y = args
+    return jtu.tree_map(jnp.negative, activity_grad(energy, model, z, x, y))
+
+
+def _solve_fixed(solver, energy, model, z0, x, y, t1, dt0, n, steady):
+    terms = diffrax.ODETerm(_vector_field)
+    args = (energy, model, x, y)
+    t_of = lambda k: jnp.minimum(k * dt0, t1)
+    s0 = solver.init(terms, 0.0, t_of(1), z0, args)
+
+    def step(k, z, s):
+        z, _, _, s, _ = solver.step(terms, t_of(k), t_of(k + 1), z, args, s, False)
+        return z, s
+
+    if steady is None:
+        z, _ = jax.lax.fori_loop(0, n, lambda k, c: step(k, *c), (z0, s0))
+        return _finish(energy, model, z, x, y, n, t1, RESULTS.completed, steady)
+
+    def cond(c):
+        k, _, _, done = c
+        return (k < n) & ~done
+
+    def body(c):
+        k, z, s, _ = c
+        done = is_steady(steady, activity_grad(energy, model, z, x, y), z)
+        z_new, s_new = step(k, z, s)
+        keep = lambda new, old: jtu.tree_map(lambda a, b: jnp.where(done, b, a), new, old)
+        return k + jnp.where(done, 0, 1), keep(z_new, z), keep(s_new, s), done
+
+    k, z, _, done = jax.lax.while_loop(cond, body, (0, z0, s0, jnp.array(False)))
+    done = done | is_steady(steady, activity_grad(energy, model, z, x, y), z)
+    result = RESULTS.where(done, RESULTS.converged, RESULTS.not_converged)
+    return _finish(energy, model, z, x, y, k, t_of(k), result, steady)
+
+
+def _solve_diffrax(solver, controller, energy, model, z0, x, y, t1, dt0, n, steady, saveat):
+    event = None
+    if steady is not None:
+
+        def cond_fn(t, z, args, **kwargs):
+            return is_steady(steady, activity_grad(energy, model, z, x, y), z)
+
+        event = diffrax.Event(cond_fn)
+    if saveat is None:
+        save = diffrax.SaveAt(t1=True)
+    else:
+        save = diffrax.SaveAt(t1=True, ts=saveat.subs.ts, steps=saveat.subs.steps)
+    sol = diffrax.diffeqsolve(
+        diffrax.ODETerm(_vector_field),
+        solver,
+        0.0,
+        t1,
+        dt0,
+        z0,
+        args=(energy, model, x, y),
+        saveat=save,
+        stepsize_controller=controller,
+        max_steps=n,
+        event=event,
+        throw=False,
+    )
+    z = jtu.tree_map(lambda a: a[-1], sol.ys)
+    traj = None if saveat is None else jtu.tree_map(lambda a: a[:-1], sol.ys)
+    ts = None if saveat is None else sol.ts[:-1]
+    hit = sol.result == diffrax.RESULTS.event_occurred
+    ok = (sol.result == diffrax.RESULTS.successful) | hit
+    if steady is None:
+        good = RESULTS.completed
+    else:
+        good = RESULTS.where(hit, RESULTS.converged, RESULTS.not_converged)
+    maxed = sol.result == diffrax.RESULTS.max_steps_reached
+    bad = RESULTS.where(maxed, RESULTS.max_steps_reached, RESULTS.diverged)
+    result = RESULTS.where(ok, good, bad)
+    return _finish(
+        energy, model, z, x, y, sol.stats["num_steps"], sol.ts[-1], result, steady, ts, traj
+    )
+
+
+@eqx.filter_jit
+def solve(model, z0, x, y, energy, solver, controller, t1, dt0, n, steady, saveat):
+    """Inference on a *prepared* model from `z0`; everything validated. Jittable."""
+    if is_optax(solver):
+        return _solve_optax(solver, energy, model, z0, x, y, n, steady, saveat)
+    adaptive = isinstance(controller, diffrax.AbstractAdaptiveStepSizeController)
+    if adaptive or saveat is not None:
+        return _solve_diffrax(solver, controller, energy, model, z0, x, y, t1, dt0, n, steady, saveat)
+    return _solve_fixed(solver, energy, model, z0, x, y, t1, dt0, n, steady)
+
+
+def infer(
+    model: PCModel,
+    activities: Activities | None = None,
+    *,
+    x: BatchArray | None = None,
+    y: BatchArray | None,
+    energy: AbstractEnergy = PC(),
+    solver: Any = diffrax.Euler(),
+    stepsize_controller: diffrax.AbstractStepSizeController = diffrax.ConstantStepSize(),
+    t1: float = 2.0,
+    dt0: float | None = 0.1,
+    max_steps: int | None = None,
+    steady_state: SteadyState | None = None,
+    saveat: diffrax.SaveAt | None = None,
+    init: AbstractInit = FeedForward(),
+    key: PRNGKeyArray | None = None,
+    throw: bool = True,
+) -> InferenceSolution:
+    r"""Equilibrate the activities: integrate $\dot z = -\nabla_z \sum_i F_i(z)$ or step an optimiser.
+
+    **Arguments:**
+
+    - `model`: a [`pccore.PCModel`][].
+    - `activities`: where to start; `None` initialises them with `init`.
+    - `x`, `y`: the clamped bottom and top (see [`pccore.energy`][]).
+    - `energy`: the variant, e.g. [`pccore.PC`][].
+    - `solver`: any diffrax ODE solver, or any optax `GradientTransformation` (stepping
+        $z \leftarrow z + \mathrm{update}(\nabla_z\mathcal F)$; `optax.sgd(η)` equals Euler with
+        `dt0=η`).
+    - `stepsize_controller`: `diffrax.ConstantStepSize()` (with `dt0`) or an adaptive one such
+        as `diffrax.PIDController(rtol=1e-3, atol=1e-3)` (needs a solver with an error estimate).
+    - `t1`: the time horizon (diffrax solvers); the integration starts at 0.
+    - `dt0`: the (initial) step size; required with `ConstantStepSize`.
+    - `max_steps`: the step budget. For an optax solver, the number of steps (default 20);
+        for adaptive diffrax solves, default 4096. No buffer of `max_steps` states is kept.
+    - `steady_state`: a [`pccore.SteadyState`][] to stop early once the vector field meets
+        its tolerance; `None` runs the whole budget.
+    - `saveat`: `diffrax.SaveAt(ts=...)` to record the activities and energy at some times
+        (update counts for optax solvers). Memory grows with `len(ts)` only.
+    - `init`, `key`: the initialiser used when `activities` is None.
+    - `throw`: raise if the solve diverged or ran out of `max_steps` (inside `jax.jit` too);
+        with `False` check `solution.result` instead.
+
+    **Returns:** an [`pccore.InferenceSolution`][].
+    """
+    x, y = check_data(model, energy, x, y)
+    n = check_solver(solver, stepsize_controller, t1, dt0, max_steps, steady_state, saveat)
+    if x is None and y is None:
+        raise ValueError("`x` and `y` are both None; pass at least one clamped value.")
+    prepared = energy.prepare(model)
+    if activities is None:
+        activities = energy.init(prepared, x, y, init, key)
+    else:
+        activities = check_activities(model, energy, activities, x, y)
+    sol = solve(
+        prepared, tuple(activities), x, y, energy, solver, stepsize_controller, t1, dt0, n,
+        steady_state, saveat,
+    )
+    if throw:
+        bad = (sol.result == RESULTS.diverged) | (sol.result == RESULTS.max_steps_reached)
+        sol = eqx.tree_at(lambda s: s.activities, sol, sol.result.error_if(sol.activities, bad))
+    return sol

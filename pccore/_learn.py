@@ -1,0 +1,130 @@
+"""The one update path: parameter gradients at the inferred activities, and a training step."""
+
+from typing import Any
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import optax
+from jaxtyping import PRNGKeyArray
+
+from ._check import check_activities, check_data
+from ._custom_types import Activities, BatchArray, Params, Scalar
+from ._energy import PC, AbstractEnergy
+from ._infer import check_solver, solve
+from ._init import AbstractInit, FeedForward
+from ._model import PCModel
+from ._results import RESULTS
+from ._solution import SteadyState, TrainStats
+
+
+def objective(params, model: PCModel, energy: AbstractEnergy, z, x, y) -> Scalar:
+    r"""$\mathcal L(\theta) = \frac1B \sum_i F_i(z_i, \theta) + R(\theta)$."""
+    m = model.with_params(params)
+    return energy.per_sample(energy.prepare(m), z, x, y).mean() + energy.penalty(m)
+
+
+def param_grads(
+    model: PCModel,
+    activities: Activities,
+    *,
+    x: BatchArray | None = None,
+    y: BatchArray | None,
+    energy: AbstractEnergy = PC(),
+) -> tuple[Params, ...]:
+    r"""$\nabla_\theta \mathcal L$ with $\mathcal L = \frac1B \sum_i F_i(z_i, \theta) + R(\theta)$.
+
+    The activities are held constant (no gradient flows through inference); at an
+    equilibrium this is the gradient of the equilibrium energy (envelope theorem).
+
+    **Returns:** a gradient with the structure of `model.params`.
+    """
+    x, y = check_data(model, energy, x, y)
+    z = check_activities(model, energy, activities, x, y)
+    return _param_grads(model, energy, z, x, y)
+
+
+@eqx.filter_jit
+def _param_grads(model, energy, z, x, y):
+    return jax.grad(objective)(model.params, model, energy, z, x, y)
+
+
+def _finite(tree) -> Any:
+    leaves = [jnp.all(jnp.isfinite(a)) for a in jtu.tree_leaves(tree) if eqx.is_inexact_array(a)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def _select(pred, new, old):
+    return jtu.tree_map(
+        lambda a, b: jnp.where(pred, a, b) if eqx.is_array(a) else a, new, old
+    )
+
+
+@eqx.filter_jit
+def _train_step(model, optim, opt_state, x, y, energy, solver, controller, t1, dt0, n, steady,
+                init, key):
+    prepared = energy.prepare(model)
+    z0 = energy.init(prepared, x, y, init, key)
+    sol = solve(prepared, z0, x, y, energy, solver, controller, t1, dt0, n, steady, None)
+    z = jax.lax.stop_gradient(sol.activities)
+    grads = jax.grad(objective)(model.params, model, energy, z, x, y)
+    updates, new_state = optim.update(grads, opt_state, model.params)
+    new_params = optax.apply_updates(model.params, updates)
+    ok = (sol.result != RESULTS.diverged) & _finite(grads)
+    stats = TrainStats(
+        loss=energy.per_sample(prepared, z0, x, y).mean(),
+        energy=sol.energy / z0[0].shape[0] if z0 else sol.energy,
+        num_steps=sol.num_steps,
+        result=sol.result,
+        updated=ok,
+    )
+    model = model.with_params(_select(ok, new_params, model.params))
+    return model, _select(ok, new_state, opt_state), stats
+
+
+def train_step(
+    model: PCModel,
+    optim: optax.GradientTransformation,
+    opt_state: optax.OptState,
+    *,
+    x: BatchArray | None = None,
+    y: BatchArray | None,
+    energy: AbstractEnergy = PC(),
+    solver: Any = diffrax.Euler(),
+    stepsize_controller: diffrax.AbstractStepSizeController = diffrax.ConstantStepSize(),
+    t1: float = 2.0,
+    dt0: float | None = 0.1,
+    max_steps: int | None = None,
+    steady_state: SteadyState | None = None,
+    init: AbstractInit = FeedForward(),
+    key: PRNGKeyArray | None = None,
+) -> tuple[PCModel, optax.OptState, TrainStats]:
+    """One jitted predictive coding training step: initialise, infer, update the parameters.
+
+    1. initialise the activities (`init`, feed-forward by default);
+    2. equilibrate them with [`pccore.infer`][]'s engine (`solver`, `t1`, `dt0`, ...);
+    3. take $\\nabla_\\theta \\mathcal L$ at the result ([`pccore.param_grads`][]);
+    4. apply one `optim` update.
+
+    `opt_state = optim.init(model.params)` starts the optimiser; thread the returned state
+    into the next call. Calling again with new data of the same shapes does not recompile
+    (hyper-parameters given as Python numbers are compile-time constants: changing one
+    recompiles). If inference diverges or a gradient is non-finite, the parameters and the
+    optimiser state are returned unchanged and `stats.updated` is False.
+
+    **Arguments:** `model`, `x`, `y`, `energy` and the solver options as in
+    [`pccore.infer`][]; `optim` an optax optimiser for the parameters, `opt_state` its state.
+
+    **Returns:** `(model, opt_state, stats)` with a [`pccore.TrainStats`][].
+    """
+    x, y = check_data(model, energy, x, y)
+    n = check_solver(solver, stepsize_controller, t1, dt0, max_steps, steady_state, None)
+    if not isinstance(optim, optax.GradientTransformation):
+        raise TypeError(
+            f"`optim` must be an optax GradientTransformation (e.g. optax.adam(1e-3)); got "
+            f"{type(optim).__name__}."
+        )
+    return _train_step(model, optim, opt_state, x, y, energy, solver, stepsize_controller, t1,
+                       dt0, n, steady_state, init, key)

@@ -1,0 +1,161 @@
+"""The model form the core consumes: a chain of pure layer functions and their parameters."""
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+from jaxtyping import Array, Float
+
+from ._custom_types import Params
+
+LayerFn = Callable[[Params, Array], Array]
+"""`apply_l(params_l, x) -> y`: pure, batched on axis 0, jit/grad/vmap safe."""
+
+
+class WeightSpec(eqx.Module):
+    """Where a layer's weight matrix (or kernel) lives and how to read it as `W (out, in)`.
+
+    **Arguments:**
+
+    - `index`: position of the weight among `jax.tree_util.tree_leaves(params_l)`.
+    - `out_axis`: the axis of the weight that indexes outputs: `0` for Equinox's
+        `(out, in, ...)` layout, `-1` for Haiku/Flax's `(..., in, out)` kernels.
+
+    The matricised weight is `W = moveaxis(w, out_axis, 0).reshape(out, -1)`, so its fan-in
+    is `w.size // w.shape[out_axis]` (for a convolution, `in_channels * prod(kernel)`).
+    """
+
+    index: int = eqx.field(static=True)
+    out_axis: int = eqx.field(static=True)
+
+
+def matricise(w: Array, out_axis: int) -> Float[Array, "out in"]:
+    """The weight `w` as a matrix in `(out, in)` layout (see [`pccore.WeightSpec`][])."""
+    w = jnp.moveaxis(w, out_axis, 0)
+    return w.reshape(w.shape[0], -1)
+
+
+class PCModel(eqx.Module):
+    r"""A model as predictive coding sees it: a chain of layers $f_l(\cdot; \theta_l)$.
+
+    Layer $l$ maps the activity $z_{l-1}$ to a prediction of $z_l$,
+    $\mu_l = f_l(z_{l-1}; \theta_l) + s_l(z_{l-1})$, where $s_l$ is an identity skip when
+    `skips[l]` is set. Build one with [`pccore.wrap`][] from an Equinox, Haiku or Flax model;
+    the core never needs to know which framework it came from.
+
+    **Fields:**
+
+    - `layers`: per-layer pure functions `apply_l(params_l, x) -> y`, batched on axis 0.
+        A layer function may be a pytree (an `eqx.Module`) holding frozen, non-trainable
+        state such as BatchNorm running averages; it is never differentiated.
+    - `params`: per-layer trainable parameter pytrees, in the framework's own structure.
+        This is the tree an optax optimiser is initialised with: `optim.init(model.params)`.
+    - `in_shape`: per-sample shape and dtype of the input $z_0$.
+    - `out_shapes`: per-sample shape and dtype of each layer's output $z_1, \dots, z_L$.
+    - `names`: a readable name per layer (module paths in the source framework).
+    - `weights`: per layer, the [`pccore.WeightSpec`][]s of its weight matrices/kernels
+        (used by parameterisations, regularisers and the linear theory). Biases and other
+        parameters are not listed.
+    - `skips`: per layer, whether an identity skip is added to its prediction.
+    - `framework`: the adapter's name (`"equinox"`, `"haiku"`, ...).
+    - `rebuild`: `params -> native object`; use [`pccore.PCModel.unwrap`][].
+    """
+
+    layers: tuple[LayerFn, ...]
+    params: tuple[Params, ...]
+    in_shape: jax.ShapeDtypeStruct = eqx.field(static=True)
+    out_shapes: tuple[jax.ShapeDtypeStruct, ...] = eqx.field(static=True)
+    names: tuple[str, ...] = eqx.field(static=True)
+    weights: tuple[tuple[WeightSpec, ...], ...] = eqx.field(static=True)
+    skips: tuple[bool, ...] = eqx.field(static=True)
+    framework: str = eqx.field(static=True)
+    rebuild: Callable[[tuple[Params, ...]], Any] = eqx.field(static=True)
+
+    def __check_init__(self):
+        n = len(self.layers)
+        for name in ("params", "out_shapes", "names", "weights", "skips"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(
+                    f"`PCModel.{name}` has {len(getattr(self, name))} entries but there are "
+                    f"{n} layers; an adapter must give one entry per layer."
+                )
+        if n == 0:
+            raise ValueError("A `PCModel` needs at least one layer; got none.")
+
+    @property
+    def num_layers(self) -> int:
+        """The number of layers $L$."""
+        return len(self.layers)
+
+    def unwrap(self) -> Any:
+        """The user's own model object (same type and structure), with the current parameters."""
+        return self.rebuild(self.params)
+
+    def with_params(self, params: tuple[Params, ...]) -> "PCModel":
+        """A copy of this model with `params` in place of its parameters."""
+        return eqx.tree_at(lambda m: m.params, self, tuple(params))
+
+    def with_skips(self, skips: bool | tuple[bool, ...] = True) -> "PCModel":
+        """A copy with identity residual skips.
+
+        `skips=True` adds one to every hidden-to-hidden layer $l = 2, \\dots, L-1$ (these
+        need equal input and output shapes); `False` removes them; a tuple sets each layer.
+        """
+        L = self.num_layers
+        if isinstance(skips, bool):
+            skips = tuple(skips and 0 < l < L - 1 for l in range(L))
+        skips = tuple(bool(s) for s in skips)
+        if len(skips) != L:
+            raise ValueError(f"`skips` has {len(skips)} entries; expected one per layer ({L}).")
+        shapes = (self.in_shape, *self.out_shapes)
+        for l, s in enumerate(skips):
+            if s and shapes[l].shape != shapes[l + 1].shape:
+                raise ValueError(
+                    f"`skips`: layer {l} ({self.names[l]!r}) maps shape {shapes[l].shape} to "
+                    f"{shapes[l + 1].shape}; an identity skip needs equal shapes. Set `skips` "
+                    "only on layers whose input and output shapes match."
+                )
+        return dataclasses.replace(self, skips=skips)
+
+    def predict_layer(self, l: int, z: Array, params: Params | None = None) -> Array:
+        r"""The prediction $\mu_{l+1} = f_{l+1}(z) + s_{l+1}(z)$ of layer `l` (0-based)."""
+        p = self.params[l] if params is None else params
+        out = self.layers[l](p, z)
+        return out + z if self.skips[l] else out
+
+    def __call__(self, x: Float[Array, "batch ..."]) -> Float[Array, "batch ..."]:
+        """The feed-forward prediction of a batch `x` (skips included)."""
+        for l in range(self.num_layers):
+            x = self.predict_layer(l, x)
+        return x
+
+    def weight_matrices(self, l: int, params: Params | None = None) -> list[Array]:
+        """Layer `l`'s weight matrices in `(out, in)` layout (see [`pccore.WeightSpec`][])."""
+        leaves = jtu.tree_leaves(self.params[l] if params is None else params)
+        return [matricise(leaves[s.index], s.out_axis) for s in self.weights[l]]
+
+    def fan_ins(self, l: int) -> tuple[int, ...]:
+        """Fan-in of each weight of layer `l`, from shapes alone (no arrays are read)."""
+        leaves = jtu.tree_leaves(self.params[l])
+        return tuple(
+            int(np.prod(leaves[s.index].shape)) // int(leaves[s.index].shape[s.out_axis])
+            for s in self.weights[l]
+        )
+
+
+def scale_weights(model: PCModel, scales: tuple[tuple[float, ...], ...]) -> PCModel:
+    """Multiply each weight leaf of each layer by its scale; other leaves stay as they are."""
+    new = []
+    for l, p in enumerate(model.params):
+        leaves, treedef = jtu.tree_flatten(p)
+        leaves = list(leaves)
+        for spec, a in zip(model.weights[l], scales[l], strict=True):
+            if not (isinstance(a, float | int) and a == 1):
+                leaves[spec.index] = leaves[spec.index] * a
+        new.append(jtu.tree_unflatten(treedef, leaves))
+    return model.with_params(tuple(new))

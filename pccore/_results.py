@@ -1,0 +1,31 @@
+"""Result codes of an inference solve."""
+
+import equinox as eqx
+
+
+class RESULTS(eqx.Enumeration):
+    """How an inference solve ended (`InferenceSolution.result`).
+
+    - `completed`: ran its whole budget (`t1`, or `max_steps` optimiser steps); no
+        steady-state test was asked for.
+    - `converged`: stopped at a steady state: the vector field met the tolerance.
+    - `not_converged`: a steady-state test was asked for, and `t1` came first.
+    - `max_steps_reached`: the step budget ran out before `t1` or before convergence.
+    - `diverged`: the activities or the energy became non-finite (NaN/inf).
+    """
+
+    completed = ""
+    converged = ""
+    not_converged = (
+        "Inference reached `t1` before the vector field met the steady-state tolerance. "
+        "Increase `t1`, or loosen `SteadyState(rtol, atol)`."
+    )
+    max_steps_reached = (
+        "Inference used all `max_steps` steps before reaching `t1` or a steady state. Increase "
+        "`max_steps`, or use a larger step size."
+    )
+    diverged = (
+        "Inference diverged: the activities or the energy became non-finite (NaN/inf). Lower "
+        "the step size (`dt0`, or the optax learning rate), use an adaptive stepsize_controller, "
+        "or check the data and weights for NaN/inf."
+    )

@@ -1,0 +1,79 @@
+"""Typed results of inference and training."""
+
+import equinox as eqx
+from jaxtyping import Array, Float, Int
+
+from ._custom_types import Activities
+from ._results import RESULTS
+
+
+class SteadyState(eqx.Module):
+    r"""Stop inference at a steady state of the vector field $f(z) = -\nabla_z \mathcal F$.
+
+    Inference stops once, for every sample $i$ and every inference variable $l$,
+    $$\lVert f_{l,i} \rVert_\infty \le \mathrm{atol} + \mathrm{rtol}\,\lVert z_{l,i} \rVert_\infty .$$
+    The test is on the vector field, never on the state. Taking the max norm per sample
+    and per variable makes it mean the same at any batch size and width, and a large
+    output error felt by one layer is not diluted by many quiet ones.
+
+    **Arguments:**
+
+    - `rtol`, `atol`: relative and absolute tolerances (`atol > 0` or `rtol > 0`).
+    """
+
+    rtol: float = 1e-3
+    atol: float = 1e-3
+
+    def __check_init__(self):
+        if not (self.rtol >= 0 and self.atol >= 0 and (self.rtol > 0 or self.atol > 0)):
+            raise ValueError(
+                f"`SteadyState`: got rtol={self.rtol}, atol={self.atol}; expected both >= 0 and "
+                "at least one > 0, e.g. SteadyState(rtol=1e-3, atol=1e-3)."
+            )
+
+
+class InferenceSolution(eqx.Module):
+    """The outcome of [`pccore.infer`][].
+
+    **Fields:**
+
+    - `activities`: the final inference variables.
+    - `num_steps`: steps taken (optimiser updates, or solver steps including rejected ones).
+    - `energy`: the final energy $\\sum_i F_i$ (a batch sum).
+    - `result`: a [`pccore.RESULTS`][] code.
+    - `t`: the final time (for optax solvers, the number of updates).
+    - `vector_field_norm`: the largest per-sample, per-variable max-norm of
+        $\\nabla_z \\mathcal F$ at the final state.
+    - `ts`, `trajectory`, `energies`: the save times, the variables at those times (each
+        with a leading time axis) and the energy there; `None` unless `saveat` was given.
+    """
+
+    activities: Activities
+    num_steps: Int[Array, ""]
+    energy: Float[Array, ""]
+    result: RESULTS
+    t: Float[Array, ""]
+    vector_field_norm: Float[Array, ""]
+    ts: Float[Array, " times"] | None = None
+    trajectory: Activities | None = None
+    energies: Float[Array, " times"] | None = None
+
+
+class TrainStats(eqx.Module):
+    """What one [`pccore.train_step`][] did.
+
+    **Fields:**
+
+    - `loss`: the output loss of the feed-forward prediction, batch mean (before the update).
+    - `energy`: the energy at the inferred activities, batch mean $\\frac1B\\sum_i F_i$.
+    - `num_steps`: inference steps taken.
+    - `result`: the inference [`pccore.RESULTS`][] code.
+    - `updated`: False when the update was skipped because inference diverged or a
+        gradient was non-finite (the parameters and optimiser state are then unchanged).
+    """
+
+    loss: Float[Array, ""]
+    energy: Float[Array, ""]
+    num_steps: Int[Array, ""]
+    result: RESULTS
+    updated: Array

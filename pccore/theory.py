@@ -1,0 +1,155 @@
+r"""Closed forms for deep linear networks, used as oracles for the engine.
+
+For $f_l(z) = W_l z$ (no biases, no activations), MSE output and a clamped input, write
+$A_1 = a_1 W_1$, $A_l = a_l W_l$ (or $I + a_l W_l$ with a skip) for $1 < l < L$ and
+$A_L = a_L W_L$, with the parameterisation's scalings $a_l$ and output precision $\lambda$.
+The energy is then the negative log-joint of $z_l = A_l z_{l-1} + \epsilon_l$, $\epsilon_l \sim \mathcal N(0, I)$,
+$y = A_L z_{L-1} + \epsilon_L$, $\epsilon_L \sim \mathcal N(0, I/\lambda)$.
+
+- equilibrium energy: $F^* = \tfrac12 \sum_i r_i^\top S^{-1} r_i$ with $r_i = y_i - A_L \cdots A_1 x_i$;
+- rescaling matrix: $S = I/\lambda + \sum_{l=1}^{L-1} M_l M_l^\top$, $M_l = A_L \cdots A_{l+1}$;
+- activity Hessian (per sample, block-tridiagonal): $H_{l,l} = (1+\alpha) I + c_l A_{l+1}^\top A_{l+1}$
+  ($c_{L-1} = \lambda$, else 1; $\alpha$ the activity decay), $H_{l+1,l} = -A_{l+1}$;
+- equilibrium activities: $z^* = H^{-1} b$, $b_1 = A_1 x$, $b_{L-1} \mathrel{+}= \lambda A_L^\top y$.
+
+Energies are batch sums, as [`pccore.energy`][] returns.
+"""
+
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+from jaxtyping import Array, Float
+
+from ._energy import PC
+from ._loss import MSE
+from ._model import PCModel
+
+
+def _check(model: PCModel, energy: PC) -> None:
+    if not isinstance(energy, PC) or not isinstance(energy.loss, MSE):
+        raise ValueError(
+            "`energy`: the linear theory covers PC(loss=MSE()) only; got "
+            f"{energy!r}."
+        )
+    for l in range(model.num_layers):
+        n_leaves = len(jtu.tree_leaves(model.params[l]))
+        if len(model.weights[l]) != 1 or n_leaves != 1:
+            raise ValueError(
+                f"`model`: layer {l} ({model.names[l]!r}) has {n_leaves} parameter arrays and "
+                f"{len(model.weights[l])} weight matrices; the linear theory needs exactly one "
+                "weight and no bias per layer (build the layers with use_bias=False / "
+                "with_bias=False)."
+            )
+
+
+def linear_maps(model: PCModel, energy: PC = PC()) -> list[Float[Array, "out in"]]:
+    """The effective maps $A_1, \\dots, A_L$ (scalings and skips included).
+
+    Raises if a layer is not linear without bias.
+    """
+    _check(model, energy)
+    prepared = energy.prepare(model)
+    maps = []
+    for l in range(model.num_layers):
+        (W,) = prepared.weight_matrices(l)
+        if prepared.skips[l]:
+            W = W + jnp.eye(W.shape[0], dtype=W.dtype)
+        d_in = int(np.prod(prepared.in_shape.shape if l == 0 else prepared.out_shapes[l - 1].shape))
+        probe = jax.random.normal(jax.random.key(l), (2, d_in), W.dtype)
+        shape = prepared.in_shape.shape if l == 0 else prepared.out_shapes[l - 1].shape
+        got = prepared.predict_layer(l, probe.reshape(2, *shape)).reshape(2, -1)
+        if not jnp.allclose(got, probe @ W.T, rtol=1e-4, atol=1e-5):
+            raise ValueError(
+                f"`model`: layer {l} ({model.names[l]!r}) is not the linear map of its weight "
+                "(it has an activation or another nonlinearity); the linear theory needs "
+                "f_l(z) = W_l z."
+            )
+        maps.append(W)
+    return maps
+
+
+def _chain(maps):
+    out = maps[0]
+    for A in maps[1:]:
+        out = A @ out
+    return out
+
+
+def linear_rescaling(model: PCModel, energy: PC = PC()) -> Float[Array, "out out"]:
+    """The rescaling matrix $S = I/\\lambda + \\sum_{l=1}^{L-1} M_l M_l^\\top$."""
+    maps = linear_maps(model, energy)
+    lam = energy.parameterisation.output_precision
+    d = maps[-1].shape[0]
+    S = jnp.eye(d, dtype=maps[-1].dtype) / lam
+    for l in range(1, len(maps)):
+        M = _chain(maps[l:])
+        S = S + M @ M.T
+    return S
+
+
+def linear_equilibrium_energy(
+    model: PCModel, x: Float[Array, "batch ..."], y: Float[Array, "batch ..."], *,
+    energy: PC = PC(),
+) -> Float[Array, ""]:
+    """The energy at equilibrium $F^* = \\tfrac12 \\sum_i r_i^\\top S^{-1} r_i$ (a batch sum).
+
+    Differentiable in `model.params`: its gradient equals the PC parameter gradient at the
+    equilibrium (envelope theorem), times the batch size.
+    """
+    if energy.activity_decay != 0:
+        raise ValueError("`energy`: the closed-form F* assumes activity_decay=0.")
+    maps = linear_maps(model, energy)
+    B = x.shape[0]
+    r = y.reshape(B, -1) - x.reshape(B, -1) @ _chain(maps).T
+    S = linear_rescaling(model, energy)
+    return 0.5 * jnp.sum(r * jnp.linalg.solve(S, r.T).T)
+
+
+def linear_activity_hessian(model: PCModel, energy: PC = PC()) -> Float[Array, "n n"]:
+    """The per-sample Hessian of $F$ in the hidden activities $z_1..z_{L-1}$ (dense)."""
+    maps = linear_maps(model, energy)
+    lam = energy.parameterisation.output_precision
+    L = len(maps)
+    dims = [A.shape[0] for A in maps[:-1]]
+    offs = np.concatenate([[0], np.cumsum(dims)])
+    H = jnp.zeros((offs[-1], offs[-1]), maps[0].dtype)
+    for l in range(L - 1):
+        A = maps[l + 1]
+        c = lam if l == L - 2 else 1.0
+        blk = (1.0 + energy.activity_decay) * jnp.eye(dims[l], dtype=A.dtype) + c * A.T @ A
+        H = H.at[offs[l]:offs[l + 1], offs[l]:offs[l + 1]].set(blk)
+        if l < L - 2:
+            H = H.at[offs[l + 1]:offs[l + 2], offs[l]:offs[l + 1]].set(-A)
+            H = H.at[offs[l]:offs[l + 1], offs[l + 1]:offs[l + 2]].set(-A.T)
+    return H
+
+
+def linear_equilibrium_activities(
+    model: PCModel, x: Float[Array, "batch ..."], y: Float[Array, "batch ..."], *,
+    energy: PC = PC(),
+) -> tuple[Array, ...]:
+    """The equilibrium hidden activities $z^* = H^{-1} b$, per sample, shaped as the latents."""
+    maps = linear_maps(model, energy)
+    lam = energy.parameterisation.output_precision
+    B = x.shape[0]
+    dims = [A.shape[0] for A in maps[:-1]]
+    b = [jnp.zeros((B, d), maps[0].dtype) for d in dims]
+    b[0] = b[0] + x.reshape(B, -1) @ maps[0].T
+    b[-1] = b[-1] + lam * y.reshape(B, -1) @ maps[-1]
+    H = linear_activity_hessian(model, energy)
+    z = jnp.linalg.solve(H, jnp.concatenate(b, axis=1).T).T
+    splits = np.cumsum(dims)[:-1]
+    return tuple(
+        zl.reshape(B, *model.out_shapes[l].shape)
+        for l, zl in enumerate(jnp.split(z, splits, axis=1))
+    )
+
+
+__all__ = [
+    "linear_activity_hessian",
+    "linear_equilibrium_activities",
+    "linear_equilibrium_energy",
+    "linear_maps",
+    "linear_rescaling",
+]
