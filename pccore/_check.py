@@ -30,12 +30,13 @@ def as_batch(name: str, a: Any, per_sample: tuple[int, ...], batch: int | None =
             f"`jax.nn.one_hot({name}, num_classes)`)."
         )
     shape = _shape_of(a)
-    expected = ("batch", *per_sample) if batch is None else (batch, *per_sample)
+    dims = ("batch" if batch is None else str(batch), *map(str, per_sample))
+    expected_txt = "(" + ", ".join(dims) + ("," if len(dims) == 1 else "") + ")"
     if len(shape) != len(per_sample) + 1 or shape[1:] != tuple(per_sample) or (
         batch is not None and shape[0] != batch
     ):
         raise ValueError(
-            f"`{name}` has shape {shape}; expected {tuple(expected)} (a batch on axis 0 of "
+            f"`{name}` has shape {shape}; expected {expected_txt} (a batch on axis 0 of "
             f"per-sample shape {tuple(per_sample)} for this model). Reshape `{name}` or wrap "
             "a model whose shapes match the data."
         )

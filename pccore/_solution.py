@@ -16,6 +16,10 @@ class SteadyState(eqx.Module):
     and per variable makes it mean the same at any batch size and width, and a large
     output error felt by one layer is not diluted by many quiet ones.
 
+    With an adaptive `stepsize_controller`, set these about 10x above the controller's
+    tolerances: an explicit adaptive solver settles at its stability limit with a residual
+    oscillation of about the controller's tolerance, which a tighter test never sees end.
+
     **Arguments:**
 
     - `rtol`, `atol`: relative and absolute tolerances (`atol > 0` or `rtol > 0`).

@@ -1,0 +1,201 @@
+"""The inference engine against closed forms, across solver families, and its failure modes."""
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import pccore
+
+
+def _linear(key, widths):
+    keys = jax.random.split(key, len(widths) - 1)
+    return pccore.wrap(
+        [eqx.nn.Linear(a, b, use_bias=False, key=k) for a, b, k in zip(widths[:-1], widths[1:], keys)]
+    )
+
+
+def _tanh_mlp(key, sizes=(6, 8, 8, 3)):
+    return pccore.wrap(eqx.nn.MLP(sizes[0], sizes[-1], sizes[1], len(sizes) - 2,
+                                  activation=jnp.tanh, key=key))
+
+
+# Euler at a stable constant step with the steady-state stop: the cheapest solve to compile.
+CONVERGE = dict(solver=diffrax.Euler(), dt0=0.2, t1=2000.0, max_steps=10000)
+
+
+@pytest.mark.parametrize("depth", [2, 3, 4, 5, 6])
+def test_linear_network_reaches_closed_form_equilibrium(x64, depth):
+    key = jax.random.key(depth)
+    widths = [int(w) for w in jax.random.randint(key, (depth + 1,), 2, 9)]
+    model = _linear(jax.random.fold_in(key, 1), widths)
+    x = jax.random.normal(jax.random.fold_in(key, 2), (5, widths[0]))
+    y = jax.random.normal(jax.random.fold_in(key, 3), (5, widths[-1]))
+    sol = pccore.infer(model, x=x, y=y, steady_state=pccore.SteadyState(1e-10, 1e-10), **CONVERGE)
+    assert sol.result == pccore.RESULTS.converged
+    want = pccore.theory.linear_equilibrium_energy(model, x, y)
+    np.testing.assert_allclose(sol.energy, want, rtol=1e-6)
+    for got, exp in zip(sol.activities, pccore.theory.linear_equilibrium_activities(model, x, y)):
+        np.testing.assert_allclose(got, exp, rtol=1e-6, atol=1e-8)
+
+
+def test_closed_form_energy_matches_issue_formula(x64, getkey):
+    # F* = 1/2 sum_i r_i^T S^-1 r_i, r = y - W_L..W_1 x, S = I + sum_k (W_L..W_k)(W_L..W_k)^T.
+    model = _linear(getkey(), [3, 5, 4, 2])
+    Ws = [model.weight_matrices(l)[0] for l in range(3)]
+    x = jax.random.normal(getkey(), (7, 3))
+    y = jax.random.normal(getkey(), (7, 2))
+    r = y - x @ (Ws[2] @ Ws[1] @ Ws[0]).T
+    S = jnp.eye(2) + Ws[2] @ Ws[2].T + (Ws[2] @ Ws[1]) @ (Ws[2] @ Ws[1]).T
+    want = 0.5 * jnp.sum(r * jnp.linalg.solve(S, r.T).T)
+    np.testing.assert_allclose(pccore.theory.linear_equilibrium_energy(model, x, y), want, rtol=1e-12)
+
+
+def test_optax_sgd_equals_euler(x64, getkey):
+    model = _tanh_mlp(getkey())
+    x = jax.random.normal(getkey(), (4, 6))
+    y = jax.random.normal(getkey(), (4, 3))
+    eta, T = 0.15, 17
+    by_sgd = pccore.infer(model, x=x, y=y, solver=optax.sgd(eta), max_steps=T)
+    by_euler = pccore.infer(model, x=x, y=y, solver=diffrax.Euler(), dt0=eta, t1=eta * T)
+    assert int(by_sgd.num_steps) == int(by_euler.num_steps) == T
+    for a, b in zip(by_sgd.activities, by_euler.activities):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_steady_state_stops_early_and_reports_limits(x64, getkey):
+    model = _linear(getkey(), [4, 6, 6, 3])
+    x = jax.random.normal(getkey(), (8, 4))
+    y = jax.random.normal(getkey(), (8, 3))
+    # Explicit adaptive solvers settle with a residual oscillation of about the controller's
+    # tolerance, so the steady-state tolerance sits 10x above it.
+    steady = pccore.SteadyState(rtol=1e-4, atol=1e-4)
+    adaptive = dict(solver=diffrax.Heun(), stepsize_controller=diffrax.PIDController(1e-5, 1e-5))
+    sol = pccore.infer(model, x=x, y=y, t1=1e4, dt0=0.1, steady_state=steady, **adaptive)
+    assert sol.result == pccore.RESULTS.converged
+    # Integrating to t1 = 1e4 would take thousands of steps (explicit stability limit).
+    assert float(sol.t) < 100 and int(sol.num_steps) < 1000
+    g = jax.grad(lambda z: pccore.energy(model, z, x=x, y=y))(sol.activities)
+    for gl, zl in zip(g, sol.activities):
+        bound = 1e-4 + 1e-4 * jnp.max(jnp.abs(zl), axis=1)
+        assert jnp.all(jnp.max(jnp.abs(gl), axis=1) <= bound)
+    np.testing.assert_allclose(sol.energy, pccore.theory.linear_equilibrium_energy(model, x, y),
+                               rtol=1e-6)
+    steady = pccore.SteadyState(rtol=1e-6, atol=1e-6)
+    # Same with constant Euler steps: it stops before t1 and counts its steps.
+    fixed = pccore.infer(model, x=x, y=y, dt0=0.2, t1=1e3, max_steps=5000, steady_state=steady)
+    assert fixed.result == pccore.RESULTS.converged and int(fixed.num_steps) < 5000
+    # Cannot converge in time: t1 first, or the step budget first.
+    short = pccore.infer(model, x=x, y=y, dt0=0.1, t1=0.5, steady_state=steady)
+    assert short.result == pccore.RESULTS.not_converged and int(short.num_steps) == 5
+    sgd = pccore.infer(model, x=x, y=y, solver=optax.sgd(0.1), max_steps=5, steady_state=steady,
+                       throw=False)
+    assert sgd.result == pccore.RESULTS.max_steps_reached and int(sgd.num_steps) == 5
+    with pytest.raises(Exception, match="used all `max_steps`"):
+        pccore.infer(model, x=x, y=y, solver=optax.sgd(0.1), max_steps=5, steady_state=steady)
+    budget = pccore.infer(model, x=x, y=y, t1=1e4, dt0=0.1, max_steps=3, steady_state=steady,
+                          throw=False, **adaptive)
+    assert budget.result == pccore.RESULTS.max_steps_reached
+
+
+def test_zero_state_with_nonzero_field_is_not_steady(x64, getkey):
+    # Linear, no biases, x = 0: the feed-forward state is exactly 0 but y != 0 pulls on it.
+    model = _linear(getkey(), [3, 5, 5, 2])
+    x = jnp.zeros((4, 3))
+    y = 3.0 * jnp.ones((4, 2))
+    sol = pccore.infer(model, x=x, y=y, dt0=0.1, t1=0.1, steady_state=pccore.SteadyState(0.5, 1e-3))
+    assert int(sol.num_steps) == 1
+    assert sol.result == pccore.RESULTS.not_converged
+
+
+def test_large_output_error_at_feedforward_start_is_not_steady(getkey):
+    # Only the last hidden layer feels the output error at the feed-forward start; a norm over
+    # all activities (or a 1/B energy) would dilute it. Ours must not stop at t = 0.
+    model = pccore.wrap(eqx.nn.MLP(64, 10, 128, 3, activation=jnp.tanh, key=getkey()))
+    x = jax.random.normal(getkey(), (256, 64))
+    y = jax.nn.one_hot(jnp.arange(256) % 10, 10)
+    sol = pccore.infer(model, x=x, y=y, dt0=0.1, t1=0.3, steady_state=pccore.SteadyState(1e-3, 1e-3))
+    assert int(sol.num_steps) == 3
+
+
+@pytest.mark.parametrize("solver", ["euler", "heun_fixed", "adam"])
+def test_batch_invariance_fixed_steps(x64, getkey, solver):
+    # float64: Adam normalises gradients, so float32 rounding noise on an exactly-zero
+    # gradient (hidden errors vanish at the feed-forward start) would become a full step.
+    model = _tanh_mlp(getkey())
+    x = jax.random.normal(getkey(), (64, 6))
+    y = jax.random.normal(getkey(), (64, 3))
+    opts = {
+        "euler": dict(solver=diffrax.Euler(), dt0=0.1, t1=2.0),
+        "heun_fixed": dict(solver=diffrax.Heun(), dt0=0.2, t1=2.0),
+        "adam": dict(solver=optax.adam(0.05), max_steps=15),
+    }[solver]
+    batched = pccore.infer(model, x=x, y=y, **opts).activities
+    for i in (0, 17, 63):
+        alone = pccore.infer(model, x=x[i:i + 1], y=y[i:i + 1], **opts).activities
+        for a, b in zip(batched, alone):
+            np.testing.assert_allclose(a[i:i + 1], b, rtol=1e-10, atol=1e-12)
+
+
+def test_batch_invariance_adaptive_equilibrium(x64, getkey):
+    model = _linear(getkey(), [6, 8, 8, 3])
+    x = jax.random.normal(getkey(), (64, 6))
+    y = jax.random.normal(getkey(), (64, 3))
+    opts = dict(solver=diffrax.Tsit5(), stepsize_controller=diffrax.PIDController(1e-8, 1e-8),
+                dt0=0.1, t1=1e4, steady_state=pccore.SteadyState(1e-7, 1e-7))
+    batched = pccore.infer(model, x=x, y=y, **opts)
+    assert batched.result == pccore.RESULTS.converged
+    for i in (0, 41):
+        alone = pccore.infer(model, x=x[i:i + 1], y=y[i:i + 1], **opts).activities
+        for a, b in zip(batched.activities, alone):
+            np.testing.assert_allclose(a[i:i + 1], b, atol=1e-5)
+
+
+def test_saved_trajectory_and_energies(getkey):
+    model = _tanh_mlp(getkey())
+    x = jax.random.normal(getkey(), (4, 6))
+    y = jax.random.normal(getkey(), (4, 3))
+    ts = jnp.array([0.5, 1.0, 2.0])
+    sol = pccore.infer(model, x=x, y=y, saveat=diffrax.SaveAt(ts=ts), dt0=0.1, t1=2.0)
+    assert sol.trajectory[0].shape == (3, 4, 8)
+    for j, T in enumerate([5, 10, 20]):
+        ref = pccore.infer(model, x=x, y=y, dt0=0.1, t1=0.1 * T)
+        for a, b in zip(sol.trajectory, ref.activities):
+            np.testing.assert_allclose(a[j], b, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(sol.energies[j], ref.energy, rtol=1e-5)
+    assert bool(jnp.all(jnp.diff(sol.energies) <= 0))
+    opt = pccore.infer(model, x=x, y=y, solver=optax.sgd(0.1), max_steps=20,
+                       saveat=diffrax.SaveAt(ts=jnp.array([0, 10, 20])))
+    np.testing.assert_allclose(opt.energies[0], pccore.energy(model, pccore.init_activities(model, x),
+                                                              x=x, y=y), rtol=1e-6)
+    np.testing.assert_allclose(opt.energies[2], opt.energy, rtol=1e-6)
+
+
+def test_divergence_is_reported(getkey):
+    model = _tanh_mlp(getkey())
+    x = jax.random.normal(getkey(), (4, 6))
+    y = 1e3 * jax.random.normal(getkey(), (4, 3))
+    sol = pccore.infer(model, x=x, y=y, dt0=50.0, t1=5000.0, throw=False)
+    assert sol.result == pccore.RESULTS.diverged
+    with pytest.raises(Exception, match="Inference diverged"):
+        pccore.infer(model, x=x, y=y, dt0=50.0, t1=5000.0)
+
+
+def test_solver_errors(getkey):
+    model = _tanh_mlp(getkey())
+    x, y = jnp.ones((2, 6)), jnp.ones((2, 3))
+    with pytest.raises(ValueError, match=r"`solver=Euler\(\)` gives no error estimate"):
+        pccore.infer(model, x=x, y=y, stepsize_controller=diffrax.PIDController(1e-3, 1e-3))
+    with pytest.raises(TypeError, match=r"`solver` must be a diffrax ODE solver .* or an optax"):
+        pccore.infer(model, x=x, y=y, solver="euler")
+    with pytest.raises(ValueError, match=r"`dt0` must be a positive number"):
+        pccore.infer(model, x=x, y=y, dt0=-0.1)
+    with pytest.raises(ValueError, match=r"needs 100 steps, more than max_steps=10"):
+        pccore.infer(model, x=x, y=y, dt0=0.1, t1=10.0, max_steps=10)
+    with pytest.raises(ValueError, match=r"`SteadyState`: got rtol=0, atol=0"):
+        pccore.SteadyState(rtol=0, atol=0)
+    with pytest.raises(TypeError, match=r"`model`: no predictive-coding adapter for .*builtins.dict"):
+        pccore.wrap({"not": "a model"})
