@@ -3,7 +3,8 @@ r"""Closed forms for deep linear networks, used as oracles for the engine.
 For $f_l(z) = W_l z$ (no biases, no activations), MSE output and a clamped input, write
 $A_1 = a_1 W_1$, $A_l = a_l W_l$ (or $I + a_l W_l$ with a skip) for $1 < l < L$ and
 $A_L = a_L W_L$, with the parameterisation's scalings $a_l$ and output precision $\lambda$.
-The energy is then the negative log-joint of $z_l = A_l z_{l-1} + \epsilon_l$, $\epsilon_l \sim \mathcal N(0, I)$,
+The energy is then the negative log-joint of $z_l = A_l z_{l-1} + \epsilon_l$,
+$\epsilon_l \sim \mathcal N(0, I)$,
 $y = A_L z_{L-1} + \epsilon_L$, $\epsilon_L \sim \mathcal N(0, I/\lambda)$.
 
 - equilibrium energy: $F^* = \tfrac12 \sum_i r_i^\top S^{-1} r_i$ with $r_i = y_i - A_L \cdots A_1 x_i$;
