@@ -110,9 +110,8 @@ def test_single_device_mesh_is_a_no_op(getkey):
     _, model_r, _ = pccore.data_parallel(model, None, mesh)
     xs, ys = pccore.shard_batch((x, y), mesh)
     assert xs.sharding.spec == jax.sharding.PartitionSpec("batch")
-    e1 = pccore.energy(model, pccore.init_activities(model, x), x=x, y=y)
-    e2 = pccore.energy(model_r, pccore.init_activities(model_r, xs), x=xs, y=ys)
-    assert float(e1) == float(e2)
+    e1, e2 = pccore.evaluate(model, x, y), pccore.evaluate(model_r, xs, ys)
+    assert float(e1.loss) == float(e2.loss)
     assert type(model_r) is pccore.PCModel
 
 
