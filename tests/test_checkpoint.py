@@ -53,8 +53,12 @@ def arrays(tree):
 def run_python(code: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=env, capture_output=True,
-        text=True, timeout=300,
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -88,8 +92,9 @@ def test_resume_in_new_process_equals_uninterrupted(tmp_path, trained):
     assert resumed.step == 4 and manager.steps() == [2, 4]
     assert type(resumed.model) is pccore.PCModel and resumed.framework == "equinox"
     # Bitwise equal weights, optimiser state and RNG key.
-    for a, b in zip(arrays((straight[0], straight[1])), arrays((resumed.model, resumed.opt_state)),
-                    strict=True):
+    for a, b in zip(
+        arrays((straight[0], straight[1])), arrays((resumed.model, resumed.opt_state)), strict=True
+    ):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(jax.random.key_data(straight[2]), jax.random.key_data(resumed.key))
     assert resumed.version == pccore.__version__
@@ -164,8 +169,11 @@ def test_corrupted_checkpoints_get_clear_errors(tmp_path):
         manager.save(step, model=model, opt_state=opt_state)
     state = manager.path(4) / "state.eqx"
     state.write_bytes(state.read_bytes()[:-7])  # truncated
-    with pytest.raises(pccore.CheckpointError, match=r"step_00000004' is truncated or corrupted: "
-                       r"state.eqx has \d+ bytes, the manifest expects \d+"):
+    with pytest.raises(
+        pccore.CheckpointError,
+        match=r"step_00000004' is truncated or corrupted: "
+        r"state.eqx has \d+ bytes, the manifest expects \d+",
+    ):
         manager.restore(4, model=model, opt_state=opt_state)
     state = manager.path(3) / "state.eqx"
     raw = bytearray(state.read_bytes())
@@ -193,14 +201,22 @@ def test_restore_into_another_architecture_names_first_mismatch(tmp_path):
     model, opt_state = build()
     pccore.save_checkpoint(tmp_path / "c", model=model, opt_state=opt_state, step=0)
     wide = build([4, 9, 3])
-    with pytest.raises(pccore.CheckpointError, match=(
-        r"first mismatching parameter is `model\.params\[0\]\[0\]\.weight`: got shape \(8, 4\) "
-        r"float32 in the checkpoint, expected shape \(9, 4\) float32")):
+    with pytest.raises(
+        pccore.CheckpointError,
+        match=(
+            r"first mismatching parameter is `model\.params\[0\]\[0\]\.weight`: got shape \(8, 4\) "
+            r"float32 in the checkpoint, expected shape \(9, 4\) float32"
+        ),
+    ):
         pccore.restore_checkpoint(tmp_path / "c", model=wide[0], opt_state=wide[1])
     deep = build([4, 8, 8, 3])
-    with pytest.raises(pccore.CheckpointError, match=(
-        r"first mismatching parameter is `model\.params\[1\]\[0\]\.weight`: got shape \(3, 8\) "
-        r"float32 in the checkpoint, expected shape \(8, 8\)")):
+    with pytest.raises(
+        pccore.CheckpointError,
+        match=(
+            r"first mismatching parameter is `model\.params\[1\]\[0\]\.weight`: got shape \(3, 8\) "
+            r"float32 in the checkpoint, expected shape \(8, 8\)"
+        ),
+    ):
         pccore.restore_checkpoint(tmp_path / "c", model=deep[0], opt_state=deep[1])
     sgd_state = optax.sgd(0.1, momentum=0.9).init(model.params)
     with pytest.raises(pccore.CheckpointError, match=r"does not fit the template: .*`opt_state"):
@@ -209,12 +225,17 @@ def test_restore_into_another_architecture_names_first_mismatch(tmp_path):
 
 def test_restore_dtype_mismatch_and_roundtrip(tmp_path, x64):
     model64, opt64 = build(dtype=jnp.float64)
-    pccore.save_checkpoint(tmp_path / "c", model=model64, opt_state=opt64, step=3,
-                           key=jax.random.PRNGKey(5))  # a raw uint32 key
+    pccore.save_checkpoint(
+        tmp_path / "c", model=model64, opt_state=opt64, step=3, key=jax.random.PRNGKey(5)
+    )  # a raw uint32 key
     model32, opt32 = build()
-    with pytest.raises(pccore.CheckpointError, match=(
-        r"`model\.params\[0\]\[0\]\.weight`: got shape \(8, 4\) float64 in the checkpoint, "
-        r"expected shape \(8, 4\) float32")):
+    with pytest.raises(
+        pccore.CheckpointError,
+        match=(
+            r"`model\.params\[0\]\[0\]\.weight`: got shape \(8, 4\) float64 in the checkpoint, "
+            r"expected shape \(8, 4\) float32"
+        ),
+    ):
         pccore.restore_checkpoint(tmp_path / "c", model=model32, opt_state=opt32)
     ck = pccore.restore_checkpoint(tmp_path / "c", model=model64, opt_state=opt64)
     np.testing.assert_array_equal(ck.key, jax.random.PRNGKey(5))
@@ -230,7 +251,9 @@ def test_keep_last_n_and_argument_errors(tmp_path):
     manifest = pccore.read_manifest(manager.path(4))
     assert manifest["step"] == 4 and manifest["framework"] == "equinox"
     assert json.loads((manager.path(4) / "manifest.json").read_text())["sha256"] == manifest["sha256"]
-    with pytest.raises(FileExistsError, match=r"`path`: checkpoint .* already exists\. Pass `overwrite=True`"):
+    with pytest.raises(
+        FileExistsError, match=r"`path`: checkpoint .* already exists\. Pass `overwrite=True`"
+    ):
         manager.save(4, model=model, opt_state=opt_state)
     manager.save(4, model=model, opt_state=opt_state, overwrite=True)
     assert manager.steps() == [3, 4]

@@ -49,13 +49,15 @@ _SCRIPT = textwrap.dedent(
     xs, ys = pccore.shard_batch((x, y), mesh)
     many = run(model_r, opt_r, xs, ys)
 
-    spec = lambda a: str(tuple(a.sharding.spec)) if isinstance(a.sharding, jax.sharding.NamedSharding) else "single"
+    named = lambda a: isinstance(a.sharding, jax.sharding.NamedSharding)
+    spec = lambda a: str(tuple(a.sharding.spec)) if named(a) else "single"
     ndev = lambda a: len(a.sharding.device_set)
     leaves = lambda t: [a for a in jax.tree.leaves(t) if isinstance(a, jax.Array)]
+    err = lambda s, t: max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(s, t, strict=True))
     out = {
-        "param_err": max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(leaves(one[0].params), leaves(many[0].params))),
-        "opt_err": max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(leaves(one[1]), leaves(many[1]))),
-        "act_err": max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(one[3].activities, many[3].activities)),
+        "param_err": err(leaves(one[0].params), leaves(many[0].params)),
+        "opt_err": err(leaves(one[1]), leaves(many[1])),
+        "act_err": err(one[3].activities, many[3].activities),
         "loss": [float(one[4].loss), float(many[4].loss)],
         "energy": [float(one[2].energy), float(many[2].energy)],
         "input_spec": spec(xs),
@@ -76,7 +78,11 @@ _SCRIPT = textwrap.dedent(
 def test_sharded_train_step_matches_one_device():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
     proc = subprocess.run(
-        [sys.executable, "-c", _SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+        [sys.executable, "-c", _SCRIPT],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
