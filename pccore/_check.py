@@ -108,7 +108,10 @@ def as_batch(
             "a model whose shapes match the data."
         )
     if shape[0] == 0:
-        raise ValueError(f"`{name}` is an empty batch (shape {shape}); pass at least one sample.")
+        raise ValueError(
+            f"`{name}` is an empty batch (shape {shape}); expected at least one sample. Pass a "
+            "non-empty batch (drop empty trailing batches in the data loader)."
+        )
     if not isinstance(a, jax.Array):
         a = np.asarray(a)
     check_finite(name, a, scan_device)

@@ -68,7 +68,7 @@ BAD_DATA = [
         "empty",
         lambda x, y: (x[:0], y[:0]),
         ValueError,
-        r"`x` is an empty batch \(shape \(0, 3\)\); pass at least one sample",
+        r"`x` is an empty batch \(shape \(0, 3\)\); expected at least one sample",
     ),
     (
         "nan host",
