@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import pccore
@@ -132,20 +132,24 @@ CORRUPTIONS = {
 
 @given(
     batch=st.integers(1, 3),
-    t1=st.sampled_from([0.3, 1.0, -1.0, 0.0, math.nan, math.inf]),
-    dt0=st.sampled_from([0.1, 0.5, 4.0, 0.0, -0.1, math.nan, None]),
-    corrupt_x=st.sampled_from(sorted(CORRUPTIONS)),
+    # Valid values drawn more often than invalid ones, so both paths are exercised.
+    t1=st.sampled_from([0.3, 0.3, 1.0, 1.0, -1.0, 0.0, math.nan, math.inf]),
+    dt0=st.sampled_from([0.1, 0.1, 0.5, 0.5, 4.0, 4.0, 0.0, -0.1, math.nan, None]),
+    corrupt_data=st.sampled_from(["none"] * 6 + ["huge"] * 2 + sorted(set(CORRUPTIONS) - {"none", "huge"})),
     optax_solver=st.booleans(),
     steady=st.booleans(),
 )
 @settings(max_examples=12, **SETTINGS)
-def test_public_api_never_returns_nan_silently(batch, t1, dt0, corrupt_x, optax_solver, steady):
+def test_public_api_never_returns_nan_silently(batch, t1, dt0, corrupt_data, optax_solver, steady):
     model = _MODEL
     rng = np.random.default_rng(batch)
-    x = CORRUPTIONS[corrupt_x](rng.standard_normal((batch, 2)).astype(np.float32))
-    y = rng.standard_normal((batch, 2)).astype(np.float32)
+    corrupt = CORRUPTIONS[corrupt_data]
+    x = corrupt(rng.standard_normal((batch, 2)).astype(np.float32))
+    y = corrupt(rng.standard_normal((batch, 2)).astype(np.float32))
     opts = dict(
-        t1=t1, dt0=dt0, steady_state=pccore.SteadyState() if steady else None,
+        t1=t1,
+        dt0=dt0,
+        steady_state=pccore.SteadyState() if steady else None,
         solver=optax.sgd(0.1 if dt0 is None or not dt0 > 0 else dt0) if optax_solver else diffrax.Euler(),
         max_steps=20 if optax_solver else None,
     )
@@ -155,11 +159,13 @@ def test_public_api_never_returns_nan_silently(batch, t1, dt0, corrupt_x, optax_
         new, _, stats = pccore.train_step(model, optim, state, x=x, y=y, **opts)
     except (ValueError, TypeError) as e:
         assert "`" in str(e) and ("expected" in str(e) or "must be" in str(e)), str(e)
+        event("refused with a clear error")
         return
     if bool(stats.updated):
         assert all(bool(jnp.all(jnp.isfinite(a))) for a in jax.tree.leaves(new.params))
         assert bool(jnp.isfinite(stats.energy))
     else:  # reported, and nothing was changed
+        event("train_step skipped a diverged update")
         assert stats.result == pccore.RESULTS.diverged
         for a, b in zip(jax.tree.leaves(model.params), jax.tree.leaves(new.params)):
             np.testing.assert_array_equal(a, b)
@@ -167,10 +173,12 @@ def test_public_api_never_returns_nan_silently(batch, t1, dt0, corrupt_x, optax_
         sol = pccore.infer(model, x=x, y=y, **opts)
     except eqx.EquinoxRuntimeError as e:
         assert "diverged" in str(e) or "max_steps" in str(e)
+        event("infer raised: " + ("diverged" if "diverged" in str(e) else "max_steps"))
         return
     assert all(bool(jnp.all(jnp.isfinite(a))) for a in sol.activities) and bool(jnp.isfinite(sol.energy))
     ev = pccore.evaluate(model, x, y)
     assert bool(jnp.isfinite(ev.loss))
+    event("ran, finite results")
 
 
 _MODEL = None
