@@ -132,9 +132,11 @@ def check_model(model: Any, energy: Any) -> None:
             f"`energy` must be a pccore.AbstractEnergy such as pccore.PC(); got "
             f"{type(energy).__name__}."
         )
-    for path, leaf in jtu.tree_leaves_with_path(model.params):
-        if eqx.is_inexact_array(leaf):
-            check_dtype(f"model.params{jtu.keystr(path)}", leaf.dtype)
+    for leaf in jtu.tree_leaves(model.params):  # fast path: no key paths unless needed
+        if eqx.is_inexact_array(leaf) and leaf.dtype.itemsize < 4:
+            for path, bad in jtu.tree_leaves_with_path(model.params):
+                if eqx.is_inexact_array(bad) and bad.dtype.itemsize < 4:
+                    check_dtype(f"model.params{jtu.keystr(path)}", bad.dtype)
 
 
 def check_data(model: PCModel, energy, x, y, *, scan_device: bool = False):
