@@ -146,6 +146,11 @@ def _write_state(path: Path, tree: Any) -> None:
         os.fsync(f.fileno())
 
 
+def _check_step(step: Any) -> None:
+    if isinstance(step, bool) or not isinstance(step, int | np.integer) or step < 0:
+        raise ValueError(f"`step` must be a non-negative int; got {step!r}.")
+
+
 def save_checkpoint(
     path: str | os.PathLike,
     *,
@@ -171,8 +176,7 @@ def save_checkpoint(
     **Returns:** the checkpoint's path.
     """
     path = Path(path)
-    if isinstance(step, bool) or not isinstance(step, int | np.integer) or step < 0:
-        raise ValueError(f"`step` must be a non-negative int; got {step!r}.")
+    _check_step(step)
     try:
         config_json = json.loads(json.dumps({} if config is None else config))
     except (TypeError, ValueError) as e:
@@ -405,15 +409,16 @@ class CheckpointManager:
                 out.append(int(m.group(1)))
         return sorted(out)
 
+    def _valid(self, step: int) -> bool:
+        try:
+            read_manifest(self.path(step), verify=True)
+        except CheckpointError:
+            return False
+        return True
+
     def latest_step(self) -> int | None:
         """The newest step whose checkpoint verifies (manifest, size, checksum), or None."""
-        for step in reversed(self.steps()):
-            try:
-                read_manifest(self.path(step), verify=True)
-            except CheckpointError:
-                continue
-            return step
-        return None
+        return next((s for s in reversed(self.steps()) if self._valid(s)), None)
 
     def save(
         self, step: int, *, model: Any, opt_state: Any, key: Any = None,
@@ -421,12 +426,25 @@ class CheckpointManager:
     ) -> Path:
         """Save checkpoint `step` atomically, then delete all but the newest `keep`.
 
-        Arguments as in [`pccore.save_checkpoint`][]. With several processes only process 0
-        writes (the state is replicated); the others return the path at once.
+        Arguments as in [`pccore.save_checkpoint`][]. A checkpoint that fails verification
+        (say, the corrupted one a run resumed around) is replaced without `overwrite`.
+        Saving below a newer valid checkpoint is refused (that is a fresh run in an old
+        directory; pruning would delete the new checkpoint). With several processes only
+        process 0 writes (the state is replicated); the others return the path at once.
         """
+        _check_step(step)
         path = self.path(step)
         if jax.process_index() != 0:
             return path
+        if not overwrite:
+            newer = [s for s in self.steps() if s > step and self._valid(s)]
+            if newer:
+                raise ValueError(
+                    f"`step`={step}, but {str(self.directory)!r} already holds a newer valid "
+                    f"checkpoint (step {newer[-1]}). Resume from it, save to a new directory, "
+                    "or pass `overwrite=True` to write here anyway."
+                )
+            overwrite = path.exists() and not self._valid(step)
         self.directory.mkdir(parents=True, exist_ok=True)
         for p in self.directory.iterdir():  # leftovers of interrupted saves (single writer)
             if p.is_dir() and (p.name.startswith(".tmp-step_") or p.name.startswith(".old-step_")):

@@ -195,6 +195,11 @@ def test_corrupted_checkpoints_get_clear_errors(tmp_path):
         pccore.CheckpointManager(tmp_path / "empty").restore(model=model, opt_state=opt_state)
     ck = manager.restore(model=model, opt_state=opt_state)
     assert ck.step == 1
+    # Resuming around the damage: saving over a corrupted step replaces it, no `overwrite`.
+    manager.save(2, model=model, opt_state=opt_state)
+    assert manager.latest_step() == 2
+    with pytest.raises(ValueError, match=r"`step`=0, but .* holds a newer valid checkpoint \(step 2\)"):
+        manager.save(0, model=model, opt_state=opt_state)
 
 
 def test_restore_into_another_architecture_names_first_mismatch(tmp_path):
