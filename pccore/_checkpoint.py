@@ -336,9 +336,9 @@ def restore_checkpoint(path: str | os.PathLike, *, model: Any, opt_state: Any) -
     framework = getattr(model, "framework", None)
     if manifest["framework"] is not None and framework is not None and manifest["framework"] != framework:
         raise CheckpointError(
-            f"Checkpoint {str(path)!r} holds a {manifest['framework']} model; the template "
-            f"`model` is a {framework} model. Wrap a {manifest['framework']} model of the same "
-            "architecture."
+            f"Checkpoint {str(path)!r} holds a model from {manifest['framework']!r}; the "
+            f"template `model` is from {framework!r}. Pass a {manifest['framework']} model of "
+            "the same architecture, wrapped with `pccore.wrap`."
         )
     expected = _leaf_specs(model, "model") + _leaf_specs(opt_state, "opt_state")
     saved = [leaf for leaf in manifest["leaves"] if not leaf["path"].startswith("key")]

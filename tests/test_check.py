@@ -197,5 +197,9 @@ def test_bad_options_and_objects(setup):
         TypeError, match=r"`model\.params\[0\]\[0\]\.weight` has dtype float16; expected float32"
     ):
         pccore.evaluate(half, x, y)
+    with pytest.raises(
+        TypeError, match=r"`x` must be an array of shape \(batch, \.\.\.\); got list that NumPy"
+    ):
+        pccore.evaluate(model, [[1.0, 2.0, 3.0], [1.0]], y)
     with pytest.raises(TypeError, match=r"`activities\[0\]` has dtype int32; expected float32"):
         pccore.energy(model, (jnp.zeros((4, 5), jnp.int32),), x=x, y=y)

@@ -270,3 +270,46 @@ def test_keep_last_n_and_argument_errors(tmp_path):
         manager.save(9, model=model, opt_state=opt_state, config={"optim": OPTIM})
     with pytest.raises(TypeError, match=r"`key` must be a JAX PRNG key or None; got int"):
         manager.save(9, model=model, opt_state=opt_state, key=3)
+
+
+def test_manifest_and_template_errors(tmp_path):
+    import dataclasses
+
+    model, opt_state = build()
+    path = pccore.save_checkpoint(tmp_path / "c", model=model, opt_state=opt_state, step=0)
+    with pytest.raises(
+        pccore.CheckpointError,
+        match=r"holds a model from 'equinox'; the template `model` is from 'haiku'\. Pass a equinox",
+    ):
+        pccore.restore_checkpoint(
+            path, model=dataclasses.replace(model, framework="haiku"), opt_state=opt_state
+        )
+    with pytest.raises(
+        pccore.CheckpointError,
+        match=(
+            r"the checkpoint has 13 saved leaves, the template 4; the first mismatching parameter is "
+            r"`opt_state\[0\]\.count`, present only in the checkpoint"
+        ),
+    ):
+        pccore.restore_checkpoint(path, model=model, opt_state=optax.sgd(0.1).init(model.params))
+    with pytest.raises(
+        pccore.CheckpointError,
+        match=(
+            r"parameter is `opt_state\[0\]\.trace\[0\]\[0\]\.weight` in the template but "
+            r"`opt_state\[0\]\.count` in the checkpoint"
+        ),
+    ):
+        pccore.restore_checkpoint(
+            path, model=model, opt_state=optax.sgd(0.1, momentum=0.9).init(model.params)
+        )
+    manifest = json.loads((path / "manifest.json").read_text())
+    (path / "manifest.json").write_text(json.dumps({**manifest, "format_version": 99}))
+    with pytest.raises(pccore.CheckpointError, match=r"has format version 99, newer than this pccore"):
+        pccore.restore_checkpoint(path, model=model, opt_state=opt_state)
+    (path / "manifest.json").write_text(json.dumps({"hello": 1}))
+    with pytest.raises(pccore.CheckpointError, match=r"manifest.json' is not a pccore checkpoint manifest"):
+        pccore.read_manifest(path)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    (path / "state.eqx").unlink()
+    with pytest.raises(pccore.CheckpointError, match=r"the data file state\.eqx is missing"):
+        pccore.restore_checkpoint(path, model=model, opt_state=opt_state)
