@@ -107,7 +107,7 @@ import pccore
 from tests.test_checkpoint import build
 
 manager = pccore.CheckpointManager({dir!r}, keep=3)
-model, opt_state = build([4, 64, 64, 3])
+model, opt_state = build()
 
 def half_then_die(f, tree):
     buf = io.BytesIO()
@@ -132,7 +132,7 @@ def test_save_killed_midway_keeps_previous_checkpoint(tmp_path):
     assert len(leftovers) == 1  # the writer really died halfway through step 2
     manager = pccore.CheckpointManager(tmp_path, keep=3)
     assert manager.steps() == [1] and manager.latest_step() == 1
-    model, opt_state = build([4, 64, 64, 3])
+    model, opt_state = build()
     ck = manager.restore(model=model, opt_state=opt_state)
     for a, b in zip(arrays(model), arrays(ck.model), strict=True):
         np.testing.assert_array_equal(a, b)
