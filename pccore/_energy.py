@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
-from ._check import check_activities, check_data
+from ._check import check_activities, check_data, check_option
 from ._custom_types import Activities, BatchArray, Scalar
 from ._init import AbstractInit, FeedForward
 from ._loss import MSE, AbstractLoss
@@ -111,6 +111,9 @@ class PC(AbstractEnergy):
     parameterisation: AbstractParameterisation = SP()
     activity_decay: float | ArrayLike = 0.0
 
+    def __check_init__(self):
+        check_option("PC", "activity_decay", self.activity_decay)
+
     def variable_shapes(self, model, x_clamped):
         shapes = (model.in_shape, *model.out_shapes[:-1])
         return shapes[1:] if x_clamped else shapes
@@ -175,8 +178,8 @@ def energy(
 
     **Returns:** a scalar, $\sum_i F_i$ (activity regularisers included).
     """
-    x, y = check_data(model, energy, x, y)
-    activities = check_activities(model, energy, activities, x, y)
+    x, y = check_data(model, energy, x, y, scan_device=True)
+    activities = check_activities(model, energy, activities, x, y, scan_device=True)
     return energy.per_sample(energy.prepare(model), activities, x, y).sum()
 
 
@@ -192,8 +195,8 @@ def layer_energies(
 
     They add up to [`pccore.energy`][] without activity regularisers.
     """
-    x, y = check_data(model, energy, x, y)
-    activities = check_activities(model, energy, activities, x, y)
+    x, y = check_data(model, energy, x, y, scan_device=True)
+    activities = check_activities(model, energy, activities, x, y, scan_device=True)
     return energy.layer_energies(energy.prepare(model), activities, x, y).sum(axis=0)
 
 
@@ -216,7 +219,7 @@ def init_activities(
 
     **Returns:** a tuple of arrays, one per inference variable.
     """
-    x, y = check_data(model, energy, x, y)
+    x, y = check_data(model, energy, x, y, scan_device=True)
     if x is None and y is None:
         raise ValueError("`x` and `y` are both None; pass at least one to fix the batch size.")
     return energy.init(energy.prepare(model), x, y, init, key)

@@ -26,7 +26,7 @@ def evaluate(model, x: BatchArray, y: BatchArray, *, energy: AbstractEnergy = PC
     **Arguments:** `model` a [`pccore.PCModel`][]; `x`, `y` a batch; `energy` supplies the
     loss and parameterisation (default [`pccore.PC`][] with MSE).
     """
-    x, y = check_data(model, energy, x, y)
+    x, y = check_data(model, energy, x, y, scan_device=True)
     if x is None or y is None:
         raise ValueError("`evaluate` needs both `x` and `y`.")
     return _evaluate(model, x, y, energy)

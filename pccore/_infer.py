@@ -21,7 +21,7 @@ import jax.tree_util as jtu
 import optax
 from jaxtyping import PRNGKeyArray
 
-from ._check import check_activities, check_data
+from ._check import check_activities, check_data, check_hyper, thread_error
 from ._custom_types import Activities, BatchArray
 from ._energy import PC, AbstractEnergy
 from ._init import AbstractInit, FeedForward
@@ -70,6 +70,7 @@ def is_optax(solver: Any) -> bool:
 
 def check_solver(solver, stepsize_controller, t1, dt0, max_steps, steady_state, saveat):
     """Validate the solver options once, at the entry point. Returns the step budget."""
+    check_hyper(solver, stepsize_controller, t1, dt0, max_steps, steady_state)
     if steady_state is not None and not isinstance(steady_state, SteadyState):
         raise TypeError(
             f"`steady_state` must be a pccore.SteadyState or None; got "
@@ -342,5 +343,5 @@ def infer(
     )
     if throw:
         bad = (sol.result == RESULTS.diverged) | (sol.result == RESULTS.max_steps_reached)
-        sol = eqx.tree_at(lambda s: s.activities, sol, sol.result.error_if(sol.activities, bad))
+        sol = eqx.tree_at(lambda s: s.activities, sol, thread_error(sol.result, sol.activities, bad))
     return sol

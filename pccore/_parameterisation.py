@@ -20,6 +20,7 @@ import math
 import equinox as eqx
 from jaxtyping import ArrayLike
 
+from ._check import check_option
 from ._model import PCModel, scale_weights
 
 
@@ -57,6 +58,9 @@ class SP(AbstractParameterisation):
 
     output_precision: float | ArrayLike = 1.0
 
+    def __check_init__(self):
+        check_option("SP", "output_precision", self.output_precision)
+
     def scaling(self, fan_in, position, skip, num_layers):
         return 1.0
 
@@ -68,6 +72,9 @@ class NTP(AbstractParameterisation):
     r"""Neural tangent parameterisation: $a_l = 1/\sqrt{\text{fan-in}}$ ($1/\sqrt{NL}$ with skips)."""
 
     output_precision: float | ArrayLike = 1.0
+
+    def __check_init__(self):
+        check_option("NTP", "output_precision", self.output_precision)
 
     def scaling(self, fan_in, position, skip, num_layers):
         if position == "hidden" and skip:
@@ -86,6 +93,10 @@ class MuPC(AbstractParameterisation):
 
     gamma: float = 1.0
     output_precision: float | ArrayLike = 1.0
+
+    def __check_init__(self):
+        check_option("MuPC", "gamma", self.gamma, strict=True)
+        check_option("MuPC", "output_precision", self.output_precision)
 
     def scaling(self, fan_in, position, skip, num_layers):
         if position == "last":

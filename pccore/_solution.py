@@ -3,6 +3,7 @@
 import equinox as eqx
 from jaxtyping import Array, Float, Int
 
+from ._check import check_tolerances
 from ._custom_types import Activities
 from ._results import RESULTS
 
@@ -29,11 +30,7 @@ class SteadyState(eqx.Module):
     atol: float = 1e-3
 
     def __check_init__(self):
-        if not (self.rtol >= 0 and self.atol >= 0 and (self.rtol > 0 or self.atol > 0)):
-            raise ValueError(
-                f"`SteadyState`: got rtol={self.rtol}, atol={self.atol}; expected both >= 0 and "
-                "at least one > 0, e.g. SteadyState(rtol=1e-3, atol=1e-3)."
-            )
+        check_tolerances("SteadyState", self.rtol, self.atol)
 
 
 class InferenceSolution(eqx.Module):
