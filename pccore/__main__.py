@@ -1,5 +1,6 @@
 """`python -m pccore`: the command-line tool (see `pccore --help`)."""
 
-from pccore._cli import main
+if __name__ == "__main__":
+    from pccore._cli import main
 
-raise SystemExit(main())
+    raise SystemExit(main())
