@@ -53,8 +53,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gamma", type=_positive_float, default=1.0, help="muPC output scaling gamma")
     g.add_argument("--output-precision", type=_positive_float, default=1.0,
                    help="output precision lambda (weight of the output energy)")
-    g.add_argument("--loss", choices=tuple(LOSSES), default="ce",
-                   help="output loss: softmax cross-entropy or squared error (default: ce)")
+    g.add_argument("--loss", choices=tuple(LOSSES), default=None,
+                   help="output loss: softmax cross-entropy or squared error (default: ce for "
+                        "pc, mse for generative)")
     s = p.add_argument_group("inference solver")
     s.add_argument("--solver", choices=SOLVERS, default="euler",
                    help="diffrax euler/heun (constant steps), tsit5 (adaptive steps), or an optax "
@@ -157,11 +158,12 @@ def _config(args) -> dict:
     return {k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in vars(args).items()}
 
 
-def _describe(args, data, solver) -> str:
-    arch = "-".join(str(n) for n in (data.num_features, *args.hidden, data.num_classes))
+def _describe(args, sizes, solver) -> str:
+    arch = "-".join(str(n) for n in sizes)
+    loss = args.loss or ("mse" if args.variant == "generative" else "ce")
     steps = f"{args.steps} steps" if solver.is_optax else f"t1={solver.t1:g}, dt0={args.dt0:g}"
     return (f"{args.data} {arch} {args.activation}, {args.variant}/{args.parameterisation}/"
-            f"{args.loss}, {args.solver} ({steps}), {args.epochs} epochs, batch {args.batch_size}, "
+            f"{loss}, {args.solver} ({steps}), {args.epochs} epochs, batch {args.batch_size}, "
             f"seed {args.seed}")
 
 
@@ -181,13 +183,13 @@ def compare(args) -> int:
         require_matplotlib()
     variant, solver = _settings(args)
     data = _load_data(args)
-    sizes = (data.num_features, *args.hidden, data.num_classes)
+    sizes = variant.layer_sizes(data.num_features, args.hidden, data.num_classes)
     weights = canonical_mlp(sizes, args.seed)
     activation = ACTIVATIONS[args.activation]
     models = {fw: _build(fw, weights, activation) for fw in args.frameworks}  # fail early
     say = (lambda s: None) if args.quiet else print
     progress = not args.quiet
-    say(f"pccore compare: {_describe(args, data, solver)}")
+    say(f"pccore compare: {_describe(args, sizes, solver)}")
     results = []
     for fw, model in models.items():
         r = train_pc(fw, model, variant, solver, data, epochs=args.epochs,
@@ -195,7 +197,9 @@ def compare(args) -> int:
         say(f"{fw:>8}: test accuracy {100 * r.final_accuracy:.2f}% after {args.epochs} epochs "
             f"({r.seconds:.1f} s)")
         results.append(r)
-    if not args.no_backprop:
+    if not args.no_backprop and not variant.has_backprop_reference:
+        say(f"backprop: no reference row for the {args.variant!r} variant")
+    elif not args.no_backprop:
         ref_model = _build("equinox", weights, activation)
         r = train_backprop(ref_model, variant, data, epochs=args.epochs, batch_size=args.batch_size,
                            lr=args.lr, seed=args.seed, progress=progress)
@@ -209,7 +213,7 @@ def compare(args) -> int:
     write_json(args.out / "compare.json", _config(args), results)
     written = [args.out / "compare.json"]
     if not args.no_plot:
-        write_figure(args.out / "compare.png", results, _describe(args, data, solver),
+        write_figure(args.out / "compare.png", results, _describe(args, sizes, solver),
                      _time_axis(solver))
         written.append(args.out / "compare.png")
     say("wrote " + ", ".join(str(p) for p in written))
@@ -224,10 +228,10 @@ def train(args) -> int:
         require_matplotlib()
     variant, solver = _settings(args)
     data = _load_data(args)
-    sizes = (data.num_features, *args.hidden, data.num_classes)
+    sizes = variant.layer_sizes(data.num_features, args.hidden, data.num_classes)
     model = _build(args.framework, canonical_mlp(sizes, args.seed), ACTIVATIONS[args.activation])
     if not args.quiet:
-        print(f"pccore train ({args.framework}): {_describe(args, data, solver)}")
+        print(f"pccore train ({args.framework}): {_describe(args, sizes, solver)}")
     r = train_pc(args.framework, model, variant, solver, data, epochs=args.epochs,
                  batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                  progress=not args.quiet, log=None if args.quiet else print)
@@ -237,7 +241,7 @@ def train(args) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "train.json", _config(args), [r])
     if not args.no_plot:
-        write_figure(args.out / "train.png", [r], _describe(args, data, solver), _time_axis(solver))
+        write_figure(args.out / "train.png", [r], _describe(args, sizes, solver), _time_axis(solver))
     return 0
 
 

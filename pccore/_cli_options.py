@@ -3,18 +3,21 @@
 Each registry maps a CLI name to a small factory, so a new variant or solver is one entry.
 """
 
+import abc
 import dataclasses
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
 
 import diffrax
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import optax
 
 from ._energy import PC, AbstractEnergy
 from ._evaluate import evaluate
-from ._init import AbstractInit, FeedForward
+from ._infer import infer
+from ._init import AbstractInit, FeedForward, RandomNormal
 from ._learn import train_step
 from ._loss import MSE, CrossEntropy
 from ._model import PCModel
@@ -122,20 +125,31 @@ def make_parameterisation(name: str, *, gamma: float, output_precision: float):
 class AbstractVariant(eqx.Module):
     """How the CLI trains and scores one predictive coding variant.
 
-    `step` runs one training step on a batch, `accuracy` scores the model on labelled data.
-    A variant whose roles of `x` and `y` differ (generative PC) or that trains a second network
-    (hybrid PC) overrides them.
+    `roles(x, y)` says what is clamped at the bottom and the top during training,
+    `layer_sizes` the widths from bottom to top, `step` runs one training step and `accuracy`
+    scores the model on labelled data (`x` the inputs, `y` one-hot labels).
     """
 
     energy: eqx.AbstractVar[AbstractEnergy]
     init: eqx.AbstractVar[AbstractInit]
 
-    def step(self, model: PCModel, optim, opt_state, x, y, solver: SolverConfig, key):
-        return train_step(model, optim, opt_state, x=x, y=y, energy=self.energy, init=self.init,
-                          key=key, **solver.kwargs)
+    #: whether a backprop reference on the same network makes sense (`pccore compare`)
+    has_backprop_reference: ClassVar[bool] = True
 
+    def roles(self, x, y):
+        return x, y
+
+    def layer_sizes(self, num_features: int, hidden: Sequence[int], num_classes: int):
+        return (num_features, *hidden, num_classes)
+
+    def step(self, model: PCModel, optim, opt_state, x, y, solver: SolverConfig, key):
+        bottom, top = self.roles(x, y)
+        return train_step(model, optim, opt_state, x=bottom, y=top, energy=self.energy,
+                          init=self.init, key=key, **solver.kwargs)
+
+    @abc.abstractmethod
     def accuracy(self, model: PCModel, x, y) -> float:
-        return float(evaluate(model, x, y, energy=self.energy).accuracy)
+        """Test accuracy on inputs `x` and one-hot labels `y`."""
 
 
 class Discriminative(AbstractVariant):
@@ -144,19 +158,57 @@ class Discriminative(AbstractVariant):
     energy: AbstractEnergy
     init: AbstractInit = FeedForward()
 
+    def accuracy(self, model, x, y):
+        return float(evaluate(model, x, y, energy=self.energy).accuracy)
+
+
+class Generative(AbstractVariant):
+    r"""Supervised generative PC: the label is clamped at the bottom ($z_0$), the image at the top.
+
+    To classify, the image is clamped, $z_0$ is freed and initialised with
+    [`pccore.RandomNormal`][], inference runs for `eval_t1` with Euler steps `eval_dt0`, and
+    the prediction is $\arg\max z_0$.
+    """
+
+    energy: AbstractEnergy
+    init: AbstractInit = FeedForward()
+    eval_t1: float = 100.0
+    eval_dt0: float = 0.1
+
+    has_backprop_reference: ClassVar[bool] = False
+
+    def roles(self, x, y):
+        return y, x
+
+    def layer_sizes(self, num_features, hidden, num_classes):
+        return (num_classes, *hidden, num_features)
+
+    def accuracy(self, model, x, y):
+        sol = infer(model, x=None, y=x, energy=self.energy, init=RandomNormal(0.05),
+                    key=jax.random.key(0), t1=self.eval_t1, dt0=self.eval_dt0)
+        labels = jnp.argmax(sol.activities[0], axis=-1)
+        return float(jnp.mean(labels == jnp.argmax(y, axis=-1)))
+
 
 def _pc(loss, parameterisation) -> AbstractVariant:
-    return Discriminative(PC(loss=loss, parameterisation=parameterisation))
+    return Discriminative(PC(loss=LOSSES[loss or "ce"](), parameterisation=parameterisation))
+
+
+def _generative(loss, parameterisation) -> AbstractVariant:
+    if loss == "ce":
+        raise CLIError("--loss ce: a generative model predicts images; use --loss mse (the default).")
+    return Generative(PC(loss=MSE(), parameterisation=parameterisation))
 
 
 VARIANT_NAMES = ("pc", "generative", "hybrid", "bidirectional", "epc")
 """Every variant the CLI knows by name."""
 
-VARIANTS: dict[str, Callable[..., AbstractVariant]] = {"pc": _pc}
-"""`factory(loss, parameterisation) -> AbstractVariant` per variant in this build."""
+VARIANTS: dict[str, Callable[..., AbstractVariant]] = {"pc": _pc, "generative": _generative}
+"""`factory(loss name or None, parameterisation) -> AbstractVariant` per variant in this build
+(None: the variant's own default loss)."""
 
 
-def make_variant(name: str, *, loss: str, parameterisation) -> AbstractVariant:
+def make_variant(name: str, *, loss: str | None, parameterisation) -> AbstractVariant:
     if name not in VARIANT_NAMES:
         raise CLIError(f"--variant: unknown variant {name!r}; choose from {', '.join(VARIANT_NAMES)}.")
     if name not in VARIANTS:
@@ -164,4 +216,4 @@ def make_variant(name: str, *, loss: str, parameterisation) -> AbstractVariant:
             f"--variant {name}: this build of pccore does not provide the {name!r} variant yet; "
             f"available: {', '.join(VARIANTS)}."
         )
-    return VARIANTS[name](LOSSES[loss](), parameterisation)
+    return VARIANTS[name](loss, parameterisation)

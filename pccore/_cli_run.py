@@ -73,7 +73,7 @@ def _timed(fn: Callable, *args):
 
 
 def _energy_trace(model, variant, data, batch_size, solver: SolverConfig):
-    x, y = data.x_test[:batch_size], data.y_test[:batch_size]
+    x, y = variant.roles(data.x_test[:batch_size], data.y_test[:batch_size])
     ts = solver.save_times()
     sol = infer(model, x=x, y=y, energy=variant.energy, init=variant.init, key=jax.random.key(0),
                 saveat=diffrax.SaveAt(ts=ts), throw=False, **solver.kwargs)

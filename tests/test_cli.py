@@ -151,6 +151,7 @@ def test_sgd_on_activities_equals_euler(mnist_dir, tmp_path):
          r"No mnist data found in .*train-images-idx3-ubyte"),
         (["train", "--variant", "epc"], "does not provide the 'epc' variant yet"),
         (["compare", "--frameworks", "equinox", "equinox"], "lists a framework twice"),
+        (["train", "--variant", "generative", "--loss", "ce"], "use --loss mse"),
         (["train", "--batch-size", "5000"], "--batch-size 5000 is larger than the training set"),
     ],
 )
@@ -242,3 +243,26 @@ def test_solver_objects():
     assert s.adaptive and s.t1 == 3.0 and s.dt0 == 0.1
     assert (s.stepsize_controller.rtol, s.stepsize_controller.atol) == (1e-4, 1e-5)
     assert float(s.save_times()[-1]) == 3.0
+
+
+def test_generative_accuracy_is_the_least_squares_label():
+    """One linear generative layer μ = W x + b: the inferred label is the least-squares x."""
+    import equinox as eqx
+
+    from pccore._cli_options import make_parameterisation, make_variant
+
+    variant = make_variant("generative", loss=None,
+                           parameterisation=make_parameterisation("sp", gamma=1.0,
+                                                                  output_precision=1.0))
+    W, b = _builders.canonical_mlp([10, 64], 3)[0]
+    lin = eqx.nn.Linear(10, 64, key=jax.random.key(0))
+    lin = eqx.tree_at(lambda m: (m.weight, m.bias), lin, (jnp.asarray(W.T), jnp.asarray(b)))
+    model = pccore.wrap(eqx.nn.Sequential([lin]))
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(40, 64)).astype(np.float32)
+    labels = datasets.one_hot(rng.integers(0, 10, 40), 10)
+    x_ls = np.linalg.lstsq(W.T.astype(np.float64), (images - b).T.astype(np.float64), rcond=None)[0].T
+    expected = np.mean(x_ls.argmax(1) == labels.argmax(1))
+    assert variant.accuracy(model, images, labels) == pytest.approx(expected)
+    assert variant.layer_sizes(64, [32], 10) == (10, 32, 64)
+    assert variant.roles("image", "label") == ("label", "image")
