@@ -266,3 +266,27 @@ def test_generative_accuracy_is_the_least_squares_label():
     assert variant.accuracy(model, images, labels) == pytest.approx(expected)
     assert variant.layer_sizes(64, [32], 10) == (10, 32, 64)
     assert variant.roles("image", "label") == ("label", "image")
+
+
+def test_training_compiles_once(caplog):
+    """Fixed batch shapes: the jitted training step compiles once, not once per batch."""
+    import logging
+
+    from pccore._cli_options import make_parameterisation, make_solver, make_variant
+    from pccore._cli_run import train_pc
+
+    rng = np.random.default_rng(0)
+    data = datasets.Dataset(rng.random((52, 8), np.float32),
+                            datasets.one_hot(rng.integers(0, 3, 52), 3),
+                            rng.random((10, 8), np.float32),
+                            datasets.one_hot(rng.integers(0, 3, 10), 3), "toy")
+    model = _builders.build_mlp("equinox", _builders.canonical_mlp([8, 4, 3], 0), jnp.tanh)
+    variant = make_variant("pc", loss="mse", parameterisation=make_parameterisation(
+        "sp", gamma=1.0, output_precision=1.0))
+    solver = make_solver("euler", steps=3, dt0=0.1, t1=None, rtol=1e-3, atol=1e-3)
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+        r = train_pc("equinox", model, variant, solver, data, epochs=2, batch_size=16, lr=1e-3,
+                     seed=0, progress=False)
+    compiles = [m for m in caplog.messages if "Compiling" in m and "_train_step" in m]
+    assert len(compiles) == 1, compiles
+    assert len(r.test_accuracy) == 2 and r.inference_steps == 3  # 3 batches x 2 epochs, 52 % 16 dropped
