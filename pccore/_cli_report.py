@@ -78,6 +78,8 @@ def write_figure(path: pathlib.Path, results: list[RunResult], title: str, time_
     for i, r in enumerate(pc):
         right.plot(r.trace_times, r.energy_trace, _STYLES[i % len(_STYLES)], lw=max(3.0 - 0.6 * i, 1.0),
                    label=r.framework)
+    if "step" in time_axis:
+        right.xaxis.get_major_locator().set_params(integer=True)
     right.set_xlabel(time_axis)
     right.set_ylabel("energy (batch mean)")
     right.set_yscale("log")
