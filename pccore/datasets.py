@@ -1,7 +1,8 @@
 """Small classification data sets as NumPy arrays: digits (bundled) and MNIST / Fashion-MNIST.
 
-Every loader returns a [`pccore.datasets.Dataset`][]: inputs flattened and scaled to
-$[0, 1]$ (float32), labels one-hot (float32), a fixed train/test split. Nothing is
+Every loader returns a [`pccore.datasets.Dataset`][]: inputs flattened to float32 (integer
+pixels divided by 255, digits by 16, so they lie in $[0, 1]$), labels one-hot (float32), and a
+fixed train/test split. Nothing is
 downloaded: digits comes embedded in scikit-learn (the `data` extra), MNIST and Fashion-MNIST
 are read from files you already have on disk, in either standard form:
 
