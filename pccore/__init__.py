@@ -2,6 +2,7 @@
 
 import importlib.metadata
 
+from . import datasets as datasets
 from . import theory as theory
 from ._adapter import AbstractAdapter as AbstractAdapter
 from ._adapter import UnsupportedLayerError as UnsupportedLayerError

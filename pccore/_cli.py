@@ -1,0 +1,259 @@
+"""The `pccore` command: `pccore compare` (frameworks side by side) and `pccore train`.
+
+Run `pccore compare --help` or `python -m pccore train --help` for every option.
+"""
+
+import argparse
+import pathlib
+import sys
+import time
+from collections.abc import Sequence
+
+from ._builders import ACTIVATIONS, FRAMEWORK_EXTRAS, build_mlp, canonical_mlp, max_weight_difference
+from ._cli_options import (
+    LOSSES,
+    PARAMETERISATIONS,
+    SOLVERS,
+    VARIANT_NAMES,
+    CLIError,
+    make_parameterisation,
+    make_solver,
+    make_variant,
+)
+
+FRAMEWORKS = tuple(FRAMEWORK_EXTRAS)
+DATASETS = ("digits", "mnist", "fashion-mnist")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("predictive coding")
+    g.add_argument("--variant", choices=VARIANT_NAMES, default="pc", help="PC variant (default: pc)")
+    g.add_argument("--parameterisation", choices=PARAMETERISATIONS, default="sp",
+                   help="weight scalings: standard, neural tangent or muPC (default: sp)")
+    g.add_argument("--gamma", type=_positive_float, default=1.0, help="muPC output scaling gamma")
+    g.add_argument("--output-precision", type=_positive_float, default=1.0,
+                   help="output precision lambda (weight of the output energy)")
+    g.add_argument("--loss", choices=tuple(LOSSES), default=None,
+                   help="output loss: softmax cross-entropy or squared error (default: ce for "
+                        "pc, mse for generative)")
+    s = p.add_argument_group("inference solver")
+    s.add_argument("--solver", choices=SOLVERS, default="euler",
+                   help="diffrax euler/heun (constant steps), tsit5 (adaptive steps), or an optax "
+                        "optimiser on the activities: sgd, momentum, adam (default: euler)")
+    s.add_argument("--steps", type=_positive_int, default=20,
+                   help="inference steps per training step (default: 20)")
+    s.add_argument("--dt0", type=_positive_float, default=0.1,
+                   help="step size; the learning rate for optax solvers (default: 0.1)")
+    s.add_argument("--t1", type=_positive_float, default=None,
+                   help="integration horizon (default: steps * dt0)")
+    s.add_argument("--rtol", type=_positive_float, default=1e-3, help="tsit5 relative tolerance")
+    s.add_argument("--atol", type=_positive_float, default=1e-3, help="tsit5 absolute tolerance")
+    t = p.add_argument_group("training")
+    t.add_argument("--hidden", type=_positive_int, nargs="+", default=[64, 64],
+                   help="hidden widths (default: 64 64)")
+    t.add_argument("--activation", choices=tuple(ACTIVATIONS), default="tanh")
+    t.add_argument("--epochs", type=_positive_int, default=20, help="(default: 20)")
+    t.add_argument("--batch-size", type=_positive_int, default=32, help="(default: 32)")
+    t.add_argument("--lr", type=_positive_float, default=3e-3,
+                   help="Adam learning rate of the parameters (default: 3e-3)")
+    t.add_argument("--seed", type=int, default=0,
+                   help="seeds the weights, the data split and the batch order (default: 0)")
+    d = p.add_argument_group("data")
+    d.add_argument("--data", choices=DATASETS, default="digits",
+                   help="digits (bundled with scikit-learn) or MNIST / Fashion-MNIST files")
+    d.add_argument("--data-dir", type=pathlib.Path, default=None,
+                   help="folder with the MNIST-style IDX files (gzipped or not) or an .npz")
+    d.add_argument("--train-limit", type=_positive_int, default=None,
+                   help="use only the first N training samples")
+    d.add_argument("--test-limit", type=_positive_int, default=None,
+                   help="use only the first N test samples")
+    o = p.add_argument_group("output")
+    o.add_argument("--out", type=pathlib.Path, default=pathlib.Path("pccore_results"),
+                   help="folder for the JSON record and the figure (default: pccore_results)")
+    o.add_argument("--no-plot", action="store_true", help="do not write the PNG figure")
+    o.add_argument("--quiet", action="store_true", help="print only the final table / summary")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pccore",
+        description="Train predictive coding networks with pccore.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="{compare,train}")
+    c = sub.add_parser(
+        "compare",
+        help="train one MLP from the same weights in every framework, and with backprop",
+        description="Train the same MLP, from identical starting weights, through the Equinox, "
+                    "Haiku, Flax Linen and Flax NNX adapters with the same PC settings, plus "
+                    "backprop; print a table, write JSON and a PNG figure.",
+    )
+    c.add_argument("--frameworks", nargs="+", choices=FRAMEWORKS, default=list(FRAMEWORKS),
+                   help="frameworks to compare; the first is the weight reference "
+                        "(default: equinox haiku linen nnx)")
+    c.add_argument("--no-backprop", action="store_true", help="skip the backprop reference row")
+    _common(c)
+    t = sub.add_parser("train", help="train one framework with one PC variant",
+                       description="Train an MLP with predictive coding through one adapter.")
+    t.add_argument("--framework", choices=FRAMEWORKS, default="equinox")
+    _common(t)
+    return p
+
+
+def _load_data(args):
+    from . import datasets
+
+    if args.data != "digits" and args.data_dir is None:
+        raise CLIError(
+            f"--data {args.data} reads files from disk: pass --data-dir DIR, a folder holding "
+            f"{', '.join(datasets.IDX_FILES)} (each may end in .gz) or an .npz with x_train, "
+            "y_train, x_test, y_test."
+        )
+    data = datasets.load(args.data, data_dir=args.data_dir, seed=args.seed)
+    data = data.subset(args.train_limit, args.test_limit)
+    if data.x_train.shape[0] < args.batch_size:
+        raise CLIError(
+            f"--batch-size {args.batch_size} is larger than the training set "
+            f"({data.x_train.shape[0]} samples); lower --batch-size or raise --train-limit."
+        )
+    return data
+
+
+def _build(framework: str, weights, activation):
+    try:
+        return build_mlp(framework, weights, activation)
+    except TypeError as e:  # no adapter registered for this framework's models
+        raise CLIError(f"--frameworks {framework}: {e}") from e
+
+
+def _settings(args):
+    param = make_parameterisation(args.parameterisation, gamma=args.gamma,
+                                  output_precision=args.output_precision)
+    variant = make_variant(args.variant, loss=args.loss, parameterisation=param)
+    solver = make_solver(args.solver, steps=args.steps, dt0=args.dt0, t1=args.t1,
+                         rtol=args.rtol, atol=args.atol)
+    return variant, solver
+
+
+def _config(args) -> dict:
+    return {k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in vars(args).items()}
+
+
+def _describe(args, sizes, solver) -> str:
+    arch = "-".join(str(n) for n in sizes)
+    loss = args.loss or ("mse" if args.variant == "generative" else "ce")
+    steps = f"{args.steps} steps" if solver.is_optax else f"t1={solver.t1:g}, dt0={args.dt0:g}"
+    return (f"{args.data} {arch} {args.activation}, {args.variant}/{args.parameterisation}/"
+            f"{loss}, {args.solver} ({steps}), {args.epochs} epochs, batch {args.batch_size}, "
+            f"seed {args.seed}")
+
+
+def _time_axis(solver) -> str:
+    if solver.is_optax:
+        return "inference step (optax update)"
+    return "time t (adaptive steps)" if solver.adaptive else f"inference step (dt0 = {solver.dt0:g})"
+
+
+def compare(args) -> int:
+    from ._cli_report import require_matplotlib, table, write_figure, write_json
+    from ._cli_run import train_backprop, train_pc
+
+    if len(set(args.frameworks)) != len(args.frameworks):
+        raise CLIError(f"--frameworks lists a framework twice: {' '.join(args.frameworks)}.")
+    if not args.no_plot:
+        require_matplotlib()
+    variant, solver = _settings(args)
+    data = _load_data(args)
+    sizes = variant.layer_sizes(data.num_features, args.hidden, data.num_classes)
+    weights = canonical_mlp(sizes, args.seed)
+    activation = ACTIVATIONS[args.activation]
+    models = {fw: _build(fw, weights, activation) for fw in args.frameworks}  # fail early
+    say = (lambda s: None) if args.quiet else print
+    progress = not args.quiet
+    say(f"pccore compare: {_describe(args, sizes, solver)}")
+    results = []
+    for fw, model in models.items():
+        r = train_pc(fw, model, variant, solver, data, epochs=args.epochs,
+                     batch_size=args.batch_size, lr=args.lr, seed=args.seed, progress=progress)
+        say(f"{fw:>8}: test accuracy {100 * r.final_accuracy:.2f}% after {args.epochs} epochs "
+            f"({r.seconds:.1f} s)")
+        results.append(r)
+    if not args.no_backprop and not variant.has_backprop_reference:
+        say(f"backprop: no reference row for the {args.variant!r} variant")
+    elif not args.no_backprop:
+        ref_model = _build("equinox", weights, activation)
+        r = train_backprop(ref_model, variant, data, epochs=args.epochs, batch_size=args.batch_size,
+                           lr=args.lr, seed=args.seed, progress=progress)
+        say(f"backprop: test accuracy {100 * r.final_accuracy:.2f}% ({r.seconds:.1f} s)")
+        results.append(r)
+    reference = results[0]
+    for r in results:
+        r.weight_difference = max_weight_difference(r.weights, reference.weights)
+    print(table(results, reference.framework))
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_json(args.out / "compare.json", _config(args), results)
+    written = [args.out / "compare.json"]
+    if not args.no_plot:
+        write_figure(args.out / "compare.png", results, _describe(args, sizes, solver),
+                     _time_axis(solver))
+        written.append(args.out / "compare.png")
+    say("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def train(args) -> int:
+    from ._cli_report import require_matplotlib, write_figure, write_json
+    from ._cli_run import train_pc
+
+    if not args.no_plot:
+        require_matplotlib()
+    variant, solver = _settings(args)
+    data = _load_data(args)
+    sizes = variant.layer_sizes(data.num_features, args.hidden, data.num_classes)
+    model = _build(args.framework, canonical_mlp(sizes, args.seed), ACTIVATIONS[args.activation])
+    if not args.quiet:
+        print(f"pccore train ({args.framework}): {_describe(args, sizes, solver)}")
+    r = train_pc(args.framework, model, variant, solver, data, epochs=args.epochs,
+                 batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                 progress=not args.quiet, log=None if args.quiet else print)
+    print(f"final test accuracy {100 * r.final_accuracy:.2f}%, energy {r.final_energy:.4f}, "
+          f"{r.step_ms:.2f} ms per training step, {r.inference_steps:g} inference steps per "
+          f"training step")
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_json(args.out / "train.json", _config(args), [r])
+    if not args.no_plot:
+        write_figure(args.out / "train.png", [r], _describe(args, sizes, solver), _time_axis(solver))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `pccore` console script and of `python -m pccore`."""
+    args = parser().parse_args(argv)
+    start = time.perf_counter()
+    try:
+        status = compare(args) if args.command == "compare" else train(args)
+    except (CLIError, ImportError, FileNotFoundError) as e:
+        print(f"pccore: error: {e}", file=sys.stderr)
+        return 2
+    if not args.quiet:
+        print(f"done in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    return status

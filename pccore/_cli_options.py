@@ -1,0 +1,219 @@
+"""What the command-line names mean: variants, parameterisations, losses and solvers as objects.
+
+Each registry maps a CLI name to a small factory, so a new variant or solver is one entry.
+"""
+
+import abc
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+
+from ._energy import PC, AbstractEnergy
+from ._evaluate import evaluate
+from ._infer import infer
+from ._init import AbstractInit, FeedForward, RandomNormal
+from ._learn import train_step
+from ._loss import MSE, CrossEntropy
+from ._model import PCModel
+from ._parameterisation import NTP, SP, MuPC
+
+
+class CLIError(Exception):
+    """A bad command-line value: printed as `pccore: error: ...`, exit status 2."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SolverConfig:
+    """Everything [`pccore.infer`][] needs about the solver, as the CLI chose it."""
+
+    name: str
+    solver: Any
+    stepsize_controller: diffrax.AbstractStepSizeController
+    t1: float
+    dt0: float | None
+    max_steps: int | None
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return dict(
+            solver=self.solver, stepsize_controller=self.stepsize_controller, t1=self.t1,
+            dt0=self.dt0, max_steps=self.max_steps,
+        )
+
+    @property
+    def adaptive(self) -> bool:
+        return isinstance(self.stepsize_controller, diffrax.AbstractAdaptiveStepSizeController)
+
+    @property
+    def is_optax(self) -> bool:
+        return isinstance(self.solver, optax.GradientTransformation)
+
+    def save_times(self, points: int = 21) -> jax.Array:
+        """Times at which to record the energy along a solve (update counts for optax)."""
+        import jax.numpy as jnp
+
+        if self.is_optax:
+            return jnp.arange(self.max_steps + 1)
+        if self.adaptive:
+            return jnp.linspace(0.0, self.t1, points)
+        n = round(self.t1 / self.dt0)
+        return jnp.minimum(jnp.arange(n + 1) * self.dt0, self.t1)
+
+
+_ODE = {"euler": diffrax.Euler, "heun": diffrax.Heun, "tsit5": diffrax.Tsit5}
+_OPTAX = {
+    "sgd": lambda lr: optax.sgd(lr),
+    "momentum": lambda lr: optax.sgd(lr, momentum=0.5),
+    "adam": lambda lr: optax.adam(lr),
+}
+SOLVERS = (*_ODE, *_OPTAX)
+"""Solver names: diffrax ODE solvers (Tsit5 with adaptive steps) and optax optimisers."""
+
+
+def make_solver(name: str, *, steps: int, dt0: float, t1: float | None, rtol: float,
+                atol: float) -> SolverConfig:
+    """The solver `name` with `steps` steps of size `dt0` (`t1 = steps * dt0` unless given).
+
+    `euler`, `heun`: constant steps. `tsit5`: a PID controller with `rtol`/`atol`, starting
+    from `dt0`, up to `t1`. `sgd`, `momentum`, `adam`: `steps` optax updates with learning rate
+    `dt0` (`sgd` is then Euler with the same `dt0`).
+    """
+    if steps < 1:
+        raise CLIError(f"--steps must be a positive integer; got {steps}.")
+    if dt0 <= 0:
+        raise CLIError(f"--dt0 must be positive; got {dt0}.")
+    if t1 is not None and t1 <= 0:
+        raise CLIError(f"--t1 must be positive; got {t1}.")
+    if name in _OPTAX:
+        return SolverConfig(name, _OPTAX[name](dt0), diffrax.ConstantStepSize(), steps * dt0,
+                            None, steps)
+    if name not in _ODE:
+        raise CLIError(f"--solver: unknown solver {name!r}; choose from {', '.join(SOLVERS)}.")
+    horizon = steps * dt0 if t1 is None else t1
+    if name == "tsit5":
+        controller = diffrax.PIDController(rtol=rtol, atol=atol)
+        return SolverConfig(name, diffrax.Tsit5(), controller, horizon, dt0, 4096)
+    if t1 is not None:
+        steps = max(1, round(t1 / dt0))
+        dt0 = t1 / steps
+    return SolverConfig(name, _ODE[name](), diffrax.ConstantStepSize(), horizon, dt0, None)
+
+
+LOSSES = {"ce": CrossEntropy, "mse": MSE}
+PARAMETERISATIONS = ("sp", "ntp", "mupc")
+
+
+def make_parameterisation(name: str, *, gamma: float, output_precision: float):
+    """`sp`, `ntp` or `mupc` (with its `gamma`), each with the output precision λ."""
+    if name == "sp":
+        return SP(output_precision=output_precision)
+    if name == "ntp":
+        return NTP(output_precision=output_precision)
+    if name == "mupc":
+        return MuPC(gamma=gamma, output_precision=output_precision)
+    raise CLIError(
+        f"--parameterisation: unknown value {name!r}; choose from {', '.join(PARAMETERISATIONS)}."
+    )
+
+
+class AbstractVariant(eqx.Module):
+    """How the CLI trains and scores one predictive coding variant.
+
+    `roles(x, y)` says what is clamped at the bottom and the top during training,
+    `layer_sizes` the widths from bottom to top, `step` runs one training step and `accuracy`
+    scores the model on labelled data (`x` the inputs, `y` one-hot labels).
+    """
+
+    energy: eqx.AbstractVar[AbstractEnergy]
+    init: eqx.AbstractVar[AbstractInit]
+
+    #: whether a backprop reference on the same network makes sense (`pccore compare`)
+    has_backprop_reference: ClassVar[bool] = True
+
+    def roles(self, x, y):
+        return x, y
+
+    def layer_sizes(self, num_features: int, hidden: Sequence[int], num_classes: int):
+        return (num_features, *hidden, num_classes)
+
+    def step(self, model: PCModel, optim, opt_state, x, y, solver: SolverConfig, key):
+        bottom, top = self.roles(x, y)
+        return train_step(model, optim, opt_state, x=bottom, y=top, energy=self.energy,
+                          init=self.init, key=key, **solver.kwargs)
+
+    @abc.abstractmethod
+    def accuracy(self, model: PCModel, x, y) -> float:
+        """Test accuracy on inputs `x` and one-hot labels `y`."""
+
+
+class Discriminative(AbstractVariant):
+    """Standard PC: input clamped at the bottom, label at the top; feed-forward prediction."""
+
+    energy: AbstractEnergy
+    init: AbstractInit = FeedForward()
+
+    def accuracy(self, model, x, y):
+        return float(evaluate(model, x, y, energy=self.energy).accuracy)
+
+
+class Generative(AbstractVariant):
+    r"""Supervised generative PC: the label is clamped at the bottom ($z_0$), the image at the top.
+
+    To classify, the image is clamped, $z_0$ is freed and initialised with
+    [`pccore.RandomNormal`][], inference runs for `eval_t1` with Euler steps `eval_dt0`, and
+    the prediction is $\arg\max z_0$.
+    """
+
+    energy: AbstractEnergy
+    init: AbstractInit = FeedForward()
+    eval_t1: float = 100.0
+    eval_dt0: float = 0.1
+
+    has_backprop_reference: ClassVar[bool] = False
+
+    def roles(self, x, y):
+        return y, x
+
+    def layer_sizes(self, num_features, hidden, num_classes):
+        return (num_classes, *hidden, num_features)
+
+    def accuracy(self, model, x, y):
+        sol = infer(model, x=None, y=x, energy=self.energy, init=RandomNormal(0.05),
+                    key=jax.random.key(0), t1=self.eval_t1, dt0=self.eval_dt0)
+        labels = jnp.argmax(sol.activities[0], axis=-1)
+        return float(jnp.mean(labels == jnp.argmax(y, axis=-1)))
+
+
+def _pc(loss, parameterisation) -> AbstractVariant:
+    return Discriminative(PC(loss=LOSSES[loss or "ce"](), parameterisation=parameterisation))
+
+
+def _generative(loss, parameterisation) -> AbstractVariant:
+    if loss == "ce":
+        raise CLIError("--loss ce: a generative model predicts images; use --loss mse (the default).")
+    return Generative(PC(loss=MSE(), parameterisation=parameterisation))
+
+
+VARIANT_NAMES = ("pc", "generative", "hybrid", "bidirectional", "epc")
+"""Every variant the CLI knows by name."""
+
+VARIANTS: dict[str, Callable[..., AbstractVariant]] = {"pc": _pc, "generative": _generative}
+"""`factory(loss name or None, parameterisation) -> AbstractVariant` per variant in this build
+(None: the variant's own default loss)."""
+
+
+def make_variant(name: str, *, loss: str | None, parameterisation) -> AbstractVariant:
+    if name not in VARIANT_NAMES:
+        raise CLIError(f"--variant: unknown variant {name!r}; choose from {', '.join(VARIANT_NAMES)}.")
+    if name not in VARIANTS:
+        raise CLIError(
+            f"--variant {name}: this build of pccore does not provide the {name!r} variant yet; "
+            f"available: {', '.join(VARIANTS)}."
+        )
+    return VARIANTS[name](loss, parameterisation)

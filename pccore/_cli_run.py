@@ -1,0 +1,203 @@
+"""Training runs for the command-line tool: predictive coding through any adapter, and backprop."""
+
+import dataclasses
+import time
+from collections.abc import Callable
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ._builders import Weights, canonical_weights
+from ._cli_options import AbstractVariant, SolverConfig
+from ._evaluate import evaluate
+from ._infer import infer
+from ._model import PCModel
+from ._progress import Progress
+from .datasets import Dataset
+
+
+@dataclasses.dataclass
+class RunResult:
+    """One training run: per-epoch curves and the figures of the comparison table.
+
+    `final_energy` is the batch-mean energy at the inferred activities, averaged over the last
+    epoch's training steps (for backprop: the training loss). `energy_trace` is the batch-mean
+    energy along one inference solve on the first test batch with the final weights, at
+    `trace_times`.
+    """
+
+    framework: str
+    test_accuracy: list[float]
+    train_loss: list[float]
+    final_energy: float
+    step_ms: float
+    inference_steps: float
+    updates_skipped: int
+    seconds: float
+    trace_times: list[float]
+    energy_trace: list[float]
+    weights: Weights = dataclasses.field(repr=False)
+    weight_difference: float | None = None
+
+    @property
+    def final_accuracy(self) -> float:
+        return self.test_accuracy[-1]
+
+    def to_json(self) -> dict:
+        out = dataclasses.asdict(self)
+        del out["weights"]
+        out["final_accuracy"] = self.final_accuracy
+        return out
+
+
+def batches(n: int, batch_size: int, rng: np.random.Generator) -> np.ndarray:
+    """A shuffled `(num_batches, batch_size)` index array; the last partial batch is dropped,
+    so every training step has the same shapes (one compilation)."""
+    if batch_size > n:
+        raise ValueError(
+            f"`--batch-size` {batch_size} is larger than the training set ({n} samples); lower it."
+        )
+    perm = rng.permutation(n)
+    k = n // batch_size
+    return perm[: k * batch_size].reshape(k, batch_size)
+
+
+def _timed(fn: Callable, *args):
+    start = time.perf_counter()
+    out = jax.block_until_ready(fn(*args))
+    return out, 1000 * (time.perf_counter() - start)
+
+
+def _energy_trace(model, variant, data, batch_size, solver: SolverConfig):
+    x, y = variant.roles(data.x_test[:batch_size], data.y_test[:batch_size])
+    ts = solver.save_times()
+    sol = infer(model, x=x, y=y, energy=variant.energy, init=variant.init, key=jax.random.key(0),
+                saveat=diffrax.SaveAt(ts=ts), throw=False, **solver.kwargs)
+    if not (solver.adaptive or solver.is_optax):
+        ts = jnp.round(ts / solver.dt0)  # constant steps: the x-axis counts steps
+    return [float(t) for t in ts], [float(e) / x.shape[0] for e in sol.energies]
+
+
+def train_pc(
+    framework: str,
+    model: PCModel,
+    variant: AbstractVariant,
+    solver: SolverConfig,
+    data: Dataset,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    progress: bool,
+    log: Callable[[str], None] | None = None,
+) -> RunResult:
+    """Train `model` with predictive coding; the batches depend on `seed` only."""
+    optim = optax.adam(lr)
+    opt_state = optim.init(model.params)
+    rng = np.random.default_rng(seed)
+    key = jax.random.key(seed)
+    accs, losses, times, steps, energies = [], [], [], [], []
+    skipped, start = 0, time.perf_counter()
+    n_batches = data.x_train.shape[0] // batch_size
+    with Progress(epochs * n_batches, f"{framework:>8}", enabled=progress) as bar:
+        for epoch in range(epochs):
+            epoch_loss, epoch_energy = [], []
+            for idx in batches(data.x_train.shape[0], batch_size, rng):
+                key, sub = jax.random.split(key)
+                x, y = jnp.asarray(data.x_train[idx]), jnp.asarray(data.y_train[idx])
+                (model, opt_state, stats), ms = _timed(
+                    variant.step, model, optim, opt_state, x, y, solver, sub
+                )
+                times.append(ms)
+                steps.append(int(stats.num_steps))
+                skipped += int(not stats.updated)
+                epoch_loss.append(float(stats.loss))
+                epoch_energy.append(float(stats.energy))
+                bar.update(1, f"epoch {epoch + 1}/{epochs} energy {epoch_energy[-1]:.4f}")
+            accs.append(variant.accuracy(model, data.x_test, data.y_test))
+            losses.append(float(np.mean(epoch_loss)))
+            energies = epoch_energy
+            if log is not None:
+                bar.write(log_line(framework, epoch, epochs, losses[-1], np.mean(energies), accs[-1]))
+    times_t, trace = _energy_trace(model, variant, data, batch_size, solver)
+    return RunResult(
+        framework=framework,
+        test_accuracy=accs,
+        train_loss=losses,
+        final_energy=float(np.mean(energies)),
+        step_ms=float(np.median(times[1:] if len(times) > 1 else times)),
+        inference_steps=float(np.mean(steps)),
+        updates_skipped=skipped,
+        seconds=time.perf_counter() - start,
+        trace_times=times_t,
+        energy_trace=trace,
+        weights=canonical_weights(model),
+    )
+
+
+def log_line(name, epoch, epochs, loss, energy, acc) -> str:
+    return (f"{name} epoch {epoch + 1:>3}/{epochs}  loss {loss:.4f}  energy {energy:.4f}  "
+            f"test accuracy {100 * acc:.2f}%")
+
+
+@eqx.filter_jit
+def _backprop_step(model, optim, opt_state, x, y, energy):
+    def loss_fn(params):
+        prepared = energy.prepare(model.with_params(params))
+        return energy.output_loss(energy.predict(prepared, x), y).mean()
+
+    loss, grads = jax.value_and_grad(loss_fn)(model.params)
+    updates, opt_state = optim.update(grads, opt_state, model.params)
+    return model.with_params(optax.apply_updates(model.params, updates)), opt_state, loss
+
+
+def train_backprop(
+    model: PCModel,
+    variant: AbstractVariant,
+    data: Dataset,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    progress: bool,
+) -> RunResult:
+    """Backprop on the same architecture, starting weights, loss, batches and optimiser."""
+    energy = variant.energy
+    optim = optax.adam(lr)
+    opt_state = optim.init(model.params)
+    rng = np.random.default_rng(seed)
+    accs, losses, times = [], [], []
+    start = time.perf_counter()
+    n_batches = data.x_train.shape[0] // batch_size
+    with Progress(epochs * n_batches, "backprop", enabled=progress) as bar:
+        for _ in range(epochs):
+            epoch_loss = []
+            for idx in batches(data.x_train.shape[0], batch_size, rng):
+                x, y = jnp.asarray(data.x_train[idx]), jnp.asarray(data.y_train[idx])
+                (model, opt_state, loss), ms = _timed(
+                    _backprop_step, model, optim, opt_state, x, y, energy
+                )
+                times.append(ms)
+                epoch_loss.append(float(loss))
+                bar.update(1)
+            accs.append(float(evaluate(model, data.x_test, data.y_test, energy=energy).accuracy))
+            losses.append(float(np.mean(epoch_loss)))
+    return RunResult(
+        framework="backprop",
+        test_accuracy=accs,
+        train_loss=losses,
+        final_energy=losses[-1],
+        step_ms=float(np.median(times[1:] if len(times) > 1 else times)),
+        inference_steps=0.0,
+        updates_skipped=0,
+        seconds=time.perf_counter() - start,
+        trace_times=[],
+        energy_trace=[],
+        weights=canonical_weights(model),
+    )

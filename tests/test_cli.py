@@ -1,0 +1,290 @@
+import io
+import json
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import pccore
+from pccore import _builders, _cli, datasets
+from pccore._progress import Progress
+from tests.test_datasets import fake_mnist, write_mnist_dir
+
+TINY = ["--hidden", "16", "--epochs", "1", "--batch-size", "16", "--steps", "5", "--seed", "1"]
+
+
+def available_frameworks():
+    """Frameworks whose extra is installed and whose adapter is registered in this build."""
+    out = []
+    weights = _builders.canonical_mlp([4, 3, 2], 0)
+    for fw in _cli.FRAMEWORKS:
+        try:
+            _builders.build_mlp(fw, weights, jnp.tanh)
+        except (ImportError, TypeError):
+            continue
+        out.append(fw)
+    return out
+
+
+@pytest.fixture(scope="module")
+def mnist_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("mnist")
+    arrays = fake_mnist(np.random.default_rng(0), n_train=48, n_test=20)
+    write_mnist_dir(d, arrays, gz=True)
+    return d
+
+
+@pytest.fixture(scope="module")
+def mnist_run(mnist_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out")
+    frameworks = available_frameworks()
+    argv = ["compare", "--data", "mnist", "--data-dir", str(mnist_dir), "--out", str(out),
+            "--quiet", "--frameworks", *frameworks, *TINY]
+    assert _cli.main(argv) == 0
+    return out, frameworks
+
+
+def train_by_hand(data, frameworks_weights, steps=5, lr=3e-3, batch=16, seed=1):
+    """The same run written directly against the public API (the oracle for the CLI)."""
+    model = pccore.wrap(_builders.native_mlp("equinox", frameworks_weights, jnp.tanh)[0])
+    energy = pccore.PC(loss=pccore.CrossEntropy())
+    optim = optax.adam(lr)
+    state = optim.init(model.params)
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(data.x_train.shape[0])
+    for b in range(data.x_train.shape[0] // batch):
+        idx = perm[b * batch:(b + 1) * batch]
+        model, state, _ = pccore.train_step(model, optim, state, x=data.x_train[idx],
+                                            y=data.y_train[idx], energy=energy, t1=steps * 0.1,
+                                            dt0=0.1)
+    acc = pccore.evaluate(model, data.x_test, data.y_test, energy=energy).accuracy
+    return model, float(acc)
+
+
+def test_compare_mnist_from_idx_files(mnist_dir, mnist_run, capsys):
+    out, frameworks = mnist_run
+    record = json.loads((out / "compare.json").read_text())
+    rows = {r["framework"]: r for r in record["results"]}
+    assert list(rows) == [*frameworks, "backprop"]
+    data = datasets.load_mnist(mnist_dir)
+    weights = _builders.canonical_mlp([784, 16, 10], 1)
+    model, acc = train_by_hand(data, weights)
+    ref = rows["equinox"]
+    assert ref["test_accuracy"] == [pytest.approx(acc, abs=1e-6)]
+    assert ref["inference_steps"] == 5
+    # the reference's final weights are the hand-trained ones
+    final = _builders.canonical_weights(model)
+    for fw in frameworks:  # every framework agrees with Equinox from identical weights
+        assert abs(rows[fw]["final_accuracy"] - acc) <= 0.005
+        assert rows[fw]["weight_difference"] < 1e-4
+    assert record["config"]["data"] == "mnist"
+    np.testing.assert_allclose(
+        _builders.max_weight_difference(final, final), 0.0
+    )
+    bp = rows["backprop"]
+    assert bp["inference_steps"] == 0 and bp["weight_difference"] > 0
+
+
+def test_figure_is_a_real_png(mnist_run):
+    plt = pytest.importorskip("matplotlib.pyplot")
+    out, frameworks = mnist_run
+    img = plt.imread(out / "compare.png")
+    assert img.shape == (400, 1000, 4)  # FIGURE_SIZE * FIGURE_DPI
+    rgb = img[..., :3]
+    ink = (rgb.min(axis=2) < 0.5).mean()  # dark pixels: axes, text, lines
+    colour = (rgb.max(axis=2) - rgb.min(axis=2) > 0.3).mean()  # coloured curve pixels
+    assert 0.005 < ink < 0.5 and colour > 0.001
+
+
+def test_canonical_weights_round_trip_per_framework():
+    weights = _builders.canonical_mlp([5, 4, 3], 2)
+    x = np.random.default_rng(0).normal(size=(6, 5)).astype(np.float32)
+    ref = np.tanh(x @ weights[0][0] + weights[0][1]) @ weights[1][0] + weights[1][1]
+    for fw in available_frameworks():
+        model = _builders.build_mlp(fw, weights, jnp.tanh)
+        np.testing.assert_allclose(model(x), ref, rtol=1e-5, atol=1e-6)
+        assert _builders.max_weight_difference(_builders.canonical_weights(model), weights) == 0
+
+
+@pytest.mark.parametrize("framework", ["haiku", "linen", "nnx"])
+def test_native_builders_match_numpy(framework):
+    pytest.importorskip("haiku" if framework == "haiku" else "flax")
+    weights = _builders.canonical_mlp([5, 4, 3], 2)
+    x = np.random.default_rng(0).normal(size=(6, 5)).astype(np.float32)
+    ref = np.tanh(x @ weights[0][0] + weights[0][1]) @ weights[1][0] + weights[1][1]
+    model, variables = _builders.native_mlp(framework, weights, jnp.tanh)
+    if framework == "haiku":
+        got = model.apply(variables, None, x)
+    elif framework == "linen":
+        got = model.apply(variables, x)
+    else:
+        got = model(x)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_sgd_on_activities_equals_euler(mnist_dir, tmp_path):
+    """optax.sgd(η) on the activities is Euler with dt0 = η: two CLI runs must agree."""
+    runs = {}
+    for solver in ("euler", "sgd"):
+        out = tmp_path / solver
+        argv = ["train", "--data", "mnist", "--data-dir", str(mnist_dir), "--solver", solver,
+                "--out", str(out), "--quiet", "--no-plot", *TINY]
+        assert _cli.main(argv) == 0
+        runs[solver] = json.loads((out / "train.json").read_text())["results"][0]
+    assert runs["sgd"]["final_energy"] == pytest.approx(runs["euler"]["final_energy"], rel=1e-5)
+    assert runs["sgd"]["test_accuracy"] == runs["euler"]["test_accuracy"]
+    np.testing.assert_allclose(runs["sgd"]["energy_trace"], runs["euler"]["energy_trace"],
+                               rtol=1e-5)
+    trace = runs["euler"]["energy_trace"]
+    assert len(trace) == 6 and trace[-1] < trace[0]  # the energy falls along inference
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["compare", "--data", "mnist"], "--data mnist reads files from disk: pass --data-dir"),
+        (["train", "--data", "mnist", "--data-dir", "{tmp}"],
+         r"No mnist data found in .*train-images-idx3-ubyte"),
+        (["train", "--variant", "epc"], "does not provide the 'epc' variant yet"),
+        (["compare", "--frameworks", "equinox", "equinox"], "lists a framework twice"),
+        (["train", "--variant", "generative", "--loss", "ce"], "use --loss mse"),
+        (["train", "--batch-size", "5000"], "--batch-size 5000 is larger than the training set"),
+    ],
+)
+def test_clear_errors(argv, message, tmp_path, capsys):
+    from pccore._cli_options import VARIANTS
+
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+
+    if "epc" in argv and "epc" in VARIANTS:
+        pytest.skip("the epc variant is available in this build")
+    assert _cli.main([*argv, "--out", str(tmp_path), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pccore: error: ")
+    assert re.search(message, err), err
+
+
+def test_missing_framework_extra(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "haiku", None)  # as if dm-haiku were not installed
+    argv = ["compare", "--frameworks", "equinox", "haiku", "--out", str(tmp_path), "--quiet"]
+    assert _cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert 'needs `dm-haiku`, which is not installed' in err
+    assert 'pip install "pccore[haiku]"' in err
+
+
+def test_missing_plot_extra(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert _cli.main(["train", "--out", str(tmp_path), "--quiet"]) == 2
+    assert 'pip install "pccore[plot]" (or pass --no-plot)' in capsys.readouterr().err
+
+
+def test_unknown_option_values(capsys):
+    for argv, message in [
+        (["train", "--solver", "rk4"], "argument --solver: invalid choice: 'rk4'"),
+        (["compare", "--frameworks", "torch"], "argument --frameworks: invalid choice: 'torch'"),
+        (["train", "--steps", "0"], "argument --steps: expected a positive integer, got 0"),
+        (["train", "--parameterisation", "mup"], "argument --parameterisation: invalid choice"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            _cli.main(argv)
+        assert e.value.code == 2
+        assert message in capsys.readouterr().err
+
+
+def test_python_dash_m_entry_point():
+    proc = subprocess.run([sys.executable, "-m", "pccore", "fit"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "invalid choice: 'fit'" in proc.stderr, proc.stderr
+
+
+class _TTY(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bar():
+    stream = _TTY()
+    with Progress(4, "run", stream=stream, width=4) as bar:
+        for _ in range(4):
+            bar.update(1, "ok")
+    text = stream.getvalue()
+    assert "run [####] 4/4" in text and text.endswith("ok\n") and "\r" in text
+    quiet = io.StringIO()  # not a terminal: nothing is drawn
+    with Progress(4, "run", stream=quiet) as bar:
+        bar.update(4)
+    assert quiet.getvalue() == ""
+
+
+def test_solver_objects():
+    from pccore._cli_options import make_solver
+
+    s = make_solver("heun", steps=10, dt0=0.2, t1=None, rtol=1e-3, atol=1e-3)
+    assert s.t1 == pytest.approx(2.0) and s.dt0 == 0.2 and s.max_steps is None
+    s = make_solver("euler", steps=10, dt0=0.3, t1=1.0, rtol=1e-3, atol=1e-3)
+    assert s.dt0 * round(s.t1 / s.dt0) == pytest.approx(1.0)  # t1 wins; dt0 fits t1
+    s = make_solver("adam", steps=7, dt0=0.05, t1=None, rtol=1e-3, atol=1e-3)
+    assert s.max_steps == 7 and s.is_optax
+    # the momentum optimiser is optax's: same updates on a quadratic
+    g = {"a": jnp.ones(3)}
+    m = make_solver("momentum", steps=3, dt0=0.1, t1=None, rtol=1e-3, atol=1e-3).solver
+    ref = optax.sgd(0.1, momentum=0.5)
+    u1, _ = m.update(g, m.init(g))
+    u2, _ = ref.update(g, ref.init(g))
+    assert jax.tree.map(lambda a, b: bool(jnp.all(a == b)), u1, u2) == {"a": True}
+    s = make_solver("tsit5", steps=10, dt0=0.1, t1=3.0, rtol=1e-4, atol=1e-5)
+    assert s.adaptive and s.t1 == 3.0 and s.dt0 == 0.1
+    assert (s.stepsize_controller.rtol, s.stepsize_controller.atol) == (1e-4, 1e-5)
+    assert float(s.save_times()[-1]) == 3.0
+
+
+def test_generative_accuracy_is_the_least_squares_label():
+    """One linear generative layer μ = W x + b: the inferred label is the least-squares x."""
+    import equinox as eqx
+
+    from pccore._cli_options import make_parameterisation, make_variant
+
+    variant = make_variant("generative", loss=None,
+                           parameterisation=make_parameterisation("sp", gamma=1.0,
+                                                                  output_precision=1.0))
+    W, b = _builders.canonical_mlp([10, 64], 3)[0]
+    lin = eqx.nn.Linear(10, 64, key=jax.random.key(0))
+    lin = eqx.tree_at(lambda m: (m.weight, m.bias), lin, (jnp.asarray(W.T), jnp.asarray(b)))
+    model = pccore.wrap(eqx.nn.Sequential([lin]))
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(40, 64)).astype(np.float32)
+    labels = datasets.one_hot(rng.integers(0, 10, 40), 10)
+    x_ls = np.linalg.lstsq(W.T.astype(np.float64), (images - b).T.astype(np.float64), rcond=None)[0].T
+    expected = np.mean(x_ls.argmax(1) == labels.argmax(1))
+    assert variant.accuracy(model, images, labels) == pytest.approx(expected)
+    assert variant.layer_sizes(64, [32], 10) == (10, 32, 64)
+    assert variant.roles("image", "label") == ("label", "image")
+
+
+def test_training_compiles_once(caplog):
+    """Fixed batch shapes: the jitted training step compiles once, not once per batch."""
+    import logging
+
+    from pccore._cli_options import make_parameterisation, make_solver, make_variant
+    from pccore._cli_run import train_pc
+
+    rng = np.random.default_rng(0)
+    data = datasets.Dataset(rng.random((52, 8), np.float32),
+                            datasets.one_hot(rng.integers(0, 3, 52), 3),
+                            rng.random((10, 8), np.float32),
+                            datasets.one_hot(rng.integers(0, 3, 10), 3), "toy")
+    model = _builders.build_mlp("equinox", _builders.canonical_mlp([8, 4, 3], 0), jnp.tanh)
+    variant = make_variant("pc", loss="mse", parameterisation=make_parameterisation(
+        "sp", gamma=1.0, output_precision=1.0))
+    solver = make_solver("euler", steps=3, dt0=0.1, t1=None, rtol=1e-3, atol=1e-3)
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+        r = train_pc("equinox", model, variant, solver, data, epochs=2, batch_size=16, lr=1e-3,
+                     seed=0, progress=False)
+    compiles = [m for m in caplog.messages if "Compiling" in m and "_train_step" in m]
+    assert len(compiles) == 1, compiles
+    assert len(r.test_accuracy) == 2 and r.inference_steps == 3  # 3 batches x 2 epochs, 52 % 16 dropped
