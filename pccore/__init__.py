@@ -32,6 +32,7 @@ from ._results import RESULTS as RESULTS
 from ._solution import InferenceSolution as InferenceSolution
 from ._solution import SteadyState as SteadyState
 from ._solution import TrainStats as TrainStats
+from ._transfer import transfer_weights as transfer_weights
 from ._wrap import wrap as wrap
 
 try:
