@@ -106,6 +106,15 @@ class Plan:
         self.slicer = slicer
 
 
+def require_params(params: Any, what: str) -> None:
+    if not jtu.tree_leaves(params):
+        raise ValueError(
+            f"`model`: {what} has no parameters, so there is nothing for predictive coding to "
+            "train. Pass the model's initialised parameters (e.g. `f.init(key, x)`), and use a "
+            "model with at least one parameterised layer."
+        )
+
+
 def discover(
     run: Run,
     params: Any,
@@ -132,13 +141,8 @@ def discover(
     - `refuse`: maps an exception raised by the model (and the innermost module name) to
         an error to raise instead (or `None` to re-raise it).
     """
+    require_params(params, what)
     with_path = jtu.tree_flatten_with_path(params)[0]
-    if not with_path:
-        raise ValueError(
-            f"`model`: {what} has no parameters, so there is nothing for predictive coding to "
-            "train. Pass the model's initialised parameters (e.g. `f.init(key, x)`), and use a "
-            "model with at least one parameterised layer."
-        )
     leaf_owner = [owner_of_leaf(tuple(_key(k) for k in p)) for p, _ in with_path]
     owners = set(leaf_owner)
     explicit = None if boundaries is None else list(boundaries)

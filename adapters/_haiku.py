@@ -12,7 +12,7 @@ import numpy as np
 from pccore._adapter import AbstractAdapter, UnsupportedLayerError
 from pccore._model import PCModel
 
-from ._chain import ChainLayer, discover, layer_names, owners_by_layer, weight_specs
+from ._chain import ChainLayer, discover, layer_names, owners_by_layer, require_params, weight_specs
 
 
 def _owner(keys: tuple) -> str:
@@ -125,6 +125,7 @@ class HaikuAdapter(AbstractAdapter):
                 )
             return None
 
+        require_params(variables, "the Haiku transform")
         in_shape = _in_shape(variables, input_shape, dtype)
         if stateful:
             _check_state_frozen(f, variables, state, in_shape, with_rng, args, kwargs)

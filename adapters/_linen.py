@@ -12,7 +12,7 @@ import numpy as np
 from pccore._adapter import AbstractAdapter, UnsupportedLayerError
 from pccore._model import PCModel
 
-from ._chain import ChainLayer, discover, layer_names, owners_by_layer, weight_specs
+from ._chain import ChainLayer, discover, layer_names, owners_by_layer, require_params, weight_specs
 
 
 def _owner(keys: tuple) -> str:
@@ -135,6 +135,7 @@ class LinenAdapter(AbstractAdapter):
                 )
             return None
 
+        require_params(params, f"the Linen module {type(module).__name__}")
         in_shape = _in_shape(params, input_shape, dtype)
         plan = discover(
             run, params, frozen, in_shape, _owner, _leaf_keys, boundaries,

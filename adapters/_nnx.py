@@ -19,7 +19,7 @@ from flax import nnx
 from pccore._adapter import AbstractAdapter, UnsupportedLayerError
 from pccore._model import PCModel
 
-from ._chain import ChainLayer, discover, layer_names, owners_by_layer, weight_specs
+from ._chain import ChainLayer, discover, layer_names, owners_by_layer, require_params, weight_specs
 
 _LOCK = threading.RLock()
 
@@ -128,6 +128,7 @@ class NNXAdapter(AbstractAdapter):
         kwargs = dict(kwargs or {})
         _check_modes(model)
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        require_params(params, f"the NNX module {type(model).__name__}")
         leaves = jtu.tree_leaves(params)
         if dtype is None:
             dtype = jnp.result_type(leaves[0]) if leaves else jnp.float32
@@ -148,22 +149,33 @@ class NNXAdapter(AbstractAdapter):
                 )
             return None
 
-        if input_shape is None:
-            first = model.layers[0] if isinstance(model, nnx.Sequential) and model.layers else None
-            if not isinstance(first, nnx.Linear):
-                first = next((m for _, m in nnx.iter_modules(model) if isinstance(m, nnx.Linear)), None)
-            if first is None:
-                raise ValueError(
-                    "`input_shape`: cannot infer the per-sample input shape of this NNX module. "
-                    "Pass it, e.g. `pccore.wrap(model, input_shape=(8, 8, 1))`."
-                )
-            # iter_modules is sorted by name, not call order: discovery below confirms the guess
-            input_shape = (first.in_features,)
-        in_shape = jax.ShapeDtypeStruct(tuple(input_shape), dtype)
-        plan = discover(
-            run, params, rest, in_shape, _owner, _strip, boundaries,
-            f"the NNX module {type(model).__name__}", refuse,
-        )
+        what = f"the NNX module {type(model).__name__}"
+        if input_shape is not None:
+            candidates = [tuple(input_shape)]
+        else:  # iter_modules is sorted by name, not call order: try each nnx.Linear's fan-in
+            modules = dict((_path_name(p), m) for p, m in nnx.iter_modules(model))
+            candidates = list(dict.fromkeys(
+                (m.in_features,) for m in modules.values() if isinstance(m, nnx.Linear)))
+        plan = None
+        for shape in candidates:
+            in_shape = jax.ShapeDtypeStruct(shape, dtype)
+            try:
+                plan = discover(run, params, rest, in_shape, _owner, _strip, boundaries, what, refuse)
+            except ValueError:
+                if input_shape is not None:
+                    raise
+                continue
+            first = modules.get(plan.names[0]) if input_shape is None else None
+            if input_shape is None and not (isinstance(first, nnx.Linear) and (first.in_features,) == shape):
+                plan = None
+                continue
+            break
+        if plan is None:
+            raise ValueError(
+                "`input_shape`: cannot infer the per-sample input shape of this NNX module "
+                "(it does not start with an nnx.Linear). Pass it, e.g. "
+                "`pccore.wrap(model, input_shape=(8, 8, 1))`."
+            )
         layers = tuple(ChainLayer(i, plan, rest) for i in range(len(plan.names)))
         per_layer = plan.slicer.params
 
