@@ -10,8 +10,10 @@ warm-up; the median of many runs is reported. Target: every adapter within 5% of
 """
 
 import argparse
+import collections
 import json
 import pathlib
+import re
 import statistics
 import sys
 import time
@@ -25,6 +27,19 @@ sys.path.insert(0, str(ROOT))
 
 import pccore  # noqa: E402
 from tests import cases  # noqa: E402
+
+
+def _hlo_ops(model, x, y) -> dict[str, int]:
+    """Opcode histogram of the optimised program for the PC gradients (params, activities)."""
+
+    def grads(params, z):
+        m = model.with_params(params)
+        return jax.grad(lambda p, z: pccore.energy(m.with_params(p), z, x=x, y=y), (0, 1))(params, z)
+
+    z = pccore.init_activities(model, x=x, y=y)
+    txt = jax.jit(grads).lower(model.params, z).compile().as_text()
+    ops = collections.Counter(re.findall(r"= \S+ (\w[\w-]*)\(", txt))
+    return dict(sorted(ops.items()))
 
 
 def main(argv=None):
@@ -49,6 +64,8 @@ def main(argv=None):
         state = optim.init(model.params)
         setups[fw] = (model, state)
 
+    hlo = {fw: _hlo_ops(setups[fw][0], x, y) for fw in cases.FRAMEWORKS}
+
     def step(fw):
         model, state = setups[fw]
         t = time.perf_counter()
@@ -71,15 +88,18 @@ def main(argv=None):
     base = med["equinox"]
     rows = []
     print(f"train_step, 784-300-300-10 tanh, B={batch}, 20 Euler steps, {runs} runs (median)")
-    print(f"{'adapter':<12} {'median µs':>10} {'p10 µs':>9} {'p90 µs':>9} {'ratio':>7}  energy")
+    print(f"{'adapter':<12} {'median µs':>10} {'p10 µs':>9} {'p90 µs':>9} {'ratio':>7}  {'HLO = eqx':>9}"
+          "  energy")
     for fw in cases.FRAMEWORKS:
         t = sorted(times[fw])
         p10, p90 = t[len(t) // 10], t[(9 * len(t)) // 10]
         ratio = med[fw] / base
         rows.append({"adapter": fw, "median_us": med[fw] * 1e6, "p10_us": p10 * 1e6,
-                     "p90_us": p90 * 1e6, "ratio": ratio, "energy": losses[fw]})
+                     "p90_us": p90 * 1e6, "ratio": ratio, "energy": losses[fw],
+                     "hlo_ops": hlo[fw], "hlo_equal_to_equinox": hlo[fw] == hlo["equinox"]})
+        same = "yes" if hlo[fw] == hlo["equinox"] else "NO"
         print(f"{fw:<12} {med[fw] * 1e6:>10.0f} {p10 * 1e6:>9.0f} {p90 * 1e6:>9.0f} {ratio:>7.3f}  "
-              f"{losses[fw]:.6f}")
+              f"{same:>9}  {losses[fw]:.6f}")
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"benchmark": "adapters.train_step", "sizes": sizes, "batch": batch,
