@@ -118,7 +118,7 @@ class HaikuAdapter(AbstractAdapter):
                     "stochastic. Run it deterministically (e.g. `args=(False,)` for an "
                     "`is_training` argument)."
                 )
-            if "Unable to retrieve parameter" in msg or "shape" in msg.lower():
+            if "Unable to retrieve parameter" in msg or "does not match shape" in msg:
                 return ValueError(
                     f"`variables`: the params do not match the Haiku model (at module {where!r}): "
                     f"{msg.splitlines()[0]} Pass the params from this model's own `init`."
