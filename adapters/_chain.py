@@ -287,14 +287,15 @@ def layer_names(plan: Plan, leaf_owner_names: Sequence[str]) -> tuple[str, ...]:
     return tuple("+".join([n, *e]) for n, e in zip(plan.names, extra))
 
 
-def weight_specs(params: Any, names: Sequence[str]) -> tuple[WeightSpec, ...]:
-    """WeightSpecs (out axis -1) of the leaves called one of `names` with ndim >= 2."""
+def weight_specs(params: Any, names: Sequence[str], out_axis=lambda keys: -1) -> tuple[WeightSpec, ...]:
+    """WeightSpecs of the leaves called one of `names` with ndim >= 2; `out_axis(keys)` gives
+    the output axis from a leaf's key path (default -1: `(..., in, out)`)."""
     specs = []
     for i, (path, leaf) in enumerate(jtu.tree_flatten_with_path(params)[0]):
         ks = [_key(k) for k in path]
         ks = [k for k in ks if k != "value"]
         if ks and ks[-1] in names and np.ndim(leaf) >= 2:
-            specs.append(WeightSpec(i, -1))
+            specs.append(WeightSpec(i, out_axis(tuple(ks))))
     return tuple(specs)
 
 

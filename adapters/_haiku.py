@@ -96,10 +96,14 @@ class HaikuAdapter(AbstractAdapter):
             )
         with_rng = "rng" in inspect.signature(f.apply).parameters
 
+        transposed = set()  # hk.ConvNDTranspose kernels are (*kernel, out, in)
+
         def run(params, frozen, x, icpt):
             def hk_icpt(nf, a, kw, ctx):
                 if ctx.method_name == "__init__":
                     return nf(*a, **kw)
+                if isinstance(ctx.module, hk.ConvNDTranspose):
+                    transposed.add(ctx.module.module_name)
                 return icpt(ctx.module.module_name, ctx.method_name, nf, a, kw)
 
             call = (params, frozen) if stateful else (params,)
@@ -141,7 +145,9 @@ class HaikuAdapter(AbstractAdapter):
             in_shape=in_shape,
             out_shapes=plan.out_shapes,
             names=layer_names(plan, owners_by_layer(plan, variables, _owner)),
-            weights=tuple(weight_specs(p, ("w",)) for p in params),
+            weights=tuple(
+                weight_specs(p, ("w",), lambda ks: -2 if ks[0] in transposed else -1) for p in params
+            ),
             skips=(False,) * len(layers),
             framework="haiku",
             rebuild=plan.slicer.merge,

@@ -133,3 +133,22 @@ def test_input_shape_is_required_for_a_conv_first_model():
     params = f.init(jax.random.key(0), jnp.ones((1, 8, 8, 1)))
     with pytest.raises(ValueError, match=r"`input_shape`: cannot infer"):
         pccore.wrap(f, params)
+
+
+def test_weight_specs_read_kernels_in_each_layout():
+    """hk.Linear/Conv2D weights are (..., in, out); hk.Conv2DTranspose's are (..., out, in).
+    Oracle: fan-in = in_channels * kernel size, from the module definitions."""
+
+    def fn(x):
+        x = jax.nn.relu(hk.Conv2D(4, 3, name="conv")(x))
+        x = jax.nn.relu(hk.Conv2DTranspose(2, 3, name="deconv")(x))
+        return hk.Linear(3, name="head")(hk.Flatten()(x))
+
+    f = _t(fn)
+    params = f.init(jax.random.key(0), jnp.ones((1, 6, 6, 5)))
+    model = pccore.wrap(f, params, input_shape=(6, 6, 5))
+    assert model.fan_ins(0) == (3 * 3 * 5,)
+    assert model.fan_ins(1) == (3 * 3 * 4,)
+    assert model.fan_ins(2) == (6 * 6 * 2,)
+    W = model.weight_matrices(1)[0]  # (out, in) = (2, 36)
+    assert W.shape == (2, 36)
