@@ -1,7 +1,6 @@
 """`pccore.transfer_weights`: layouts across frameworks, and errors when architectures differ."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -13,9 +12,9 @@ from tests import cases
 def test_transfer_equals_building_with_the_same_weights(framework):
     """Copying Equinox's (out, in)/OIHW weights into another framework's (in, out)/HWIO model
     gives exactly the model built natively from the same canonical weights, and back."""
-    for build, w, x in [
-        (cases.build_mlp, cases.canonical_mlp([5, 7, 3], jax.random.key(0)), jnp.ones((2, 5))),
-        (cases.build_cnn, cases.canonical_cnn(jax.random.key(0)), jnp.ones((2, 8, 8, 1))),
+    for build, w in [
+        (cases.build_mlp, cases.canonical_mlp([5, 7, 3], jax.random.key(0))),
+        (cases.build_cnn, cases.canonical_cnn(jax.random.key(0))),
     ]:
         w_other = [(2.0 * a, None if b is None else b - 1.0) for a, b in w]  # a different init
         src = build("equinox", w)
@@ -26,8 +25,6 @@ def test_transfer_equals_building_with_the_same_weights(framework):
         back = pccore.transfer_weights(dst, build("equinox", w_other))
         for a, b in zip(jax.tree_util.tree_leaves(back.params), jax.tree_util.tree_leaves(src.params)):
             np.testing.assert_array_equal(a, b)
-        np.testing.assert_allclose(dst(x), src(cases.cnn_input("equinox", x) if x.ndim == 4 else x),
-                                   rtol=1e-5, atol=1e-6)
 
 
 def test_mismatched_architectures_name_the_first_differing_layer():
