@@ -159,6 +159,10 @@ register(
     priority=-10,
 )
 
+register("haiku", "pccore.adapters._haiku:HaikuAdapter", framework_module="haiku")
+register("flax.linen", "pccore.adapters._linen:LinenAdapter", framework_module="flax")
+register("flax.nnx", "pccore.adapters._nnx:NNXAdapter", framework_module="flax")
+
 __all__ = [
     "AbstractAdapter",
     "UnsupportedLayerError",

@@ -32,7 +32,8 @@ def _weight_specs(params: Any) -> tuple[WeightSpec, ...]:
     return tuple(WeightSpec(i, 0) for i, f in enumerate(jtu.tree_leaves(flags)) if f)
 
 
-def _check_stateless(layers: Sequence[Any], where: str) -> None:
+def _check_stateless(layers: Sequence[Any], where: str, state: Any = None) -> None:
+    """Refuse training-mode Dropout/BatchNorm, and stateful layers given without their state."""
     for i, layer in enumerate(layers):
         for sub in jtu.tree_leaves(layer, is_leaf=lambda n: isinstance(n, eqx.Module)):
             if isinstance(sub, eqx.nn.Dropout) and not sub.inference:
@@ -42,12 +43,20 @@ def _check_stateless(layers: Sequence[Any], where: str) -> None:
                     "mask per step would make inference stochastic. Pass "
                     "`eqx.nn.inference_mode(model)` to run it as the identity."
                 )
-            if isinstance(sub, eqx.nn.StatefulLayer) and sub.is_stateful():
+            if isinstance(sub, eqx.nn.BatchNorm) and not sub.inference:
                 raise UnsupportedLayerError(
-                    f"`model`: {where}[{i}] is a stateful {type(sub).__name__}, whose "
+                    f"`model`: {where}[{i}] is eqx.nn.BatchNorm in training mode "
+                    "(`inference=False`): its batch statistics would couple the samples and its "
                     "eqx.nn.State would be updated at every inference step. Pass "
                     "`eqx.nn.inference_mode(model)` and its `state` "
-                    "(`pccore.wrap(model, state)`) to run it frozen on its running averages."
+                    "(`pccore.wrap(eqx.nn.inference_mode(model), state)`) to run it frozen on "
+                    "its running averages."
+                )
+            if isinstance(sub, eqx.nn.StatefulLayer) and sub.is_stateful() and state is None:
+                raise UnsupportedLayerError(
+                    f"`model`: {where}[{i}] is a stateful {type(sub).__name__} that reads an "
+                    "eqx.nn.State. Pass its state (`pccore.wrap(model, state)` with "
+                    "`model, state = eqx.nn.make_with_state(...)(...)`); it stays frozen."
                 )
 
 
@@ -149,8 +158,12 @@ def _wrap_sequence(model, state=None, *, input_shape=None, dtype=None) -> PCMode
     seq = isinstance(model, eqx.nn.Sequential)
     items = list(model.layers if seq else model)
     where = "model.layers" if seq else "model"
-    if state is None:
-        _check_stateless(items, where)
+    if state is not None and not isinstance(state, eqx.nn.State):
+        raise TypeError(
+            f"`variables`: for an Equinox model this is its eqx.nn.State; got "
+            f"{type(state).__name__}."
+        )
+    _check_stateless(items, where, state)
     for i, item in enumerate(items):
         if not callable(item):
             raise TypeError(f"`model`: {where}[{i}] is a {type(item).__name__}, not callable.")

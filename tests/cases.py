@@ -1,17 +1,33 @@
 """Shared model builders for cross-framework tests.
 
-`FRAMEWORKS` is the conformance list: a new adapter adds one line here (and one builder
-in `BUILDERS`), and every parametrised test that uses it covers the new adapter.
+`FRAMEWORKS` is the conformance list: a new adapter adds one line to `BUILDERS`, and every
+parametrised test that uses it covers the new adapter.
+
+Three architectures are built from framework-neutral weights:
+
+- `"mlp"`: Dense/Linear layers with an activation between them (`canonical_mlp`);
+- `"cnn"`: conv 3x3 (VALID) -> relu -> 2x2 average pool -> flatten -> dense, on 8x8 images
+  with one channel (`canonical_cnn`); inputs are NHWC except for Equinox (NCHW, see
+  `cnn_input`), and every framework flattens in HWC order so that the latents agree;
+- `"mid"`: an MLP with a parameter-free LayerNorm module (no scale, no offset) after the
+  first activation, which must fold into the first layer.
 """
 
 from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 import pccore
 
-Weights = list[tuple[jax.Array, jax.Array | None]]  # per layer: W (in, out), b (out,) or None
+Weights = list[tuple[jax.Array, jax.Array | None]]  # per layer: W (in, out) or K (h, w, in, out), b
+EPS = 1e-5  # LayerNorm epsilon, equal in every framework
+
+
+class Built(NamedTuple):
+    model: pccore.PCModel
+    forward: Callable[[Any, jax.Array], jax.Array]  # (native object from unwrap(), x) -> output
 
 
 def canonical_mlp(sizes: Sequence[int], key, dtype=jnp.float32, bias: bool = True) -> Weights:
@@ -25,27 +41,199 @@ def canonical_mlp(sizes: Sequence[int], key, dtype=jnp.float32, bias: bool = Tru
     return out
 
 
-def _equinox_mlp(weights: Weights, activation: Callable) -> pccore.PCModel:
+def canonical_cnn(key, dtype=jnp.float32, channels: int = 3, classes: int = 10) -> Weights:
+    """Weights of the CNN: conv kernel K (3, 3, 1, channels) HWIO, dense W (9 channels, classes)."""
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+    K = jax.random.normal(k1, (3, 3, 1, channels), dtype) / 3.0
+    W = jax.random.normal(k3, (9 * channels, classes), dtype) / jnp.sqrt(9 * channels)
+    return [(K, 0.1 * jax.random.normal(k2, (channels,), dtype)),
+            (W, 0.1 * jax.random.normal(k4, (classes,), dtype))]
+
+
+def cnn_input(framework: str, x_nhwc: jax.Array) -> jax.Array:
+    """The CNN input in the framework's layout (NCHW for Equinox, NHWC otherwise)."""
+    return jnp.transpose(x_nhwc, (0, 3, 1, 2)) if framework == "equinox" else x_nhwc
+
+
+def _flatten_hwc(x):  # batched NHWC -> (B, H*W*C)
+    return x.reshape(x.shape[0], -1)
+
+
+# ---------------------------------------------------------------------------------- Equinox
+def _equinox(weights: Weights, activation: Callable = jnp.tanh, *, kind: str = "mlp",
+             native: bool = False):
     import equinox as eqx
 
-    layers = []
-    for i, (W, b) in enumerate(weights):
+    def linear(W, b):
         lin = eqx.nn.Linear(W.shape[0], W.shape[1], use_bias=b is not None, key=jax.random.key(0))
-        lin = eqx.tree_at(lambda m: m.weight, lin, W.T.astype(W.dtype))
+        lin = eqx.tree_at(lambda m: m.weight, lin, W.T)
+        return lin if b is None else eqx.tree_at(lambda m: m.bias, lin, b)
+
+    if kind == "cnn":
+        (K, bk), (W, b) = weights
+        conv = eqx.nn.Conv2d(1, K.shape[-1], 3, key=jax.random.key(0))
+        conv = eqx.tree_at(lambda m: (m.weight, m.bias), conv,
+                           (jnp.transpose(K, (3, 2, 0, 1)), bk.reshape(-1, 1, 1)))
+        layers = [conv, eqx.nn.Lambda(jax.nn.relu), eqx.nn.AvgPool2d(2, 2),
+                  eqx.nn.Lambda(lambda x: jnp.transpose(x, (1, 2, 0)).reshape(-1)), linear(W, b)]
+        options = {"input_shape": (1, 8, 8)}
+    else:
+        layers = []
+        for i, (W, b) in enumerate(weights):
+            layers.append(linear(W, b))
+            if i < len(weights) - 1:
+                layers.append(eqx.nn.Lambda(activation))
+            if kind == "mid" and i == 0:
+                layers.append(eqx.nn.LayerNorm(W.shape[1], eps=EPS, use_weight=False, use_bias=False))
+        options = {}
+    model = pccore.wrap(eqx.nn.Sequential(layers), **options)
+    return Built(model, lambda m, x: jax.vmap(m)(x)) if native else model
+
+
+# ---------------------------------------------------------------------------------- Haiku
+def _haiku(weights: Weights, activation: Callable = jnp.tanh, *, kind: str = "mlp",
+           native: bool = False):
+    import haiku as hk
+
+    if kind == "cnn":
+        (K, bk), (W, b) = weights
+
+        def fn(x):
+            x = hk.Conv2D(K.shape[-1], 3, padding="VALID", name="conv")(x)
+            x = hk.avg_pool(jax.nn.relu(x), (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+            return hk.Linear(W.shape[1], name="head")(_flatten_hwc(x))
+
+        params = {"conv": {"w": K, "b": bk}, "head": {"w": W, "b": b}}
+        options = {"input_shape": (8, 8, 1)}
+    else:
+        sizes = [W.shape[1] for W, _ in weights]
+        bias = weights[0][1] is not None
+
+        def fn(x):
+            for i, n in enumerate(sizes):
+                x = hk.Linear(n, with_bias=bias, name=f"linear_{i}")(x)
+                if i < len(sizes) - 1:
+                    x = activation(x)
+                if kind == "mid" and i == 0:
+                    x = hk.LayerNorm(-1, create_scale=False, create_offset=False, eps=EPS)(x)
+            return x
+
+        params = {
+            f"linear_{i}": ({"w": W, "b": b} if b is not None else {"w": W})
+            for i, (W, b) in enumerate(weights)
+        }
+        options = {}
+    f = hk.without_apply_rng(hk.transform(fn))
+    model = pccore.wrap(f, params, **options)
+    return Built(model, f.apply) if native else model
+
+
+# ---------------------------------------------------------------------------------- Linen
+def _linen(weights: Weights, activation: Callable = jnp.tanh, *, kind: str = "mlp",
+           native: bool = False):
+    import flax.linen as nn
+
+    if kind == "cnn":
+        (K, bk), (W, b) = weights
+
+        class CNN(nn.Module):
+            @nn.compact
+            def __call__(self, x):
+                x = nn.Conv(K.shape[-1], (3, 3), padding="VALID")(x)
+                x = nn.avg_pool(nn.relu(x), (2, 2), (2, 2))
+                return nn.Dense(W.shape[1])(_flatten_hwc(x))
+
+        module = CNN()
+        variables = {"params": {"Conv_0": {"kernel": K, "bias": bk}, "Dense_0": {"kernel": W, "bias": b}}}
+        options = {"input_shape": (8, 8, 1)}
+    else:
+        layers, params = [], {}
+        for i, (W, b) in enumerate(weights):
+            params[f"layers_{len(layers)}"] = {"kernel": W} if b is None else {"kernel": W, "bias": b}
+            layers.append(nn.Dense(W.shape[1], use_bias=b is not None))
+            if i < len(weights) - 1:
+                layers.append(activation)
+            if kind == "mid" and i == 0:
+                layers.append(nn.LayerNorm(epsilon=EPS, use_scale=False, use_bias=False))
+        module = nn.Sequential(layers)
+        variables = {"params": params}
+        options = {}
+    model = pccore.wrap(module, variables, **options)
+    return Built(model, module.apply) if native else model
+
+
+# ---------------------------------------------------------------------------------- NNX
+def _nnx(weights: Weights, activation: Callable = jnp.tanh, *, kind: str = "mlp",
+         native: bool = False):
+    import flax.linen as nn
+    from flax import nnx
+
+    rngs = nnx.Rngs(0)
+
+    def linear(W, b):
+        lin = nnx.Linear(W.shape[0], W.shape[1], use_bias=b is not None, param_dtype=W.dtype, rngs=rngs)
+        lin.kernel[...] = W
         if b is not None:
-            lin = eqx.tree_at(lambda m: m.bias, lin, b)
-        layers.append(lin)
-        if i < len(weights) - 1:
-            layers.append(eqx.nn.Lambda(activation))
-    return pccore.wrap(eqx.nn.Sequential(layers))
+            lin.bias[...] = b
+        return lin
+
+    if kind == "cnn":
+        (K, bk), (W, b) = weights
+
+        class CNN(nnx.Module):  # a custom module holding its layers as attributes
+            def __init__(self):
+                self.conv = nnx.Conv(1, K.shape[-1], (3, 3), padding="VALID", param_dtype=K.dtype,
+                                     rngs=rngs)
+                self.conv.kernel[...] = K
+                self.conv.bias[...] = bk
+                self.head = linear(W, b)
+
+            def __call__(self, x):
+                x = nn.avg_pool(jax.nn.relu(self.conv(x)), (2, 2), (2, 2))
+                return self.head(_flatten_hwc(x))
+
+        module = CNN()
+        options = {"input_shape": (8, 8, 1)}
+    else:
+        layers = []
+        for i, (W, b) in enumerate(weights):
+            layers.append(linear(W, b))
+            if i < len(weights) - 1:
+                layers.append(activation)
+            if kind == "mid" and i == 0:
+                layers.append(nnx.LayerNorm(W.shape[1], epsilon=EPS, use_scale=False, use_bias=False,
+                                            param_dtype=W.dtype, rngs=rngs))
+        module = nnx.Sequential(*layers)
+        options = {}
+    model = pccore.wrap(module, **options)
+    return Built(model, lambda m, x: m(x)) if native else model
 
 
-BUILDERS: dict[str, Callable[[Weights, Callable], pccore.PCModel]] = {
-    "equinox": _equinox_mlp,
+BUILDERS: dict[str, Callable[..., Any]] = {
+    "equinox": _equinox,
+    "haiku": _haiku,
+    "flax.linen": _linen,
+    "flax.nnx": _nnx,
 }
 FRAMEWORKS = list(BUILDERS)
+
+
+def build(framework: str, kind: str, weights: Weights, activation: Callable = jnp.tanh) -> Built:
+    """The `kind` model ("mlp", "cnn", "mid") with these weights, built natively in
+    `framework` and wrapped by pccore, with the native forward `(unwrapped, x) -> y`."""
+    return BUILDERS[framework](weights, activation, kind=kind, native=True)
 
 
 def build_mlp(framework: str, weights: Weights, activation: Callable = jnp.tanh) -> pccore.PCModel:
     """The MLP with these weights, built natively in `framework` and wrapped by pccore."""
     return BUILDERS[framework](weights, activation)
+
+
+def build_cnn(framework: str, weights: Weights) -> pccore.PCModel:
+    """The CNN (`canonical_cnn` weights) built natively in `framework` and wrapped."""
+    return BUILDERS[framework](weights, jax.nn.relu, kind="cnn")
+
+
+def build_mid_fn(framework: str, weights: Weights, activation: Callable = jnp.tanh) -> pccore.PCModel:
+    """The MLP with a parameter-free LayerNorm after the first activation, wrapped."""
+    return BUILDERS[framework](weights, activation, kind="mid")

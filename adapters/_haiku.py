@@ -1,0 +1,180 @@
+"""Haiku adapter: any `hk.Transformed` / `hk.TransformedWithState` with its params."""
+
+import inspect
+from collections.abc import Sequence
+from typing import Any
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pccore._adapter import AbstractAdapter, UnsupportedLayerError
+from pccore._model import PCModel
+
+from ._chain import ChainLayer, discover, layer_names, owners_by_layer, require_params, weight_specs
+
+
+def _owner(keys: tuple) -> str:
+    return keys[0]
+
+
+def _leaf_keys(keys: tuple) -> tuple:
+    return keys
+
+
+def _in_shape(params, input_shape, dtype) -> jax.ShapeDtypeStruct:
+    first = next(iter(params.values()))
+    dtype = dtype or jnp.result_type(next(iter(first.values())))
+    if input_shape is not None:
+        return jax.ShapeDtypeStruct(tuple(input_shape), dtype)
+    w = first.get("w") if isinstance(first, dict) else None
+    if w is not None and np.ndim(w) == 2:
+        return jax.ShapeDtypeStruct((np.shape(w)[0],), dtype)
+    raise ValueError(
+        "`input_shape`: cannot infer the per-sample input shape of this Haiku model (its first "
+        "module is not an hk.Linear). Pass it, e.g. `pccore.wrap(f, params, input_shape=(8, 8, 1))`."
+    )
+
+
+class HaikuAdapter(AbstractAdapter):
+    """`hk.Transformed` and `hk.TransformedWithState` (e.g. `hk.nets.MLP`, `hk.Sequential`,
+    custom modules and functions calling parameterised modules in sequence).
+
+    `pccore.wrap(f, params, **options)`. Options:
+
+    - `state`: the state of an `hk.TransformedWithState` (frozen: BatchNorm running averages).
+    - `input_shape`: the per-sample input shape (inferred when the first module is `hk.Linear`).
+    - `boundaries`: module names that start each layer, in call order (default: every
+        outermost module that owns parameters). Parameters between boundaries (a LayerNorm)
+        belong to the layer before.
+    - `args`, `kwargs`: extra arguments of `f.apply` after the input, e.g. `args=(False,)`
+        for an `is_training` flag.
+
+    `unwrap()` returns the params dict, with the original structure and names.
+    """
+
+    name = "haiku"
+    framework_module = "haiku"
+    extra = "haiku"
+    priority = 0
+
+    def matches(self, model: Any) -> bool:
+        return isinstance(model, hk.Transformed | hk.TransformedWithState)
+
+    def wrap(
+        self,
+        model: Any,
+        variables: Any = None,
+        *,
+        state: Any = None,
+        input_shape: Sequence[int] | None = None,
+        boundaries: Sequence[str] | None = None,
+        args: tuple = (),
+        kwargs: dict | None = None,
+        dtype: Any = None,
+    ) -> PCModel:
+        f = model
+        kwargs = dict(kwargs or {})
+        stateful = isinstance(f, hk.TransformedWithState)
+        if variables is None:
+            raise ValueError(
+                "`variables`: a Haiku transform needs its params: `pccore.wrap(f, params)` with "
+                "`params = f.init(key, x)`."
+            )
+        if stateful and state is None:
+            raise ValueError(
+                "`state`: an hk.TransformedWithState needs its state: "
+                "`params, state = f.init(key, x)`; `pccore.wrap(f, params, state=state)`."
+            )
+        if not stateful and state is not None:
+            raise ValueError("`state`: this hk.Transformed has no state; pass none.")
+        if not isinstance(variables, dict) or not all(isinstance(v, dict) for v in variables.values()):
+            raise TypeError(
+                "`variables`: expected Haiku params, a dict {module_name: {param_name: array}}; "
+                f"got {type(variables).__name__}."
+            )
+        with_rng = "rng" in inspect.signature(f.apply).parameters
+
+        transposed = set()  # hk.ConvNDTranspose kernels are (*kernel, out, in)
+
+        def run(params, frozen, x, icpt):
+            def hk_icpt(nf, a, kw, ctx):
+                if ctx.method_name == "__init__":
+                    return nf(*a, **kw)
+                if isinstance(ctx.module, hk.ConvNDTranspose):
+                    transposed.add(ctx.module.module_name)
+                return icpt(ctx.module.module_name, ctx.method_name, nf, a, kw)
+
+            call = (params, frozen) if stateful else (params,)
+            if with_rng:
+                call = (*call, None)
+            with hk.intercept_methods(hk_icpt):
+                out = f.apply(*call, x, *args, **kwargs)
+            return out[0] if stateful else out
+
+        def refuse(e, where):
+            msg = str(e)
+            if "rng" in msg.lower() or "prngkey" in msg.lower():
+                return UnsupportedLayerError(
+                    f"`model`: Haiku module {where!r} needs a random key (e.g. hk.dropout in "
+                    "training mode); a fresh mask at every inference step would make inference "
+                    "stochastic. Run it deterministically (e.g. `args=(False,)` for an "
+                    "`is_training` argument)."
+                )
+            if "Unable to retrieve parameter" in msg or "does not match shape" in msg:
+                return ValueError(
+                    f"`variables`: the params do not match the Haiku model (at module {where!r}): "
+                    f"{msg.splitlines()[0]} Pass the params from this model's own `init`."
+                )
+            return None
+
+        require_params(variables, "the Haiku transform")
+        in_shape = _in_shape(variables, input_shape, dtype)
+        if stateful:
+            _check_state_frozen(f, variables, state, in_shape, with_rng, args, kwargs)
+        plan = discover(
+            run, variables, state, in_shape, _owner, _leaf_keys, boundaries,
+            "the Haiku transform", refuse,
+        )
+        layers = tuple(ChainLayer(i, plan, state) for i in range(len(plan.names)))
+        params = plan.slicer.params
+        return PCModel(
+            layers=layers,
+            params=params,
+            in_shape=in_shape,
+            out_shapes=plan.out_shapes,
+            names=layer_names(plan, owners_by_layer(plan, variables, _owner)),
+            weights=tuple(
+                weight_specs(p, ("w",), lambda ks: -2 if ks[0] in transposed else -1) for p in params
+            ),
+            skips=(False,) * len(layers),
+            framework="haiku",
+            rebuild=plan.slicer.merge,
+        )
+
+
+def _check_state_frozen(f, params, state, in_shape, with_rng, args, kwargs) -> None:
+    """Refuse a forward pass that updates Haiku state (e.g. BatchNorm with is_training=True)."""
+    x = jnp.ones((2, *in_shape.shape), in_shape.dtype)
+    call = (params, state, None) if with_rng else (params, state)
+    try:
+        _, new_state = jax.jit(lambda *c: f.apply(*c, x, *args, **kwargs))(*call)
+    except Exception:
+        return  # discovery reports errors of the forward pass with more context
+    flat_old, flat_new = hk.data_structures.to_haiku_dict(state), new_state
+    changed = sorted(
+        f"{m}/{n}"
+        for m, d in flat_old.items()
+        for n, a in d.items()
+        if not np.array_equal(np.asarray(a), np.asarray(flat_new[m][n]))
+    )
+    if changed:
+        modules = sorted({c.split("/~/")[0] for c in changed})
+        raise UnsupportedLayerError(
+            f"`model`: Haiku module(s) {modules} update their state {changed} in the forward "
+            "pass (e.g. hk.BatchNorm with is_training=True). Predictive coding runs each layer "
+            "many times per step, so the state would be updated at every inference step. Run "
+            "them in inference mode (e.g. `args=(False,)` for an `is_training` argument) so that "
+            "the state stays frozen."
+        )

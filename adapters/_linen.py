@@ -1,0 +1,162 @@
+"""Flax Linen adapter: any `flax.linen.Module` with its variables."""
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.errors
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pccore._adapter import AbstractAdapter, UnsupportedLayerError
+from pccore._model import PCModel
+
+from ._chain import ChainLayer, discover, layer_names, owners_by_layer, require_params, weight_specs
+
+
+def _owner(keys: tuple) -> str:
+    return "/".join(str(k) for k in keys[:-1])
+
+
+def _leaf_keys(keys: tuple) -> tuple:
+    return keys
+
+
+def _first_leaf_dict(tree):
+    while isinstance(tree, Mapping):
+        vals = list(tree.values())
+        if not vals:
+            return None
+        if not isinstance(vals[0], Mapping):
+            return tree
+        tree = vals[0]
+    return None
+
+
+def _in_shape(params, input_shape, dtype) -> jax.ShapeDtypeStruct:
+    first = _first_leaf_dict(params)
+    if dtype is None:
+        leaves = jax.tree_util.tree_leaves(params)
+        dtype = jnp.result_type(leaves[0]) if leaves else jnp.float32
+    if input_shape is not None:
+        return jax.ShapeDtypeStruct(tuple(input_shape), dtype)
+    k = first.get("kernel") if first is not None else None
+    if k is not None and np.ndim(k) == 2:
+        return jax.ShapeDtypeStruct((np.shape(k)[0],), dtype)
+    raise ValueError(
+        "`input_shape`: cannot infer the per-sample input shape of this Linen module (its first "
+        "submodule is not an nn.Dense). Pass it, e.g. `pccore.wrap(module, variables, "
+        "input_shape=(8, 8, 1))`."
+    )
+
+
+class LinenAdapter(AbstractAdapter):
+    """Flax Linen modules: `nn.Sequential`, modules with submodule lists built in `setup()`,
+    and `@nn.compact` modules.
+
+    `pccore.wrap(module, variables, **options)`. Options:
+
+    - `input_shape`: the per-sample input shape (inferred when the first submodule is `nn.Dense`).
+    - `boundaries`: module paths (`"layers_0"`, `"enc/Dense_0"`) that start each layer, in call
+        order (default: every outermost submodule that owns parameters).
+    - `args`, `kwargs`: extra arguments of `module.apply` after the input, e.g.
+        `kwargs={"train": False}`.
+
+    Only the `"params"` collection trains; other collections (`"batch_stats"`) are frozen.
+    `unwrap()` returns the variables in the original structure and mapping type.
+    """
+
+    name = "flax.linen"
+    framework_module = "flax"
+    extra = "flax"
+    priority = 0
+
+    def matches(self, model: Any) -> bool:
+        return isinstance(model, nn.Module)
+
+    def wrap(
+        self,
+        model: Any,
+        variables: Any = None,
+        *,
+        input_shape: Sequence[int] | None = None,
+        boundaries: Sequence[str] | None = None,
+        args: tuple = (),
+        kwargs: dict | None = None,
+        dtype: Any = None,
+    ) -> PCModel:
+        module = model
+        kwargs = dict(kwargs or {})
+        if not isinstance(variables, Mapping) or "params" not in variables:
+            got = type(variables).__name__ if not isinstance(variables, Mapping) else list(variables)
+            raise ValueError(
+                "`variables`: a Linen module needs its variables, a mapping with a 'params' "
+                f"collection (`variables = module.init(key, x)`); got {got}."
+            )
+        params = variables["params"]
+        frozen = {k: v for k, v in variables.items() if k != "params"}
+
+        def run(p, fr, x, icpt):
+            def ln_icpt(nf, a, kw, ctx):
+                m = ctx.module
+                if ctx.method_name in ("setup", "__post_init__") or m.scope is None:
+                    return nf(*a, **kw)
+                name = "/".join(str(s) for s in m.scope.path)
+                if not name:
+                    return nf(*a, **kw)
+                return icpt(name, ctx.method_name, nf, a, kw)
+
+            with nn.intercept_methods(ln_icpt):
+                return module.apply({"params": p, **fr}, x, *args, **kwargs)
+
+        def refuse(e, where):
+            if isinstance(e, flax.errors.ModifyScopeVariableError):
+                return UnsupportedLayerError(
+                    f"`model`: Linen submodule {where!r} updates a variable in the forward pass "
+                    f"({str(e).splitlines()[0]}), e.g. nn.BatchNorm with "
+                    "use_running_average=False. Predictive coding runs each layer many times "
+                    "per step, so its statistics would be updated at every inference step. Run "
+                    "the module in eval mode (e.g. `kwargs={'train': False}`, or "
+                    "use_running_average=True) so that its state stays frozen."
+                )
+            if isinstance(e, flax.errors.InvalidRngError):
+                return UnsupportedLayerError(
+                    f"`model`: Linen submodule {where!r} needs a random key (e.g. nn.Dropout "
+                    "with deterministic=False); a fresh mask at every inference step would make "
+                    "inference stochastic. Run it deterministically (e.g. "
+                    "`kwargs={'train': False}` or deterministic=True)."
+                )
+            if isinstance(e, flax.errors.ScopeParamShapeError | flax.errors.ScopeParamNotFoundError
+                          | flax.errors.ScopeCollectionNotFound):
+                return ValueError(
+                    f"`variables` do not match the Linen module (at {where!r}): "
+                    f"{str(e).splitlines()[0]} Pass the variables from this module's own `init`."
+                )
+            return None
+
+        require_params(params, f"the Linen module {type(module).__name__}")
+        in_shape = _in_shape(params, input_shape, dtype)
+        plan = discover(
+            run, params, frozen, in_shape, _owner, _leaf_keys, boundaries,
+            f"the Linen module {type(module).__name__}", refuse,
+        )
+        layers = tuple(ChainLayer(i, plan, frozen) for i in range(len(plan.names)))
+        per_layer = plan.slicer.params
+
+        def rebuild(new_params):
+            merged = plan.slicer.merge(new_params)
+            out = {**variables, "params": merged}
+            return out if type(variables) is dict else type(variables)(out)
+
+        return PCModel(
+            layers=layers,
+            params=per_layer,
+            in_shape=in_shape,
+            out_shapes=plan.out_shapes,
+            names=layer_names(plan, owners_by_layer(plan, params, _owner)),
+            weights=tuple(weight_specs(p, ("kernel",)) for p in per_layer),
+            skips=(False,) * len(layers),
+            framework="flax.linen",
+            rebuild=rebuild,
+        )

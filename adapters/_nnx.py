@@ -1,0 +1,200 @@
+"""Flax NNX adapter: any `flax.nnx.Module`.
+
+The module is split once (`nnx.split(model, nnx.Param, ...)`); `nnx.merge` runs only inside
+traced code, where it costs nothing at run time. Layers are found by call order: the
+`__call__` of every parameter-owning submodule class is wrapped while the model is traced
+(NNX has no method interceptor), and instances are matched to their paths by identity.
+"""
+
+import contextlib
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+from flax import nnx
+
+from pccore._adapter import AbstractAdapter, UnsupportedLayerError
+from pccore._model import PCModel
+
+from ._chain import ChainLayer, discover, layer_names, owners_by_layer, require_params, weight_specs
+
+_LOCK = threading.RLock()
+
+
+def _strip(keys: tuple) -> tuple:
+    return keys[:-1] if keys and keys[-1] == "value" else keys
+
+
+def _owner(keys: tuple) -> str:
+    return "/".join(str(k) for k in _strip(keys)[:-1])
+
+
+def _path_name(path: tuple) -> str:
+    return "/".join(str(k) for k in path)
+
+
+@contextlib.contextmanager
+def _patched(classes, ids: dict[int, str], icpt):
+    """Temporarily route `__call__` of `classes` through `icpt` for instances in `ids`."""
+    originals = {cls: (cls.__dict__.get("__call__"), cls.__call__) for cls in classes}
+
+    def wrapper_for(orig):
+        def __call__(self, *args, **kwargs):
+            name = ids.get(id(self))
+            if name is None:
+                return orig(self, *args, **kwargs)
+            return icpt(name, "__call__", lambda *a, **k: orig(self, *a, **k), args, kwargs)
+
+        return __call__
+
+    with _LOCK:
+        try:
+            for cls, (_, resolved) in originals.items():
+                cls.__call__ = wrapper_for(resolved)
+            yield
+        finally:
+            for cls, (own, _) in originals.items():
+                if own is None:
+                    del cls.__call__
+                else:
+                    cls.__call__ = own
+
+
+def _check_modes(model) -> None:
+    for path, m in nnx.iter_modules(model):
+        where = _path_name(path) or type(model).__name__
+        if isinstance(m, nnx.BatchNorm) and not m.use_running_average:
+            raise UnsupportedLayerError(
+                f"`model`: NNX submodule {where!r} is nnx.BatchNorm in training mode "
+                "(use_running_average=False). Predictive coding runs each layer many times per "
+                "step: its batch statistics would be recomputed at every inference step and the "
+                "running-average updates would be lost on a temporary copy. Call `model.eval()` "
+                "before `pccore.wrap(model)` to run it frozen on its running averages."
+            )
+        if isinstance(m, nnx.Dropout) and not m.deterministic and m.rate > 0:
+            raise UnsupportedLayerError(
+                f"`model`: NNX submodule {where!r} is nnx.Dropout in training mode "
+                "(deterministic=False); run purely, it would reuse one dropout mask at every "
+                "inference step and training step. Call `model.eval()` before "
+                "`pccore.wrap(model)` to run it as the identity."
+            )
+
+
+class NNXAdapter(AbstractAdapter):
+    """Flax NNX modules: `nnx.Sequential`, and custom modules holding layers in `nnx.List`,
+    `nnx.Dict` or attributes.
+
+    `pccore.wrap(module, **options)`. Options:
+
+    - `input_shape`: the per-sample input shape (inferred when the first layer is `nnx.Linear`).
+    - `boundaries`: submodule paths (`"layers/0"`, `"enc"`) that start each layer, in call
+        order (default: every outermost submodule that owns parameters).
+    - `args`, `kwargs`: extra arguments of the module call after the input.
+    - `in_place`: if True, `unwrap()` writes the parameters into the user's module with
+        `nnx.update` and returns it; by default it returns a new module.
+
+    Only `nnx.Param`s train; other state (BatchNorm statistics) is frozen. Training-mode
+    BatchNorm or Dropout is refused: call `model.eval()` first.
+    """
+
+    name = "flax.nnx"
+    framework_module = "flax"
+    extra = "flax"
+    priority = 0
+
+    def matches(self, model: Any) -> bool:
+        return isinstance(model, nnx.Module)
+
+    def wrap(
+        self,
+        model: Any,
+        variables: Any = None,
+        *,
+        input_shape: Sequence[int] | None = None,
+        boundaries: Sequence[str] | None = None,
+        args: tuple = (),
+        kwargs: dict | None = None,
+        in_place: bool = False,
+        dtype: Any = None,
+    ) -> PCModel:
+        if variables is not None:
+            raise ValueError(
+                "`variables`: an NNX module holds its own parameters; call `pccore.wrap(model)` "
+                "without variables."
+            )
+        kwargs = dict(kwargs or {})
+        _check_modes(model)
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        require_params(params, f"the NNX module {type(model).__name__}")
+        leaves = jtu.tree_leaves(params)
+        if dtype is None:
+            dtype = jnp.result_type(leaves[0]) if leaves else jnp.float32
+        classes = {type(m) for path, m in nnx.iter_modules(model) if path and callable(m)}
+
+        def run(p, fr, x, icpt):
+            m = nnx.merge(graphdef, p, fr)
+            ids = {id(sub): _path_name(path) for path, sub in nnx.iter_modules(m) if path}
+            with _patched(classes, ids, icpt):
+                return m(x, *args, **kwargs)
+
+        def refuse(e, where):
+            msg = str(e)
+            if "shape" in msg.lower() or "dot_general" in msg:
+                return ValueError(
+                    f"`model`: the NNX module fails on inputs of the given `input_shape` (at "
+                    f"{where!r}): {msg.splitlines()[0]} Pass the per-sample `input_shape=`."
+                )
+            return None
+
+        what = f"the NNX module {type(model).__name__}"
+        if input_shape is not None:
+            candidates = [tuple(input_shape)]
+        else:  # iter_modules is sorted by name, not call order: try each nnx.Linear's fan-in
+            modules = dict((_path_name(p), m) for p, m in nnx.iter_modules(model))
+            candidates = list(dict.fromkeys(
+                (m.in_features,) for m in modules.values() if isinstance(m, nnx.Linear)))
+        plan = None
+        for shape in candidates:
+            in_shape = jax.ShapeDtypeStruct(shape, dtype)
+            try:
+                plan = discover(run, params, rest, in_shape, _owner, _strip, boundaries, what, refuse)
+            except ValueError:
+                if input_shape is not None:
+                    raise
+                continue
+            first = modules.get(plan.names[0]) if input_shape is None else None
+            if input_shape is None and not (isinstance(first, nnx.Linear) and (first.in_features,) == shape):
+                plan = None
+                continue
+            break
+        if plan is None:
+            raise ValueError(
+                "`input_shape`: cannot infer the per-sample input shape of this NNX module "
+                "(it does not start with an nnx.Linear). Pass it, e.g. "
+                "`pccore.wrap(model, input_shape=(8, 8, 1))`."
+            )
+        layers = tuple(ChainLayer(i, plan, rest) for i in range(len(plan.names)))
+        per_layer = plan.slicer.params
+
+        def rebuild(new_params):
+            state = plan.slicer.merge(new_params)
+            if in_place:
+                nnx.update(model, state)
+                return model
+            return nnx.merge(graphdef, state, rest)
+
+        return PCModel(
+            layers=layers,
+            params=per_layer,
+            in_shape=in_shape,
+            out_shapes=plan.out_shapes,
+            names=layer_names(plan, owners_by_layer(plan, params, _owner)),
+            weights=tuple(weight_specs(p, ("kernel",)) for p in per_layer),
+            skips=(False,) * len(layers),
+            framework="flax.nnx",
+            rebuild=rebuild,
+        )
+

@@ -1,0 +1,57 @@
+"""Equinox adapter: BatchNorm (inference mode, frozen eqx.nn.State) and Dropout."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import pccore
+
+
+def _model():
+    k = jax.random.split(jax.random.key(0), 2)
+    return eqx.nn.make_with_state(eqx.nn.Sequential)([
+        eqx.nn.Linear(4, 6, key=k[0]), eqx.nn.BatchNorm(6, "batch", momentum=0.5, mode="batch"),
+        eqx.nn.Lambda(jnp.tanh), eqx.nn.Dropout(0.5), eqx.nn.Linear(6, 3, key=k[1]),
+    ])
+
+
+def _x(n=5):
+    return jax.random.normal(jax.random.key(1), (n, 4))
+
+
+def test_batchnorm_inference_mode_runs_frozen_on_its_state():
+    seq, state = _model()
+    # non-trivial running statistics from one training-mode pass
+    train = jax.vmap(lambda xi, st: seq(xi, st, key=jax.random.key(2)), axis_name="batch",
+                     in_axes=(0, None), out_axes=(0, None))
+    _, state = train(3.0 + _x(), state)
+    inf = eqx.nn.inference_mode(seq)
+    model = pccore.wrap(inf, state)
+    native = jax.vmap(lambda xi: inf(xi, state)[0])(_x())
+    np.testing.assert_allclose(model(_x()), native, rtol=1e-6)
+    assert model.names[1] == "1:BatchNorm+2:Lambda+3:Dropout"
+    optim = optax.sgd(0.1)
+    opt_state = optim.init(model.params)
+    trained, _, _ = pccore.train_step(model, optim, opt_state, x=_x(), y=jnp.ones((5, 3)))
+    # the state is frozen: the trained model still reads the same running averages
+    new = trained.unwrap()
+    np.testing.assert_allclose(trained(_x()), jax.vmap(lambda xi: new(xi, state)[0])(_x()), rtol=1e-6)
+
+
+def test_training_mode_and_missing_state_are_refused():
+    seq, state = _model()
+    with pytest.raises(pccore.UnsupportedLayerError,
+                       match=r"model.layers\[1\] is eqx.nn.BatchNorm in training"):
+        pccore.wrap(seq, state)
+    no_dropout = eqx.tree_at(lambda m: m.layers[3], seq, eqx.nn.Dropout(0.5, inference=True))
+    with pytest.raises(pccore.UnsupportedLayerError, match=r"model.layers\[1\] is a stateful BatchNorm"):
+        pccore.wrap(eqx.nn.inference_mode(no_dropout, True))
+    dropout_only = eqx.nn.Sequential([eqx.nn.Linear(4, 3, key=jax.random.key(0)), eqx.nn.Dropout(0.5)])
+    with pytest.raises(pccore.UnsupportedLayerError,
+                       match=r"model.layers\[1\] is eqx.nn.Dropout in training"):
+        pccore.wrap(dropout_only)
+    with pytest.raises(TypeError, match="its eqx.nn.State"):
+        pccore.wrap(eqx.nn.inference_mode(seq), {"not": "a state"})

@@ -1,0 +1,127 @@
+"""Flax Linen adapter: Sequential, setup() lists, @nn.compact, frozen collections, refusals."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pccore
+
+nn = pytest.importorskip("flax.linen")
+from flax.core import FrozenDict  # noqa: E402
+
+
+def _x(n=5, d=4):
+    return jax.random.normal(jax.random.key(0), (n, d))
+
+
+class SetupMLP(nn.Module):
+    def setup(self):
+        self.layers = [nn.Dense(s) for s in (7, 6, 3)]
+
+    def __call__(self, x):
+        for layer in self.layers[:-1]:
+            x = nn.tanh(layer(x))
+        return self.layers[-1](x)
+
+
+class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.tanh(nn.LayerNorm(name="ln")(nn.Dense(8, name="dense")(x)))
+
+
+class Compact(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = Block(name="enc")(x)
+        return nn.Dense(3)(x)
+
+
+@pytest.mark.parametrize(
+    "module, names",
+    [
+        (nn.Sequential([nn.Dense(7), nn.tanh, nn.Dense(3)]), ["layers_0", "layers_2"]),
+        (SetupMLP(), ["layers_0", "layers_1", "layers_2"]),
+        (Compact(), ["enc/dense", "enc/ln", "Dense_0"]),
+    ],
+)
+def test_chain_equals_native_and_round_trip(module, names):
+    variables = module.init(jax.random.key(1), _x())
+    model = pccore.wrap(module, variables)
+    assert list(model.names) == names
+    for n in (1, 6):
+        np.testing.assert_allclose(model(_x(n)), module.apply(variables, _x(n)), rtol=1e-6, atol=1e-7)
+    new = model.with_params(jax.tree_util.tree_map(lambda a: a * 2.0, model.params)).unwrap()
+    assert type(new) is type(variables)
+    assert jax.tree_util.tree_structure(new) == jax.tree_util.tree_structure(variables)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(a, 2.0 * b), new, variables)
+
+
+def test_boundaries_and_frozendict_mapping_type():
+    module = Compact()
+    variables = FrozenDict(module.init(jax.random.key(1), _x()))
+    model = pccore.wrap(module, variables, boundaries=["enc", "Dense_0"])
+    assert model.names == ("enc+enc/dense+enc/ln", "Dense_0")
+    np.testing.assert_allclose(model(_x()), module.apply(variables, _x()), rtol=1e-6)
+    back = model.unwrap()
+    assert isinstance(back, FrozenDict)
+    assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(variables)
+
+
+class BNNet(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool):
+        x = nn.Dense(6)(x)
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+        x = nn.Dropout(0.5, deterministic=not train)(nn.tanh(x))
+        return nn.Dense(3)(x)
+
+
+def test_batchnorm_and_dropout_eval_mode_frozen_training_refused():
+    module = BNNet()
+    variables = module.init(jax.random.key(1), _x(), train=False)
+    _, upd = module.apply(variables, 3.0 + _x(), train=True, mutable=["batch_stats"],
+                          rngs={"dropout": jax.random.key(2)})
+    variables = {**variables, **upd}  # non-trivial running averages
+    model = pccore.wrap(module, variables, kwargs={"train": False})
+    np.testing.assert_allclose(model(_x()), module.apply(variables, _x(), train=False), rtol=1e-6)
+    with pytest.raises(pccore.UnsupportedLayerError, match="'BatchNorm_0' updates a variable.*eval mode"):
+        pccore.wrap(module, variables, kwargs={"train": True})
+
+
+def test_dropout_training_refused():
+    class Drop(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(3)(nn.Dropout(0.5, deterministic=False)(nn.tanh(nn.Dense(6)(x))))
+
+    module = Drop()
+    variables = module.init({"params": jax.random.key(1), "dropout": jax.random.key(2)}, _x())
+    with pytest.raises(pccore.UnsupportedLayerError, match="'Dropout_0' needs a random key"):
+        pccore.wrap(module, variables)
+
+
+def test_call_order_cannot_be_determined():
+    class Shared(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            d = nn.Dense(4)
+            return d(nn.tanh(d(x)))
+
+    module = Shared()
+    with pytest.raises(ValueError, match=r"cannot determine the layer order.*'Dense_0': 2"):
+        pccore.wrap(module, module.init(jax.random.key(0), _x()))
+
+
+def test_mismatched_variables_are_refused():
+    module = nn.Sequential([nn.Dense(7), nn.tanh, nn.Dense(3)])
+    other = nn.Sequential([nn.Dense(5), nn.tanh, nn.Dense(3)])
+    variables = other.init(jax.random.key(0), _x())
+    with pytest.raises(ValueError, match="`variables` do not match the Linen module"):
+        pccore.wrap(module, variables)
+    with pytest.raises(ValueError, match="'params' collection"):
+        pccore.wrap(module, {"batch_stats": {}})
+    extra = {"params": {**variables["params"], "layers_9": {"kernel": jnp.ones((3, 3))}}}
+    with pytest.raises(ValueError, match=r"parameters of \['layers_9'\] belong to no layer"):
+        pccore.wrap(other, extra)

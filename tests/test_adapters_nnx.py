@@ -1,0 +1,77 @@
+"""Flax NNX adapter: Sequential, custom modules, in-place write-back, refusals."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import pccore
+
+nnx = pytest.importorskip("flax.nnx")
+
+
+def _x(n=5, d=4):
+    return jax.random.normal(jax.random.key(0), (n, d))
+
+
+class Custom(nnx.Module):
+    """Attributes named against call order (iter_modules is sorted by name): z first, a last."""
+
+    def __init__(self, rngs):
+        self.z_in = nnx.Linear(4, 7, rngs=rngs)
+        self.blocks = nnx.List([nnx.Linear(7, 6, rngs=rngs), nnx.Linear(6, 5, rngs=rngs)])
+        self.a_out = nnx.Linear(5, 3, rngs=rngs)
+
+    def __call__(self, x):
+        x = jnp.tanh(self.z_in(x))
+        for b in self.blocks:
+            x = jax.nn.relu(b(x))
+        return self.a_out(x)
+
+
+def test_custom_module_call_order_and_round_trip():
+    m = Custom(nnx.Rngs(0))
+    model = pccore.wrap(m)
+    assert model.names == ("z_in", "blocks/0", "blocks/1", "a_out")
+    np.testing.assert_allclose(model(_x()), m(_x()), rtol=1e-6)
+    new = model.with_params(jax.tree_util.tree_map(lambda a: a * 2.0, model.params))
+    fresh = new.unwrap()
+    assert type(fresh) is Custom and fresh is not m
+    np.testing.assert_allclose(fresh(_x()), new(_x()), rtol=1e-6)
+    np.testing.assert_array_equal(m.a_out.kernel[...] * 2.0, fresh.a_out.kernel[...])
+
+
+def test_in_place_update_after_training():
+    m = nnx.Sequential(nnx.Linear(4, 6, rngs=nnx.Rngs(0)), jnp.tanh, nnx.Linear(6, 3, rngs=nnx.Rngs(1)))
+    model = pccore.wrap(m, in_place=True)
+    optim = optax.sgd(0.1)
+    state = optim.init(model.params)
+    model, state, _ = pccore.train_step(model, optim, state, x=_x(), y=jnp.ones((5, 3)))
+    out = model.unwrap()
+    assert out is m  # the user's module, updated in place
+    np.testing.assert_allclose(m(_x()), model(_x()), rtol=1e-6)
+
+
+def test_batchnorm_and_dropout_need_eval_mode():
+    rngs = nnx.Rngs(0)
+    m = nnx.Sequential(nnx.Linear(4, 6, rngs=rngs), nnx.BatchNorm(6, rngs=rngs), jnp.tanh,
+                       nnx.Dropout(0.5, rngs=rngs), nnx.Linear(6, 3, rngs=rngs))
+    with pytest.raises(pccore.UnsupportedLayerError, match=r"'layers/1' is nnx.BatchNorm.*model.eval\(\)"):
+        pccore.wrap(m)
+    m.layers[1].eval()
+    with pytest.raises(pccore.UnsupportedLayerError, match=r"'layers/3' is nnx.Dropout.*model.eval\(\)"):
+        pccore.wrap(m)
+    m(3.0 + _x())  # no-op for the statistics in eval mode; set them by hand instead
+    m.layers[1].mean[...] = jnp.arange(6.0) / 6
+    m.layers[1].var[...] = 1.0 + jnp.arange(6.0)
+    m.eval()
+    model = pccore.wrap(m)
+    np.testing.assert_allclose(model(_x()), m(_x()), rtol=1e-6)
+    assert [n.split("+")[0] for n in model.names] == ["layers/0", "layers/1", "layers/4"]
+
+
+def test_variables_are_refused():
+    m = nnx.Sequential(nnx.Linear(4, 3, rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match="holds its own parameters"):
+        pccore.wrap(m, {"params": {}})
