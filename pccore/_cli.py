@@ -10,6 +10,7 @@ import time
 from collections.abc import Sequence
 
 from ._builders import ACTIVATIONS, FRAMEWORK_EXTRAS, build_mlp, canonical_mlp, max_weight_difference
+from ._checkpoint import CheckpointError
 from ._cli_options import (
     LOSSES,
     PARAMETERISATIONS,
@@ -92,6 +93,9 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="folder for the JSON record and the figure (default: pccore_results)")
     o.add_argument("--no-plot", action="store_true", help="do not write the PNG figure")
     o.add_argument("--quiet", action="store_true", help="print only the final table / summary")
+    o.add_argument("--data-parallel", action="store_true",
+                   help="shard every batch over all local devices (jax.sharding; parameters "
+                        "replicated). The batch size must divide by the number of devices.")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -116,12 +120,29 @@ def parser() -> argparse.ArgumentParser:
                        description="Train an MLP with predictive coding through one adapter.")
     t.add_argument("--framework", choices=FRAMEWORKS, default="equinox")
     _common(t)
+    k = t.add_argument_group("checkpoints")
+    k.add_argument("--checkpoint-dir", type=pathlib.Path, default=None,
+                   help="save the training state atomically after every epoch "
+                        "(default: OUT/checkpoints when --resume or --keep is given)")
+    k.add_argument("--keep", type=_positive_int, default=None,
+                   help="keep the newest N checkpoints (default: 3)")
+    k.add_argument("--resume", action="store_true",
+                   help="continue from the latest valid checkpoint, if there is one")
     return p
 
 
 def _load_data(args):
     from . import datasets
 
+    if args.data_parallel:
+        import jax
+
+        n = jax.local_device_count()
+        if args.batch_size % n:
+            raise CLIError(
+                f"--data-parallel shards each batch over {n} devices, so --batch-size must be a "
+                f"multiple of {n}; got {args.batch_size}."
+            )
     if args.data != "digits" and args.data_dir is None:
         raise CLIError(
             f"--data {args.data} reads files from disk: pass --data-dir DIR, a folder holding "
@@ -193,7 +214,8 @@ def compare(args) -> int:
     results = []
     for fw, model in models.items():
         r = train_pc(fw, model, variant, solver, data, epochs=args.epochs,
-                     batch_size=args.batch_size, lr=args.lr, seed=args.seed, progress=progress)
+                     batch_size=args.batch_size, lr=args.lr, seed=args.seed, progress=progress,
+                     data_parallel=args.data_parallel)
         say(f"{fw:>8}: test accuracy {100 * r.final_accuracy:.2f}% after {args.epochs} epochs "
             f"({r.seconds:.1f} s)")
         results.append(r)
@@ -232,9 +254,23 @@ def train(args) -> int:
     model = _build(args.framework, canonical_mlp(sizes, args.seed), ACTIVATIONS[args.activation])
     if not args.quiet:
         print(f"pccore train ({args.framework}): {_describe(args, sizes, solver)}")
+    checkpoints = None
+    if args.checkpoint_dir is not None or args.resume or args.keep is not None:
+        from ._checkpoint import CheckpointManager
+
+        folder = args.checkpoint_dir or args.out / "checkpoints"
+        checkpoints = CheckpointManager(folder, keep=args.keep or 3)
+        if not args.resume and checkpoints.steps():
+            raise CLIError(
+                f"--checkpoint-dir {folder} already holds checkpoints (steps "
+                f"{checkpoints.steps()}); pass --resume to continue that run, or choose an empty "
+                "folder (--checkpoint-dir or --out)."
+            )
     r = train_pc(args.framework, model, variant, solver, data, epochs=args.epochs,
                  batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                 progress=not args.quiet, log=None if args.quiet else print)
+                 progress=not args.quiet, log=None if args.quiet else print,
+                 checkpoints=checkpoints, resume=args.resume, config=_config(args),
+                 data_parallel=args.data_parallel)
     print(f"final test accuracy {100 * r.final_accuracy:.2f}%, energy {r.final_energy:.4f}, "
           f"{r.step_ms:.2f} ms per training step, {r.inference_steps:g} inference steps per "
           f"training step")
@@ -251,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         status = compare(args) if args.command == "compare" else train(args)
-    except (CLIError, ImportError, FileNotFoundError) as e:
+    except (CLIError, CheckpointError, ImportError, FileNotFoundError) as e:
         print(f"pccore: error: {e}", file=sys.stderr)
         return 2
     if not args.quiet:

@@ -12,11 +12,14 @@ import numpy as np
 import optax
 
 from ._builders import Weights, canonical_weights
+from ._checkpoint import CheckpointManager
 from ._cli_options import AbstractVariant, SolverConfig
 from ._evaluate import evaluate
 from ._infer import infer
 from ._model import PCModel
 from ._progress import Progress
+from ._sharding import data_parallel as _data_parallel
+from ._sharding import shard_batch as _shard_batch
 from .datasets import Dataset
 
 
@@ -95,21 +98,43 @@ def train_pc(
     seed: int,
     progress: bool,
     log: Callable[[str], None] | None = None,
+    checkpoints: CheckpointManager | None = None,
+    resume: bool = False,
+    config: dict | None = None,
+    data_parallel: bool = False,
 ) -> RunResult:
-    """Train `model` with predictive coding; the batches depend on `seed` only."""
+    """Train `model` with predictive coding; the batches depend on `seed` only.
+
+    With `checkpoints`, the state is saved atomically after every epoch; with `resume`, the
+    run continues from the latest valid checkpoint and gives the same weights as a run that
+    was never interrupted. With `data_parallel`, each batch is sharded over all local devices.
+    """
     optim = optax.adam(lr)
     opt_state = optim.init(model.params)
     rng = np.random.default_rng(seed)
     key = jax.random.key(seed)
+    first = 0
+    if resume and checkpoints is not None and checkpoints.latest_step() is not None:
+        ckpt = checkpoints.restore(model=model, opt_state=opt_state)
+        model, opt_state, key, first = ckpt.model, ckpt.opt_state, ckpt.key, ckpt.step
+        for _ in range(first):  # replay the shuffles of the epochs already done
+            batches(data.x_train.shape[0], batch_size, rng)
+        if log is not None:
+            log(f"resumed from {checkpoints.path(first)} (epoch {first}/{epochs})")
+    mesh = None
+    if data_parallel:
+        mesh, model, opt_state = _data_parallel(model, opt_state)
     accs, losses, times, steps, energies = [], [], [], [], []
     skipped, start = 0, time.perf_counter()
     n_batches = data.x_train.shape[0] // batch_size
-    with Progress(epochs * n_batches, f"{framework:>8}", enabled=progress) as bar:
-        for epoch in range(epochs):
+    with Progress((epochs - first) * n_batches, f"{framework:>8}", enabled=progress) as bar:
+        for epoch in range(first, epochs):
             epoch_loss, epoch_energy = [], []
             for idx in batches(data.x_train.shape[0], batch_size, rng):
                 key, sub = jax.random.split(key)
                 x, y = jnp.asarray(data.x_train[idx]), jnp.asarray(data.y_train[idx])
+                if mesh is not None:
+                    x, y = _shard_batch((x, y), mesh)
                 (model, opt_state, stats), ms = _timed(
                     variant.step, model, optim, opt_state, x, y, solver, sub
                 )
@@ -124,14 +149,20 @@ def train_pc(
             energies = epoch_energy
             if log is not None:
                 bar.write(log_line(framework, epoch, epochs, losses[-1], np.mean(energies), accs[-1]))
+            if checkpoints is not None:
+                checkpoints.save(epoch + 1, model=model, opt_state=opt_state, key=key,
+                                 config=config)
+    if not accs:  # resumed after the last epoch: nothing left to train
+        accs.append(variant.accuracy(model, data.x_test, data.y_test))
+        losses.append(float("nan"))
     times_t, trace = _energy_trace(model, variant, data, batch_size, solver)
     return RunResult(
         framework=framework,
         test_accuracy=accs,
         train_loss=losses,
-        final_energy=float(np.mean(energies)),
-        step_ms=float(np.median(times[1:] if len(times) > 1 else times)),
-        inference_steps=float(np.mean(steps)),
+        final_energy=float(np.mean(energies)) if energies else float("nan"),
+        step_ms=float(np.median(times[1:] if len(times) > 1 else times)) if times else 0.0,
+        inference_steps=float(np.mean(steps)) if steps else 0.0,
         updates_skipped=skipped,
         seconds=time.perf_counter() - start,
         trace_times=times_t,
