@@ -15,6 +15,7 @@ $y = A_L z_{L-1} + \epsilon_L$, $\epsilon_L \sim \mathcal N(0, I/\lambda)$.
 Energies are batch sums, as [`pccore.energy`][] returns.
 """
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
@@ -59,12 +60,16 @@ def linear_maps(model: PCModel, energy: PC = PC()) -> list[Float[Array, "out in"
         probe = jax.random.normal(jax.random.key(l), (2, d_in), W.dtype)
         shape = prepared.in_shape.shape if l == 0 else prepared.out_shapes[l - 1].shape
         got = prepared.predict_layer(l, probe.reshape(2, *shape)).reshape(2, -1)
-        if not jnp.allclose(got, probe @ W.T, rtol=1e-4, atol=1e-5):
-            raise ValueError(
-                f"`model`: layer {l} ({model.names[l]!r}) is not the linear map of its weight "
-                "(it has an activation or another nonlinearity); the linear theory needs "
-                "f_l(z) = W_l z."
-            )
+        ok = jnp.allclose(got, probe @ W.T, rtol=1e-4, atol=1e-5)
+        msg = (
+            f"`model`: layer {l} ({model.names[l]!r}) is not the linear map of its weight "
+            "(it has an activation or another nonlinearity); the linear theory needs "
+            "f_l(z) = W_l z."
+        )
+        if isinstance(ok, jax.core.Tracer):  # under jax.grad/jit: checked at run time
+            W = eqx.error_if(W, ~ok, msg)
+        elif not ok:
+            raise ValueError(msg)
         maps.append(W)
     return maps
 
