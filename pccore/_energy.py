@@ -21,6 +21,7 @@ from ._init import AbstractInit, FeedForward
 from ._loss import MSE, AbstractLoss
 from ._model import PCModel
 from ._parameterisation import SP, AbstractParameterisation
+from ._regularise import AbstractRegulariser, penalty
 
 
 def _sq(a: Array) -> Float[Array, " batch"]:
@@ -105,11 +106,18 @@ class PC(AbstractEnergy):
     - `parameterisation`: [`pccore.SP`][] (default), [`pccore.NTP`][] or [`pccore.MuPC`][];
         its `output_precision` is $\lambda$.
     - `activity_decay`: $\alpha \ge 0$, a Gaussian prior on every free activity.
+    - `regularisers`: parameter regularisers $R(\theta)$ such as
+        `(pccore.WeightDecay(1e-4), pccore.SpectralPenalty(1e-3))`, added once to the
+        batch-mean parameter objective (see [`pccore.param_grads`][]).
     """
 
     loss: AbstractLoss = MSE()
     parameterisation: AbstractParameterisation = SP()
     activity_decay: float | ArrayLike = 0.0
+    regularisers: tuple[AbstractRegulariser, ...] = ()
+
+    def penalty(self, model):
+        return penalty(self.regularisers, model)
 
     def variable_shapes(self, model, x_clamped):
         shapes = (model.in_shape, *model.out_shapes[:-1])

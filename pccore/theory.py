@@ -3,7 +3,8 @@ r"""Closed forms for deep linear networks, used as oracles for the engine.
 For $f_l(z) = W_l z$ (no biases, no activations), MSE output and a clamped input, write
 $A_1 = a_1 W_1$, $A_l = a_l W_l$ (or $I + a_l W_l$ with a skip) for $1 < l < L$ and
 $A_L = a_L W_L$, with the parameterisation's scalings $a_l$ and output precision $\lambda$.
-The energy is then the negative log-joint of $z_l = A_l z_{l-1} + \epsilon_l$, $\epsilon_l \sim \mathcal N(0, I)$,
+The energy is then the negative log-joint of $z_l = A_l z_{l-1} + \epsilon_l$,
+$\epsilon_l \sim \mathcal N(0, I)$,
 $y = A_L z_{L-1} + \epsilon_L$, $\epsilon_L \sim \mathcal N(0, I/\lambda)$.
 
 - equilibrium energy: $F^* = \tfrac12 \sum_i r_i^\top S^{-1} r_i$ with $r_i = y_i - A_L \cdots A_1 x_i$;
@@ -111,6 +112,22 @@ def linear_equilibrium_energy(
     return 0.5 * jnp.sum(r * jnp.linalg.solve(S, r.T).T)
 
 
+def linear_equilibrium_energy_grad(
+    model: PCModel, x: Float[Array, "batch ..."], y: Float[Array, "batch ..."], *,
+    energy: PC = PC(),
+) -> tuple:
+    r"""$\nabla_\theta \frac1B F^*(\theta)$: the gradient of the batch-mean closed-form energy.
+
+    By the envelope theorem this equals [`pccore.param_grads`][] at the equilibrium
+    activities (the PC parameter gradient), so it is an oracle for the update path. Regularisers
+    are not included. **Returns:** a tree with the structure of `model.params`.
+    """
+    B = x.shape[0]
+    return jax.grad(
+        lambda p: linear_equilibrium_energy(model.with_params(p), x, y, energy=energy) / B
+    )(model.params)
+
+
 def linear_activity_hessian(model: PCModel, energy: PC = PC()) -> Float[Array, "n n"]:
     """The per-sample Hessian of $F$ in the hidden activities $z_1..z_{L-1}$ (dense)."""
     maps = linear_maps(model, energy)
@@ -155,6 +172,7 @@ __all__ = [
     "linear_activity_hessian",
     "linear_equilibrium_activities",
     "linear_equilibrium_energy",
+    "linear_equilibrium_energy_grad",
     "linear_maps",
     "linear_rescaling",
 ]
