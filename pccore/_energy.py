@@ -185,7 +185,17 @@ def energy(
     """
     x, y = check_data(model, energy, x, y)
     activities = check_activities(model, energy, activities, x, y)
+    return _energy(model, activities, x, y, energy)
+
+
+@eqx.filter_jit
+def _energy(model, activities, x, y, energy):
     return energy.per_sample(energy.prepare(model), activities, x, y).sum()
+
+
+@eqx.filter_jit
+def _layer_energies(model, activities, x, y, energy):
+    return energy.layer_energies(energy.prepare(model), activities, x, y).sum(axis=0)
 
 
 def layer_energies(
@@ -202,7 +212,7 @@ def layer_energies(
     """
     x, y = check_data(model, energy, x, y)
     activities = check_activities(model, energy, activities, x, y)
-    return energy.layer_energies(energy.prepare(model), activities, x, y).sum(axis=0)
+    return _layer_energies(model, activities, x, y, energy)
 
 
 def init_activities(
