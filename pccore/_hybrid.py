@@ -114,7 +114,12 @@ def amortiser_energy(
     """
     y = jnp.asarray(y)
     x = None if x is None else jnp.asarray(x)
-    return _amortiser_per_sample(amortiser, tuple(activities), x, y).sum()
+    return _amortiser_energy(amortiser, tuple(activities), x, y)
+
+
+@eqx.filter_jit
+def _amortiser_energy(amortiser, z, x, y):
+    return _amortiser_per_sample(amortiser, z, x, y).sum()
 
 
 class HybridStats(eqx.Module):
