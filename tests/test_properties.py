@@ -52,7 +52,7 @@ def test_r2_matching_or_free_output_is_stationary(loss, getkey):
     y = jax.nn.softmax(y_hat) if loss == "CE" else y_hat
     z = pccore.init_activities(model, x, energy=energy)
     for target in (y, None):
-        g = jax.grad(lambda z: pccore.energy(model, z, x=x, y=target, energy=energy))(z)
+        g = jax.grad(lambda z, t=target: pccore.energy(model, z, x=x, y=t, energy=energy))(z)
         for a in g:
             np.testing.assert_allclose(a, 0.0, atol=1e-6)
         sol = pccore.infer(model, x=x, y=target, energy=energy, t1=1.0, dt0=0.1)
