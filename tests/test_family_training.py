@@ -168,3 +168,38 @@ def test_unsupervised_energy_decreases(solver, getkey):
     assert after < 0.6 * before, (before, after)
     first, last = (np.mean([float(s.energy) for s in part]) for part in (stats[:5], stats[-5:]))
     assert last < 0.6 * first, (first, last)
+
+
+def _variant_problem(name, key):
+    k1, k2, k3 = jax.random.split(key, 3)
+    x = jax.random.normal(k1, (4, 5))
+    y = jax.random.normal(k2, (4, 3))
+    if name == "BPC":
+        model = pccore.Bidirectional(_mlp("equinox", [5, 6, 3], k3), _mlp("equinox", [3, 6, 5], k1))
+        return model, pccore.BPC(1.0, 0.5), x, y
+    if name == "GraphPC":
+        def apply(p, x):
+            h = pccore.node("h", jnp.tanh(x @ p["w1"]))
+            return pccore.node("g", jnp.tanh(h @ p["w2"]) + h) @ p["w3"]
+
+        params = {"w1": jax.random.normal(k3, (5, 6)) / 3, "w2": jax.random.normal(k1, (6, 6)) / 3,
+                  "w3": jax.random.normal(k2, (6, 3)) / 3}
+        return pccore.wrap_graph(apply, params, x), pccore.GraphPC(), x, y
+    return _mlp("equinox", [5, 6, 6, 3], k3), pccore.EPC(activity_decay=0.1), x, y
+
+
+@pytest.mark.parametrize("name", ["EPC", "BPC", "GraphPC"])
+def test_every_solver_route_reaches_the_same_equilibrium(name, getkey):
+    """Constant-step diffrax, adaptive diffrax and optax routes agree at convergence."""
+    model, energy, x, y = _variant_problem(name, getkey())
+    steady = pccore.SteadyState(rtol=0.0, atol=1e-5)
+    routes = [
+        dict(solver=diffrax.Euler(), t1=200.0, dt0=0.1, max_steps=2000),
+        dict(solver=diffrax.Tsit5(), stepsize_controller=diffrax.PIDController(rtol=1e-6, atol=1e-6),
+             t1=200.0, dt0=0.1),
+        dict(solver=optax.sgd(0.1), max_steps=2000),
+    ]
+    sols = [pccore.infer(model, x=x, y=y, energy=energy, steady_state=steady, **r) for r in routes]
+    assert all(s.result == pccore.RESULTS.converged for s in sols)
+    for s in sols[1:]:
+        np.testing.assert_allclose(s.energy, sols[0].energy, rtol=1e-4)
