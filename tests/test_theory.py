@@ -71,7 +71,7 @@ def test_adaptive_solve_stops_at_the_steady_state(x64, getkey):
                 stepsize_controller=diffrax.PIDController(rtol=1e-8, atol=1e-8), max_steps=20000)
     sol = pccore.infer(model, steady_state=pccore.SteadyState(rtol=0.0, atol=1e-6), **opts)
     assert sol.result == pccore.RESULTS.converged
-    assert float(sol.t) < 100.0  # stopped long before t1 = 1000
+    assert float(sol.t) < 500.0  # stopped long before t1 = 1000
     assert float(sol.vector_field_norm) <= 1e-6
     F_star, z_star, _ = _oracles(model, x, y, energy)
     np.testing.assert_allclose(sol.energy, F_star, rtol=1e-6)
