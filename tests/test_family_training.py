@@ -202,3 +202,17 @@ def test_every_solver_route_reaches_the_same_equilibrium(name, getkey):
     assert all(s.result == pccore.RESULTS.converged for s in sols)
     for s in sols[1:]:
         np.testing.assert_allclose(s.energy, sols[0].energy, rtol=1e-4)
+
+
+@pytest.mark.parametrize("framework", cases.FRAMEWORKS)
+def test_supervised_generative_train_step(framework, getkey):
+    """Plain generative PC through train_step (label clamped as x, image as y)."""
+    gen = _mlp(framework, [10, 32, 64], getkey())
+    opts = GEN_SOLVERS["euler"]
+    opt = optax.adam(1e-2)
+    s = opt.init(gen.params)
+    for xb, yb in batches():
+        gen, s, _ = pccore.train_step(gen, opt, s, x=yb, y=xb, **opts)
+    _, (xt, yt) = digits()
+    ev = pccore.generative_evaluate(gen, xt, yt, key=getkey(), **opts)
+    assert float(ev.accuracy) > 0.4, float(ev.accuracy)
