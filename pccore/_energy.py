@@ -21,6 +21,7 @@ from ._init import AbstractInit, FeedForward
 from ._loss import MSE, AbstractLoss
 from ._model import PCModel
 from ._parameterisation import SP, AbstractParameterisation
+from ._regularise import AbstractRegulariser, penalty
 
 
 def _sq(a: Array) -> Float[Array, " batch"]:
@@ -105,11 +106,18 @@ class PC(AbstractEnergy):
     - `parameterisation`: [`pccore.SP`][] (default), [`pccore.NTP`][] or [`pccore.MuPC`][];
         its `output_precision` is $\lambda$.
     - `activity_decay`: $\alpha \ge 0$, a Gaussian prior on every free activity.
+    - `regularisers`: parameter regularisers $R(\theta)$ such as
+        `(pccore.WeightDecay(1e-4), pccore.SpectralPenalty(1e-3))`, added once to the
+        batch-mean parameter objective (see [`pccore.param_grads`][]).
     """
 
     loss: AbstractLoss = MSE()
     parameterisation: AbstractParameterisation = SP()
     activity_decay: float | ArrayLike = 0.0
+    regularisers: tuple[AbstractRegulariser, ...] = ()
+
+    def penalty(self, model):
+        return penalty(self.regularisers, model)
 
     def __check_init__(self):
         check_option("PC", "activity_decay", self.activity_decay)
@@ -180,7 +188,17 @@ def energy(
     """
     x, y = check_data(model, energy, x, y, scan_device=True)
     activities = check_activities(model, energy, activities, x, y, scan_device=True)
+    return _energy(model, activities, x, y, energy)
+
+
+@eqx.filter_jit
+def _energy(model, activities, x, y, energy):
     return energy.per_sample(energy.prepare(model), activities, x, y).sum()
+
+
+@eqx.filter_jit
+def _layer_energies(model, activities, x, y, energy):
+    return energy.layer_energies(energy.prepare(model), activities, x, y).sum(axis=0)
 
 
 def layer_energies(
@@ -197,7 +215,7 @@ def layer_energies(
     """
     x, y = check_data(model, energy, x, y, scan_device=True)
     activities = check_activities(model, energy, activities, x, y, scan_device=True)
-    return energy.layer_energies(energy.prepare(model), activities, x, y).sum(axis=0)
+    return _layer_energies(model, activities, x, y, energy)
 
 
 def init_activities(

@@ -65,6 +65,13 @@ def _select(pred, new, old):
 @eqx.filter_jit
 def _train_step(model, optim, opt_state, x, y, energy, solver, controller, t1, dt0, n, steady,
                 init, key):
+    return update(model, optim, opt_state, x, y, energy, solver, controller, t1, dt0, n, steady,
+                  init, key)[:3]
+
+
+def update(model, optim, opt_state, x, y, energy, solver, controller, t1, dt0, n, steady, init,
+           key):
+    """Initialise, infer and update (traceable); also returns the equilibrium activities."""
     prepared = energy.prepare(model)
     z0 = energy.init(prepared, x, y, init, key)
     sol = solve(prepared, z0, x, y, energy, solver, controller, t1, dt0, n, steady, None)
@@ -81,7 +88,7 @@ def _train_step(model, optim, opt_state, x, y, energy, solver, controller, t1, d
         updated=ok,
     )
     model = model.with_params(_select(ok, new_params, model.params))
-    return model, _select(ok, new_state, opt_state), stats
+    return model, _select(ok, new_state, opt_state), stats, z
 
 
 def train_step(
