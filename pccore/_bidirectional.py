@@ -13,19 +13,18 @@ $\alpha_b$ times PC on $g$ with the roles of $x$ and $y$ swapped (so $\lambda$ w
 network's own output term).
 """
 
-import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float
 
 from ._custom_types import Params
 from ._energy import AbstractEnergy, _sq
 from ._loss import MSE
-from ._model import PCModel
+from ._model import AbstractPCModel, PCModel
 from ._parameterisation import SP, AbstractParameterisation
 from ._regularise import AbstractRegulariser, penalty
 
 
-class Bidirectional(eqx.Module):
+class Bidirectional(AbstractPCModel):
     """A forward and a backward network over the same activities, trained together.
 
     **Arguments:**

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 
-from ._model import PCModel
+from ._model import AbstractPCModel, PCModel
 
 MAX_FIXED_STEPS = 1_000_000
 """The largest `t1 / dt0` accepted without an explicit `max_steps` (guards against hangs)."""
@@ -64,7 +64,8 @@ def check_finite(name: str, a: Any, scan_device: bool) -> None:
     if isinstance(a, jax.Array):
         if not (scan_device and is_concrete(a)):
             return
-        bad = int((~jnp.isfinite(a)).sum())
+        with jax.ensure_compile_time_eval():  # concrete data inside an outer jit trace
+            bad = int((~jnp.isfinite(a)).sum())
     elif isinstance(a, np.ndarray):
         bad = int(a.size - np.count_nonzero(np.isfinite(a)))
     else:
@@ -120,13 +121,13 @@ def as_batch(
 
 
 def check_model(model: Any, energy: Any) -> None:
-    """`model` must be a float32/float64 PCModel and `energy` an AbstractEnergy."""
+    """`model` must be a float32/float64 pccore model and `energy` an AbstractEnergy."""
     from ._energy import AbstractEnergy
 
-    if not isinstance(model, PCModel):
+    if not isinstance(model, AbstractPCModel):
         raise TypeError(
-            f"`model` must be a pccore.PCModel; got {type(model).__name__}. Wrap your model "
-            "first: `model = pccore.wrap(my_model)`."
+            f"`model` must be a pccore.PCModel (or another pccore.AbstractPCModel); got "
+            f"{type(model).__name__}. Wrap your model first: `model = pccore.wrap(my_model)`."
         )
     if not isinstance(energy, AbstractEnergy):
         raise TypeError(

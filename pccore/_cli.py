@@ -166,6 +166,13 @@ def _build(framework: str, weights, activation):
         raise CLIError(f"--frameworks {framework}: {e}") from e
 
 
+def _make(variant, framework, sizes, seed, activation):
+    """The variant's model in `framework`; its k-th network starts from weights seeded seed+k."""
+    return variant.make_model(
+        lambda s, k: _build(framework, canonical_mlp(s, seed + k), activation), sizes
+    )
+
+
 def _settings(args):
     param = make_parameterisation(args.parameterisation, gamma=args.gamma,
                                   output_precision=args.output_precision)
@@ -207,7 +214,8 @@ def compare(args) -> int:
     sizes = variant.layer_sizes(data.num_features, args.hidden, data.num_classes)
     weights = canonical_mlp(sizes, args.seed)
     activation = ACTIVATIONS[args.activation]
-    models = {fw: _build(fw, weights, activation) for fw in args.frameworks}  # fail early
+    models = {fw: _make(variant, fw, sizes, args.seed, activation)  # fail early
+              for fw in args.frameworks}
     say = (lambda s: None) if args.quiet else print
     progress = not args.quiet
     say(f"pccore compare: {_describe(args, sizes, solver)}")
@@ -251,7 +259,7 @@ def train(args) -> int:
     variant, solver = _settings(args)
     data = _load_data(args)
     sizes = variant.layer_sizes(data.num_features, args.hidden, data.num_classes)
-    model = _build(args.framework, canonical_mlp(sizes, args.seed), ACTIVATIONS[args.activation])
+    model = _make(variant, args.framework, sizes, args.seed, ACTIVATIONS[args.activation])
     if not args.quiet:
         print(f"pccore train ({args.framework}): {_describe(args, sizes, solver)}")
     checkpoints = None

@@ -14,8 +14,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ._bidirectional import BPC, Bidirectional
 from ._energy import PC, AbstractEnergy
+from ._epc import EPC
 from ._evaluate import evaluate
+from ._hybrid import Amortised, hybrid_evaluate, hybrid_train_step
 from ._infer import infer
 from ._init import AbstractInit, FeedForward, RandomNormal
 from ._learn import train_step
@@ -142,6 +145,21 @@ class AbstractVariant(eqx.Module):
     def layer_sizes(self, num_features: int, hidden: Sequence[int], num_classes: int):
         return (num_features, *hidden, num_classes)
 
+    def make_model(self, build: Callable[[Sequence[int], int], PCModel], sizes: Sequence[int]):
+        """The model to train; `build(sizes, k)` wraps a native MLP with the `k`-th weights."""
+        return build(sizes, 0)
+
+    def network(self, model) -> PCModel:
+        """The network whose weights `pccore compare` reports and compares."""
+        return model
+
+    def init_opt(self, optim, model):
+        return optim.init(model.params)
+
+    def inference_setup(self, model):
+        """The model and initialiser one inference solve runs on (for the energy trace)."""
+        return model, self.init
+
     def step(self, model: PCModel, optim, opt_state, x, y, solver: SolverConfig, key):
         bottom, top = self.roles(x, y)
         return train_step(model, optim, opt_state, x=bottom, y=top, energy=self.energy,
@@ -190,6 +208,77 @@ class Generative(AbstractVariant):
         return float(jnp.mean(labels == jnp.argmax(y, axis=-1)))
 
 
+class BidirectionalVariant(Discriminative):
+    """Bidirectional PC: a forward network x -> y and a backward network y -> x over the same
+    latents; classification is the forward network's feed-forward pass."""
+
+    def make_model(self, build, sizes):
+        return Bidirectional(build(sizes, 0), build(tuple(sizes)[::-1], 1))
+
+    def network(self, model):
+        return model.forward
+
+    def accuracy(self, model, x, y):
+        return float(jnp.mean(jnp.argmax(model.forward(jnp.asarray(x)), -1) == jnp.argmax(y, -1)))
+
+
+class Hybrid(Generative):
+    r"""Hybrid (amortised) PC: a generator label -> image and an amortiser image -> label that
+    initialises inference. Accuracy is that of amortised initialisation plus inference."""
+
+    init: AbstractInit = RandomNormal(0.05)
+    has_backprop_reference: ClassVar[bool] = False
+
+    def make_model(self, build, sizes):
+        return HybridPair(build(sizes, 0), build(tuple(sizes)[::-1], 1))
+
+    def network(self, model):
+        return model.generator
+
+    def init_opt(self, optim, model):
+        return optim.init(model.generator.params), optim.init(model.amortiser.params)
+
+    def inference_setup(self, model):
+        return model.generator, Amortised(model.amortiser)
+
+    def step(self, model, optim, opt_state, x, y, solver, key):
+        bottom, top = self.roles(x, y)
+        gen, s_gen, amort, s_amort, stats = hybrid_train_step(
+            model.generator, model.amortiser, optim, opt_state[0], optim, opt_state[1],
+            x=bottom, y=top, energy=self.energy, **solver.kwargs,
+        )
+        return HybridPair(gen, amort), (s_gen, s_amort), stats.generator
+
+    def accuracy(self, model, x, y):
+        ev = hybrid_evaluate(model.generator, model.amortiser, x, y, energy=self.energy,
+                             key=jax.random.key(0), t1=self.eval_t1, dt0=self.eval_dt0)
+        return float(ev.amortised_inference)
+
+
+class HybridPair(eqx.Module):
+    """The generator and amortiser of a hybrid run, kept together by the CLI."""
+
+    generator: PCModel
+    amortiser: PCModel
+
+
+def _epc(loss, parameterisation) -> AbstractVariant:
+    return Discriminative(EPC(loss=LOSSES[loss or "ce"](), parameterisation=parameterisation))
+
+
+def _bidirectional(loss, parameterisation) -> AbstractVariant:
+    if loss == "ce":
+        raise CLIError("--loss ce: bidirectional PC uses squared errors; use --loss mse (the "
+                       "default for this variant).")
+    return BidirectionalVariant(BPC(parameterisation=parameterisation))
+
+
+def _hybrid(loss, parameterisation) -> AbstractVariant:
+    if loss == "ce":
+        raise CLIError("--loss ce: a generative model predicts images; use --loss mse (the default).")
+    return Hybrid(PC(loss=MSE(), parameterisation=parameterisation))
+
+
 def _pc(loss, parameterisation) -> AbstractVariant:
     return Discriminative(PC(loss=LOSSES[loss or "ce"](), parameterisation=parameterisation))
 
@@ -203,7 +292,13 @@ def _generative(loss, parameterisation) -> AbstractVariant:
 VARIANT_NAMES = ("pc", "generative", "hybrid", "bidirectional", "epc")
 """Every variant the CLI knows by name."""
 
-VARIANTS: dict[str, Callable[..., AbstractVariant]] = {"pc": _pc, "generative": _generative}
+VARIANTS: dict[str, Callable[..., AbstractVariant]] = {
+    "pc": _pc,
+    "generative": _generative,
+    "hybrid": _hybrid,
+    "bidirectional": _bidirectional,
+    "epc": _epc,
+}
 """`factory(loss name or None, parameterisation) -> AbstractVariant` per variant in this build
 (None: the variant's own default loss)."""
 

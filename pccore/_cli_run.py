@@ -78,7 +78,8 @@ def _timed(fn: Callable, *args):
 def _energy_trace(model, variant, data, batch_size, solver: SolverConfig):
     x, y = variant.roles(data.x_test[:batch_size], data.y_test[:batch_size])
     ts = solver.save_times()
-    sol = infer(model, x=x, y=y, energy=variant.energy, init=variant.init, key=jax.random.key(0),
+    model, init = variant.inference_setup(model)
+    sol = infer(model, x=x, y=y, energy=variant.energy, init=init, key=jax.random.key(0),
                 saveat=diffrax.SaveAt(ts=ts), throw=False, **solver.kwargs)
     if not (solver.adaptive or solver.is_optax):
         ts = jnp.round(ts / solver.dt0)  # constant steps: the x-axis counts steps
@@ -110,7 +111,7 @@ def train_pc(
     was never interrupted. With `data_parallel`, each batch is sharded over all local devices.
     """
     optim = optax.adam(lr)
-    opt_state = optim.init(model.params)
+    opt_state = variant.init_opt(optim, model)
     rng = np.random.default_rng(seed)
     key = jax.random.key(seed)
     first = 0
@@ -167,7 +168,7 @@ def train_pc(
         seconds=time.perf_counter() - start,
         trace_times=times_t,
         energy_trace=trace,
-        weights=canonical_weights(model),
+        weights=canonical_weights(variant.network(model)),
     )
 
 

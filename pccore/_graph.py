@@ -23,6 +23,7 @@ from jaxtyping import Array, ArrayLike, Float, PyTree
 from ._energy import AbstractEnergy, _sq
 from ._init import FeedForward
 from ._loss import MSE, AbstractLoss
+from ._model import AbstractPCModel
 
 _CTX = threading.local()
 
@@ -78,7 +79,7 @@ def collecting(latents: dict[str, Array] | None = None) -> Iterator[_Collector]:
         stack.pop()
 
 
-class GraphModel(eqx.Module):
+class GraphModel(AbstractPCModel):
     """A model whose latents are marked with [`pccore.node`][]: any DAG, any framework.
 
     Build one with [`pccore.wrap_graph`][]. The engine only uses `params`, `with_params` and

@@ -1,5 +1,6 @@
 """The model form the core consumes: a chain of pure layer functions and their parameters."""
 
+import abc
 import dataclasses
 from collections.abc import Callable
 from typing import Any
@@ -40,7 +41,25 @@ def matricise(w: Array, out_axis: int) -> Float[Array, "out in"]:
     return w.reshape(w.shape[0], -1)
 
 
-class PCModel(eqx.Module):
+class AbstractPCModel(eqx.Module):
+    """What the engine needs of a model: trainable `params`, and a way to swap and unwrap them.
+
+    [`pccore.PCModel`][] (a chain of layers), [`pccore.Bidirectional`][] (two chains over the
+    same latents) and [`pccore.GraphModel`][] (latents marked inside any forward pass) are the
+    model forms; each energy states which form it runs on. Subclasses provide a `params`
+    attribute (the tree an optax optimiser is initialised with) and the methods below.
+    """
+
+    @abc.abstractmethod
+    def with_params(self, params: Any) -> "AbstractPCModel":
+        """A copy of this model with `params` in place of its parameters."""
+
+    @abc.abstractmethod
+    def unwrap(self) -> Any:
+        """The user's own model object(s), with the current parameters."""
+
+
+class PCModel(AbstractPCModel):
     r"""A model as predictive coding sees it: a chain of layers $f_l(\cdot; \theta_l)$.
 
     Layer $l$ maps the activity $z_{l-1}$ to a prediction of $z_l$,

@@ -60,7 +60,7 @@ BAD_DATA = [
         "rank",
         lambda x, y: (x[0], y),
         ValueError,
-        r"`x` has shape \(3,\); expected \('batch', 3\) \(a batch on axis 0 of per-sample shape \(3,\)",
+        r"`x` has shape \(3,\); expected \(batch, 3\) \(a batch on axis 0 of per-sample shape \(3,\)",
     ),
     ("features", lambda x, y: (x, y[:, :1]), ValueError, r"`y` has shape \(4, 1\); expected \(4, 2\)"),
     ("batch mismatch", lambda x, y: (x, y[:3]), ValueError, r"`y` has shape \(3, 2\); expected \(4, 2\)"),
@@ -185,7 +185,7 @@ def test_bad_options_and_objects(setup):
         with pytest.raises(ValueError, match=match):
             make()
     with pytest.raises(
-        TypeError, match=r"`model` must be a pccore\.PCModel; got MLP\. Wrap your model first"
+        TypeError, match=r"`model` must be a pccore\.PCModel \(or another pccore\.AbstractPCModel\); got MLP\. Wrap your model first"
     ):
         pccore.infer(eqx.nn.MLP(3, 2, 4, 1, key=jax.random.key(0)), x=x, y=y)
     with pytest.raises(

@@ -119,7 +119,7 @@ def test_bad_inputs_get_clear_errors(getkey):
         pccore.energy(model, z[:1], x=x, y=y)
     with pytest.raises(ValueError, match=r"`activities\[1\]` has shape \(4, 5\); expected \(4, 6\)"):
         pccore.energy(model, (z[0], jnp.ones((4, 5))), x=x, y=y)
-    with pytest.raises(TypeError, match=r"`y` has dtype int32; expected a floating dtype"):
+    with pytest.raises(TypeError, match=r"`y` has dtype int32; expected float32 or float64"):
         pccore.energy(model, z, x=x, y=jnp.ones((4, 3), jnp.int32))
     with pytest.raises(ValueError, match=r"`init=FeedForward\(\)` needs a clamped input"):
         pccore.init_activities(model, None, y=y)

@@ -191,7 +191,7 @@ def test_solver_errors(getkey):
         pccore.infer(model, x=x, y=y, stepsize_controller=diffrax.PIDController(1e-3, 1e-3))
     with pytest.raises(TypeError, match=r"`solver` must be a diffrax ODE solver .* or an optax"):
         pccore.infer(model, x=x, y=y, solver="euler")
-    with pytest.raises(ValueError, match=r"`dt0` must be a positive number"):
+    with pytest.raises(ValueError, match=r"`dt0` must be a finite positive number"):
         pccore.infer(model, x=x, y=y, dt0=-0.1)
     with pytest.raises(ValueError, match=r"needs 100 steps, more than max_steps=10"):
         pccore.infer(model, x=x, y=y, dt0=0.1, t1=10.0, max_steps=10)
