@@ -9,6 +9,17 @@ import numpy as np
 from ._model import PCModel
 
 
+_IS_FLOAT: dict = {}
+
+
+def _is_float(dtype) -> bool:
+    """`jnp.issubdtype(dtype, jnp.floating)`, memoised (it is slow on every call)."""
+    ok = _IS_FLOAT.get(dtype)
+    if ok is None:
+        ok = _IS_FLOAT[dtype] = bool(jnp.issubdtype(dtype, jnp.floating))
+    return ok
+
+
 def _shape_of(a: Any) -> tuple[int, ...]:
     return tuple(np.shape(a))
 
@@ -23,7 +34,7 @@ def as_batch(name: str, a: Any, per_sample: tuple[int, ...], batch: int | None =
     if dtype is None:
         a = np.asarray(a)
         dtype = a.dtype
-    if not jnp.issubdtype(dtype, jnp.floating):
+    if not _is_float(dtype):
         raise TypeError(
             f"`{name}` has dtype {dtype}; expected a floating dtype. Cast it first, e.g. "
             f"`{name}.astype(jnp.float32)` (one-hot encode integer labels with "
@@ -41,7 +52,7 @@ def as_batch(name: str, a: Any, per_sample: tuple[int, ...], batch: int | None =
         )
     if shape[0] == 0:
         raise ValueError(f"`{name}` is an empty batch (shape {shape}); pass at least one sample.")
-    return jnp.asarray(a)
+    return a if isinstance(a, jax.Array) else jnp.asarray(a)
 
 
 def check_data(model: PCModel, energy, x, y):

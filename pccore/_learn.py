@@ -11,9 +11,10 @@ import optax
 from jaxtyping import PRNGKeyArray
 
 from ._check import check_activities, check_data
+from ._compiled import compiled
 from ._custom_types import Activities, BatchArray, Params, Scalar
 from ._energy import PC, AbstractEnergy
-from ._infer import check_solver, solve
+from ._infer import _solve, check_solver
 from ._init import AbstractInit, FeedForward
 from ._model import PCModel
 from ._results import RESULTS
@@ -56,32 +57,38 @@ def _finite(tree) -> Any:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
-def _select(pred, new, old):
-    return jtu.tree_map(
-        lambda a, b: jnp.where(pred, a, b) if eqx.is_array(a) else a, new, old
-    )
+def _update(optim, grads, opt_state, params):
+    updates, opt_state = optim.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
 
 
-@eqx.filter_jit
+@compiled
 def _train_step(model, optim, opt_state, x, y, energy, solver, controller, t1, dt0, n, steady,
                 init, key):
     prepared = energy.prepare(model)
     z0 = energy.init(prepared, x, y, init, key)
-    sol = solve(prepared, z0, x, y, energy, solver, controller, t1, dt0, n, steady, None)
+    sol = _solve(prepared, z0, x, y, energy, solver, controller, t1, dt0, n, steady, None)
     z = jax.lax.stop_gradient(sol.activities)
     grads = jax.grad(objective)(model.params, model, energy, z, x, y)
-    updates, new_state = optim.update(grads, opt_state, model.params)
-    new_params = optax.apply_updates(model.params, updates)
     ok = (sol.result != RESULTS.diverged) & _finite(grads)
+    # A branch, not an elementwise select: the update stays one fused pass over the
+    # parameters, and a skipped update costs nothing.
+    dyn_state, static_state = eqx.partition(opt_state, eqx.is_array)
+    params, dyn_state = jax.lax.cond(
+        ok,
+        lambda g, s, p: eqx.filter(_update(optim, g, eqx.combine(s, static_state), p), eqx.is_array),
+        lambda g, s, p: (p, s),
+        grads, dyn_state, model.params,
+    )
     stats = TrainStats(
         loss=energy.per_sample(prepared, z0, x, y).mean(),
         energy=sol.energy / z0[0].shape[0] if z0 else sol.energy,
         num_steps=sol.num_steps,
         result=sol.result,
         updated=ok,
+        num_grad_evals=sol.num_grad_evals,
     )
-    model = model.with_params(_select(ok, new_params, model.params))
-    return model, _select(ok, new_state, opt_state), stats
+    return model.with_params(params), eqx.combine(dyn_state, static_state), stats
 
 
 def train_step(
