@@ -8,7 +8,6 @@ import numpy as np
 
 from ._model import PCModel
 
-
 _IS_FLOAT: dict = {}
 
 

@@ -1,4 +1,4 @@
-"""Output losses $E_{\mathrm{out}}(y, \mu_L)$, per sample."""
+r"""Output losses $E_{\mathrm{out}}(y, \mu_L)$, per sample."""
 
 import abc
 
