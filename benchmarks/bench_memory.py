@@ -13,9 +13,9 @@ import diffrax
 import jax
 import jax.numpy as jnp
 import optax
+from _common import data, equinox_mlp, mlp_weights, sizes_of, table, write_json
 
 import pccore
-from _common import data, equinox_mlp, mlp_weights, sizes_of, table, write_json
 
 
 def measure(model, x, y, solver, controller, max_steps, n_save, dt0=0.05):

@@ -10,8 +10,6 @@ import time
 import diffrax
 import jax
 import optax
-
-import pccore
 from _common import (
     block,
     data,
@@ -25,6 +23,8 @@ from _common import (
     table,
     write_json,
 )
+
+import pccore
 
 DT = 0.1
 
