@@ -146,7 +146,7 @@ def test_digits_training_matches_gradient_flow():
         model = cases.build_mlp("equinox", w)
         optim = optax.adam(1e-2)
         state = optim.init(model.params)
-        for _ in range(3):
+        for _ in range(2):
             for i in range(0, 1400, 100):
                 model, state, _ = pccore.train_step(model, optim, state, x=Xtr[i:i + 100],
                                                     y=Ytr[i:i + 100], **kw)
