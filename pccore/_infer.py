@@ -389,6 +389,8 @@ def infer(
         `optx.BFGS(rtol, atol)` or `optx.NonlinearCG(rtol, atol)`, which minimises
         $\mathcal F$ directly and stops by its own tolerances, or at `steady_state` if given
         (`t1`, `dt0`, `stepsize_controller` are then unused; `max_steps` defaults to 256).
+        Dense quasi-Newton minimisers (BFGS, DFP) work on each sample separately; the
+        others (L-BFGS, NonlinearCG, ...) on the whole batch at once.
     - `stepsize_controller`: `diffrax.ConstantStepSize()` (with `dt0`) or an adaptive one such
         as `diffrax.PIDController(rtol=1e-3, atol=1e-3)` (needs a solver with an error estimate).
     - `t1`: the time horizon (diffrax solvers); the integration starts at 0.

@@ -102,6 +102,7 @@ def test_every_minimiser_finds_the_gradient_flow_equilibrium(x64, getkey, energy
     for solver in [
         optx.BFGS(rtol=1e-10, atol=1e-10),
         optx.NonlinearCG(rtol=1e-10, atol=1e-10),
+        optx.LBFGS(rtol=1e-10, atol=1e-10),
         _ArmijoDescent(rtol=1e-10, atol=1e-10),
         optx.OptaxMinimiser(optax.sgd(0.1, momentum=0.5), rtol=1e-10, atol=1e-10),
     ]:
@@ -112,12 +113,16 @@ def test_every_minimiser_finds_the_gradient_flow_equilibrium(x64, getkey, energy
             np.testing.assert_allclose(a, b, atol=1e-5)
 
 
-def test_own_tolerance_and_step_budget(x64, getkey):
+def test_own_tolerance_step_budget_and_batch_independence(x64, getkey):
     model = _linear(getkey())
     x, y = _data(getkey(), model)
     sol = pccore.infer(model, x=x, y=y, solver=optx.BFGS(rtol=1e-10, atol=1e-10))
     assert sol.result == pccore.RESULTS.converged
     assert sol.num_grad_evals == sol.num_steps
+    # Dense quasi-Newton runs per sample, each to the closed-form equilibrium activities.
+    z_star = pccore.theory.linear_equilibrium_activities(model, x, y)
+    for a, b in zip(sol.activities, z_star):
+        np.testing.assert_allclose(a, b, atol=1e-6)
     short = pccore.infer(model, x=x, y=y, solver=optx.BFGS(rtol=1e-10, atol=1e-10), max_steps=3,
                          throw=False)
     assert short.result == pccore.RESULTS.max_steps_reached and short.num_steps == 3
