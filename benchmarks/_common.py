@@ -135,13 +135,21 @@ def block(tree):
     return jax.block_until_ready(tree)
 
 
-def time_once(fn):
+def time_once(fn, sync=block):
     t = time.perf_counter()
-    block(fn())
+    sync(fn())
     return time.perf_counter() - t
 
 
-def paired(fa, fb, reps: int, warmup: int = 3):
+def first_leaf(tree):
+    """Wait for one output array: an XLA executable finishes all its outputs together, so
+    this waits for the whole call without flattening a large output tree in the timing."""
+    while isinstance(tree, tuple | list):
+        tree = tree[0]
+    return tree.block_until_ready()
+
+
+def paired(fa, fb, reps: int, warmup: int = 3, sync_a=block, sync_b=block):
     """Time `fa` and `fb` alternately (ABBA order); returns medians and the median ratio b/a."""
     for _ in range(warmup):
         block(fa())
@@ -149,9 +157,9 @@ def paired(fa, fb, reps: int, warmup: int = 3):
     ta, tb = [], []
     for i in range(reps):
         if i % 2 == 0:
-            a, b = time_once(fa), time_once(fb)
+            a, b = time_once(fa, sync_a), time_once(fb, sync_b)
         else:
-            b, a = time_once(fb), time_once(fa)
+            b, a = time_once(fb, sync_b), time_once(fa, sync_a)
         ta.append(a)
         tb.append(b)
     ratios = [b / a for a, b in zip(ta, tb)]
@@ -208,3 +216,8 @@ def table(rows, cols) -> str:
         for r in rows
     ]
     return "\n".join([head, sep, *body])
+
+
+def out_path(name: str) -> str:
+    """`benchmarks/results/<name>.json`, wherever the script is run from."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{name}.json")

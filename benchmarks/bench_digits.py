@@ -13,7 +13,7 @@ import time
 import diffrax
 import jax
 import optax
-from _common import block, equinox_mlp, mlp_weights, table, write_json
+from _common import block, equinox_mlp, mlp_weights, out_path, table, write_json
 from _digits import digits
 
 import pccore
@@ -65,7 +65,7 @@ def train(kw, data, epochs):
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", default="benchmarks/results/digits.json")
+    p.add_argument("--out", default=out_path("digits"))
     a = p.parse_args(argv)
     data = digits(8)
     rows = []

@@ -13,7 +13,7 @@ import diffrax
 import jax
 import jax.numpy as jnp
 import optax
-from _common import data, equinox_mlp, mlp_weights, sizes_of, table, write_json
+from _common import data, equinox_mlp, mlp_weights, out_path, sizes_of, table, write_json
 
 import pccore
 
@@ -39,7 +39,7 @@ def measure(model, x, y, solver, controller, max_steps, n_save, dt0=0.05):
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", default="benchmarks/results/memory.json")
+    p.add_argument("--out", default=out_path("memory"))
     a = p.parse_args(argv)
     sizes = sizes_of("784-300-300-10")
     model = equinox_mlp(mlp_weights(sizes, jax.random.key(0)))

@@ -14,10 +14,12 @@ from _common import (
     block,
     data,
     equinox_mlp,
+    first_leaf,
     make_backprop_step,
     make_lean_step,
     median_time,
     mlp_weights,
+    out_path,
     paired,
     sizes_of,
     table,
@@ -53,7 +55,8 @@ def row(name, arch, batch=64, T=20, solver="euler", reps=30, backprop=True):
     t = time.perf_counter()
     stats = block(step())[2]
     pc_compile = time.perf_counter() - t
-    r = paired(lambda: lean(params, ls, x, y), step, reps)
+    sync_pc = lambda out: out[2].energy.block_until_ready()
+    r = paired(lambda: lean(params, ls, x, y), step, reps, sync_a=first_leaf, sync_b=sync_pc)
     out = {
         "name": name, "arch": arch, "batch": batch, "T": T, "solver": solver,
         "lean_ms": r["a_ms"], "pccore_ms": r["b_ms"], "ratio": r["ratio"],
@@ -95,7 +98,7 @@ COLS = [
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", default="benchmarks/results/step.json")
+    p.add_argument("--out", default=out_path("step"))
     a = p.parse_args(argv)
     reps = 10 if a.quick else 40
     rows = [row(reps=reps, **c) for c in configs(a.quick)]

@@ -17,7 +17,7 @@ import diffrax
 import jax
 import optax
 import optimistix as optx
-from _common import block, data, equinox_mlp, mlp_weights, sizes_of, table, write_json
+from _common import block, data, equinox_mlp, mlp_weights, out_path, sizes_of, table, write_json
 from _digits import digits
 
 import pccore
@@ -112,7 +112,7 @@ def configurations(quick):
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", default="benchmarks/results/solver_study.json")
+    p.add_argument("--out", default=out_path("solver_study"))
     a = p.parse_args(argv)
     reps = 2 if a.quick else 3
     rows = []
