@@ -5,6 +5,8 @@ table shows medians of the per-pair ratios. Run `python benchmarks/bench_step.py
 """
 
 import argparse
+import os
+import sys
 import time
 
 import diffrax
@@ -71,6 +73,36 @@ def row(name, arch, batch=64, T=20, solver="euler", reps=30, backprop=True):
     return out
 
 
+def adapter_rows(reps):
+    """Every adapter in the conformance list (`tests/cases.py`) against the Equinox path,
+    on configuration A, same weights and data (target: within 5%)."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from tests import cases
+
+    sizes = sizes_of("784-300-300-10")
+    w = mlp_weights(sizes, jax.random.key(0))
+    x, y = data(sizes, 64, jax.random.key(1))
+    optim = optax.adam(1e-3)
+    ref = equinox_mlp(w)
+    ref_state = optim.init(ref.params)
+    ref_step = lambda: pccore.train_step(ref, optim, ref_state, x=x, y=y, t1=2.0, dt0=DT)
+    sync = lambda out: out[2].energy.block_until_ready()
+    rows = []
+    for fw in cases.FRAMEWORKS:
+        if fw == "equinox":
+            continue
+        model = cases.build_mlp(fw, w)
+        state = optim.init(model.params)
+        step = lambda m=model, s=state: pccore.train_step(m, optim, s, x=x, y=y, t1=2.0, dt0=DT)
+        r = paired(ref_step, step, reps, sync_a=sync, sync_b=sync)
+        row = {"name": f"A via {fw}", "arch": "784-300-300-10", "batch": 64, "T": 20,
+               "solver": "euler", "lean_ms": r["a_ms"], "pccore_ms": r["b_ms"],
+               "ratio": r["ratio"], "note": "lean column = the Equinox path"}
+        print(row, flush=True)
+        rows.append(row)
+    return rows
+
+
 def configs(quick):
     main = [
         ("A", "784-300-300-10"), ("B", "784-128x5-10"), ("C", "784-128x19-10"),
@@ -102,6 +134,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     reps = 10 if a.quick else 40
     rows = [row(reps=reps, **c) for c in configs(a.quick)]
+    rows += adapter_rows(reps)
     md = table(rows, COLS)
     print(md)
     write_json(a.out, {"rows": rows, "markdown": md, "quick": a.quick})
