@@ -1,5 +1,7 @@
 """The one update path: parameter gradients at the inferred activities, and a training step."""
 
+import dataclasses
+from collections import OrderedDict
 from typing import Any
 
 import diffrax
@@ -62,9 +64,8 @@ def _update(optim, grads, opt_state, params):
     return optax.apply_updates(params, updates), opt_state
 
 
-@compiled
-def _train_step(model, optim, opt_state, x, y, energy, solver, controller, t1, dt0, n, steady,
-                init, key):
+def _train_step_impl(model, optim, opt_state, x, y, energy, solver, controller, t1, dt0, n,
+                     steady, init, key):
     prepared = energy.prepare(model)
     z0 = energy.init(prepared, x, y, init, key)
     sol = _solve(prepared, z0, x, y, energy, solver, controller, t1, dt0, n, steady, None)
@@ -89,6 +90,56 @@ def _train_step(model, optim, opt_state, x, y, energy, solver, controller, t1, d
         num_grad_evals=sol.num_grad_evals,
     )
     return model.with_params(params), eqx.combine(dyn_state, static_state), stats
+
+
+_train_step = compiled(_train_step_impl)
+
+
+class _Skeleton:
+    """A model without its parameters, as a static argument hashed by identity.
+
+    Flattening and hashing the model's layer functions on every call costs more than the
+    parameters do; a training loop passes the same structure every time (the returned
+    model shares it, see `_with_params`), so it is looked up by identity instead.
+    """
+
+    __slots__ = ("model",)
+
+    def __init__(self, model: PCModel):
+        self.model = model
+
+
+_SKELETONS: OrderedDict = OrderedDict()
+_STATIC = tuple(f.name for f in dataclasses.fields(PCModel) if f.name != "params")
+
+
+def _with_params(model: PCModel, params) -> PCModel:
+    """`model.with_params(params)` sharing every other field (no flatten/unflatten)."""
+    new = object.__new__(type(model))
+    for f in dataclasses.fields(model):
+        object.__setattr__(new, f.name, params if f.name == "params" else getattr(model, f.name))
+    return new
+
+
+def _skeleton(model: PCModel) -> _Skeleton | None:
+    """The cached skeleton of `model`, or None if its layer functions hold arrays."""
+    skel = _SKELETONS.get(id(model.layers))
+    if skel is not None and all(getattr(skel.model, f) is getattr(model, f) for f in _STATIC):
+        return skel
+    if type(model) is not PCModel or any(eqx.is_array(a) for a in jtu.tree_leaves(model.layers)):
+        return None
+    shapes = jax.eval_shape(lambda: model.params)
+    skel = _Skeleton(_with_params(model, shapes))
+    _SKELETONS[id(model.layers)] = skel
+    if len(_SKELETONS) > 16:
+        _SKELETONS.popitem(last=False)
+    return skel
+
+
+@compiled
+def _train_step_params(skel, params, *args):
+    model, opt_state, stats = _train_step_impl(skel.model.with_params(params), *args)
+    return model.params, opt_state, stats
 
 
 def train_step(
@@ -133,5 +184,10 @@ def train_step(
             f"`optim` must be an optax GradientTransformation (e.g. optax.adam(1e-3)); got "
             f"{type(optim).__name__}."
         )
-    return _train_step(model, optim, opt_state, x, y, energy, solver, stepsize_controller, t1,
-                       dt0, n, steady_state, init, key)
+    args = (optim, opt_state, x, y, energy, solver, stepsize_controller, t1, dt0, n,
+            steady_state, init, key)
+    skel = _skeleton(model)
+    if skel is None:
+        return _train_step(model, *args)
+    params, opt_state, stats = _train_step_params(skel, model.params, *args)
+    return _with_params(model, params), opt_state, stats
