@@ -33,6 +33,16 @@ from ._model import AbstractPCModel, PCModel
 MAX_FIXED_STEPS = 1_000_000
 """The largest `t1 / dt0` accepted without an explicit `max_steps` (guards against hangs)."""
 
+_IS_FLOAT: dict = {}
+
+
+def _is_float(dtype) -> bool:
+    """`jnp.issubdtype(dtype, jnp.floating)`, memoised (it is slow on every call)."""
+    ok = _IS_FLOAT.get(dtype)
+    if ok is None:
+        ok = _IS_FLOAT[dtype] = bool(jnp.issubdtype(dtype, jnp.floating))
+    return ok
+
 
 def _shape_of(a: Any) -> tuple[int, ...]:
     return tuple(np.shape(a))
@@ -45,7 +55,7 @@ def is_concrete(a: Any) -> bool:
 
 def check_dtype(name: str, dtype: Any) -> None:
     """Refuse non-floating and half-precision dtypes (see the module docstring)."""
-    if not jnp.issubdtype(dtype, jnp.floating):
+    if not _is_float(dtype):
         raise TypeError(
             f"`{name}` has dtype {dtype}; expected float32 or float64. Cast it first, e.g. "
             f"`{name}.astype(jnp.float32)` (one-hot encode integer labels with "
@@ -117,7 +127,7 @@ def as_batch(
     if not isinstance(a, jax.Array):
         a = np.asarray(a)
     check_finite(name, a, scan_device)
-    return jnp.asarray(a)
+    return a if isinstance(a, jax.Array) else jnp.asarray(a)
 
 
 def check_model(model: Any, energy: Any) -> None:

@@ -7,10 +7,19 @@ Three routes, one contract (an [`pccore.InferenceSolution`][]):
 - a diffrax solver with an adaptive controller, or with `saveat`: `diffrax.diffeqsolve`, with
   a `diffrax.Event` on the vector field for the steady state;
 - an optax `GradientTransformation`: $z \leftarrow z + \mathrm{update}(\nabla_z \mathcal F)$,
-  state re-initialised per solve; `optax.sgd(η)` is Euler with `dt0 = η`.
+  state re-initialised per solve; `optax.sgd(η)` is Euler with `dt0 = η`;
+- an optimistix minimiser (`optx.BFGS`, `optx.NonlinearCG`, ...): direct minimisation of
+  $\mathcal F$ over the activities (`_infer_optimistix.py`).
+
+Cost: with a constant step and no steady-state test, T steps of an explicit solver cost
+exactly T evaluations per stage of $\nabla_z \mathcal F$; a steady-state test reuses the
+gradient of the step (Euler, optax, optimistix), so it adds one evaluation per solve, not
+one per step. `InferenceSolution.num_grad_evals` counts them.
 """
 
+import functools as ft
 import math
+import sys
 from typing import Any
 
 import diffrax
@@ -22,6 +31,7 @@ import optax
 from jaxtyping import PRNGKeyArray
 
 from ._check import check_activities, check_data, check_hyper, thread_error
+from ._compiled import compiled
 from ._custom_types import Activities, BatchArray
 from ._energy import PC, AbstractEnergy
 from ._init import AbstractInit, FeedForward
@@ -30,8 +40,11 @@ from ._results import RESULTS
 from ._solution import InferenceSolution, SteadyState
 
 _FAMILIES = (
-    "a diffrax ODE solver (e.g. diffrax.Euler(), diffrax.Heun(), diffrax.Tsit5()), or an "
-    "optax GradientTransformation on the activities (e.g. optax.sgd(0.1))"
+    "one of three families: a diffrax ODE solver (gradient flow, e.g. diffrax.Euler(), "
+    "diffrax.Heun(), diffrax.Tsit5()); an optax GradientTransformation stepping the "
+    "activities (e.g. optax.sgd(0.1), optax.adam(0.1)); or an optimistix minimiser (e.g. "
+    "optx.BFGS(rtol=1e-6, atol=1e-6), optx.NonlinearCG(...), needs `pip install "
+    '"pccore[optimistix]"`)'
 )
 
 
@@ -68,6 +81,28 @@ def is_optax(solver: Any) -> bool:
     return isinstance(solver, optax.GradientTransformation)
 
 
+def is_optimistix(solver: Any) -> bool:
+    """An optimistix minimiser? Never imports optimistix: if it is not loaded, no."""
+    optx = sys.modules.get("optimistix")
+    return optx is not None and isinstance(solver, optx.AbstractMinimiser)
+
+
+def erk_evals(solver: Any) -> tuple[int, int]:
+    """(evaluations at init, evaluations per step) of an explicit Runge-Kutta solver.
+
+    First-same-as-last tableaus reuse the last stage, so they cost one evaluation at
+    `init` and `num_stages - 1` per step; Euler costs one per step. `(-1, -1)` if unknown.
+    """
+    if isinstance(solver, diffrax.Euler):
+        return 0, 1
+    if isinstance(solver, diffrax.AbstractERK) and not isinstance(
+        solver.tableau, diffrax.MultiButcherTableau
+    ):
+        tab = solver.tableau
+        return int(tab.fsal), tab.num_stages - int(tab.fsal)
+    return -1, -1
+
+
 def check_solver(solver, stepsize_controller, t1, dt0, max_steps, steady_state, saveat):
     """Validate the solver options once, at the entry point. Returns the step budget."""
     check_hyper(solver, stepsize_controller, t1, dt0, max_steps, steady_state)
@@ -85,6 +120,13 @@ def check_solver(solver, stepsize_controller, t1, dt0, max_steps, steady_state, 
                 "diffrax.SaveAt(ts=jnp.array([0, 5, 10])) with integer step numbers."
             )
         return 20 if max_steps is None else max_steps
+    if is_optimistix(solver):
+        if saveat is not None:
+            raise ValueError(
+                "`saveat` is not supported with an optimistix minimiser (it has no time axis); "
+                "use a diffrax or optax solver to record a trajectory, or pass saveat=None."
+            )
+        return 256 if max_steps is None else max_steps
     if not isinstance(solver, diffrax.AbstractSolver):
         raise TypeError(f"`solver` must be {_FAMILIES}; got {type(solver).__name__}.")
     if not (isinstance(t1, int | float) and t1 > 0):
@@ -121,8 +163,11 @@ def check_solver(solver, stepsize_controller, t1, dt0, max_steps, steady_state, 
     return 4096 if max_steps is None else max_steps
 
 
-def _finish(energy, model, z, x, y, k, t, result, steady, ts=None, traj=None):
-    g = activity_grad(energy, model, z, x, y)
+def _finish(energy, model, z, x, y, k, t, result, evals, g=None, ts=None, traj=None):
+    """Package a solve. `g` is the gradient at `z` if the loop has it (else one more
+    evaluation, which `jit` removes when `vector_field_norm` is not used)."""
+    if g is None:
+        g = activity_grad(energy, model, z, x, y)
     e = energy.per_sample(model, z, x, y).sum()
     finite = _all_finite(z) & jnp.isfinite(e)
     result = RESULTS.where(finite, result, RESULTS.diverged)
@@ -133,6 +178,7 @@ def _finish(energy, model, z, x, y, k, t, result, steady, ts=None, traj=None):
         activities=z,
         num_steps=jnp.asarray(k, jnp.int32),
         energy=e,
+        num_grad_evals=jnp.asarray(evals, jnp.int32),
         result=result,
         t=jnp.asarray(t, e.dtype),
         vector_field_norm=field_norm(g),
@@ -140,6 +186,10 @@ def _finish(energy, model, z, x, y, k, t, result, steady, ts=None, traj=None):
         trajectory=traj,
         energies=energies,
     )
+
+
+def _keep(done, new, old):
+    return jtu.tree_map(lambda a, b: jnp.where(done, b, a), new, old)
 
 
 def _solve_optax(opt, energy, model, z0, x, y, n, steady, saveat):
@@ -155,7 +205,7 @@ def _solve_optax(opt, energy, model, z0, x, y, n, steady, saveat):
             return optax.apply_updates(z, upd), s
 
         z, _ = jax.lax.fori_loop(0, n, body, (z0, s0))
-        return _finish(energy, model, z, x, y, n, n, RESULTS.completed, steady)
+        return _finish(energy, model, z, x, y, n, n, RESULTS.completed, n)
 
     def save(buf, z, k):
         if buf is None:
@@ -167,30 +217,29 @@ def _solve_optax(opt, energy, model, z0, x, y, n, steady, saveat):
 
     buf0 = None if ts is None else jtu.tree_map(lambda a: jnp.zeros((ts.size, *a.shape), a.dtype), z0)
     buf0 = save(buf0, z0, 0)
+    check = (lambda g, z: jnp.array(False)) if steady is None else ft.partial(is_steady, steady)
 
+    # The carry holds the gradient at the current state: one evaluation per update, and
+    # the steady-state test reads the same gradient.
     def cond(c):
-        k, _, _, done, _ = c
+        k, _, _, _, done, _ = c
         return (k < n) & ~done
 
     def body(c):
-        k, z, s, _, buf = c
+        k, z, s, g, _, buf = c
+        upd, s = opt.update(g, s, z)
+        z = optax.apply_updates(z, upd)
         g = grad(z)
-        done = jnp.array(False) if steady is None else is_steady(steady, g, z)
-        upd, s_new = opt.update(g, s, z)
-        z_new = optax.apply_updates(z, upd)
-        keep = lambda new, old: jtu.tree_map(lambda a, b: jnp.where(done, b, a), new, old)
-        z, s = keep(z_new, z), keep(s_new, s)
-        k = k + jnp.where(done, 0, 1)
-        return k, z, s, done, save(buf, z, k)
+        return k + 1, z, s, g, check(g, z), save(buf, z, k + 1)
 
-    k, z, _, done, buf = jax.lax.while_loop(cond, body, (0, z0, s0, jnp.array(False), buf0))
+    g0 = grad(z0)
+    c0 = (0, z0, s0, g0, check(g0, z0), buf0)
+    k, z, _, g, done, buf = jax.lax.while_loop(cond, body, c0)
     if steady is None:
         result = RESULTS.completed
     else:
-        g = activity_grad(energy, model, z, x, y)
-        done = done | is_steady(steady, g, z)
         result = RESULTS.where(done, RESULTS.converged, RESULTS.max_steps_reached)
-    return _finish(energy, model, z, x, y, k, k, result, steady, ts, buf)
+    return _finish(energy, model, z, x, y, k, k, result, k + 1, g, ts, buf)
 
 
 def _vector_field(t, z, args):
@@ -203,6 +252,7 @@ def _solve_fixed(solver, energy, model, z0, x, y, t1, dt0, n, steady):
     args = (energy, model, x, y)
     t_of = lambda k: jnp.minimum(k * dt0, t1)
     s0 = solver.init(terms, 0.0, t_of(1), z0, args)
+    at_init, per_step = erk_evals(solver)
 
     def step(k, z, s):
         z, _, _, s, _ = solver.step(terms, t_of(k), t_of(k + 1), z, args, s, False)
@@ -210,23 +260,34 @@ def _solve_fixed(solver, energy, model, z0, x, y, t1, dt0, n, steady):
 
     if steady is None:
         z, _ = jax.lax.fori_loop(0, n, lambda k, c: step(k, *c), (z0, s0))
-        return _finish(energy, model, z, x, y, n, t1, RESULTS.completed, steady)
+        evals = at_init + n * per_step if per_step >= 0 else -1
+        return _finish(energy, model, z, x, y, n, t1, RESULTS.completed, evals)
 
-    def cond(c):
-        k, _, _, done = c
-        return (k < n) & ~done
+    grad = lambda z: activity_grad(energy, model, z, x, y)
+    euler = isinstance(solver, diffrax.Euler)
 
+    # The carry holds the gradient at the current state. Euler steps with it (one
+    # evaluation per step, shared with the steady-state test); other solvers evaluate
+    # their own stages and the test costs one more evaluation per step.
     def body(c):
-        k, z, s, _ = c
-        done = is_steady(steady, activity_grad(energy, model, z, x, y), z)
-        z_new, s_new = step(k, z, s)
-        keep = lambda new, old: jtu.tree_map(lambda a, b: jnp.where(done, b, a), new, old)
-        return k + jnp.where(done, 0, 1), keep(z_new, z), keep(s_new, s), done
+        k, z, s, g, _ = c
+        if euler:
+            h = t_of(k + 1) - t_of(k)
+            z = jtu.tree_map(lambda a, b: a - (h * b).astype(a.dtype), z, g)
+        else:
+            z, s = step(k, z, s)
+        g = grad(z)
+        return k + 1, z, s, g, is_steady(steady, g, z)
 
-    k, z, _, done = jax.lax.while_loop(cond, body, (0, z0, s0, jnp.array(False)))
-    done = done | is_steady(steady, activity_grad(energy, model, z, x, y), z)
+    g0 = grad(z0)
+    c0 = (0, z0, s0, g0, is_steady(steady, g0, z0))
+    k, z, _, g, done = jax.lax.while_loop(lambda c: (c[0] < n) & ~c[4], body, c0)
     result = RESULTS.where(done, RESULTS.converged, RESULTS.not_converged)
-    return _finish(energy, model, z, x, y, k, t_of(k), result, steady)
+    if euler:
+        evals = k + 1
+    else:
+        evals = at_init + k * (per_step + 1) + 1 if per_step >= 0 else -1
+    return _finish(energy, model, z, x, y, k, t_of(k), result, evals, g)
 
 
 def _solve_diffrax(solver, controller, energy, model, z0, x, y, t1, dt0, n, steady, saveat):
@@ -267,20 +328,34 @@ def _solve_diffrax(solver, controller, energy, model, z0, x, y, t1, dt0, n, stea
     maxed = sol.result == diffrax.RESULTS.max_steps_reached
     bad = RESULTS.where(maxed, RESULTS.max_steps_reached, RESULTS.diverged)
     result = RESULTS.where(ok, good, bad)
-    return _finish(
-        energy, model, z, x, y, sol.stats["num_steps"], sol.ts[-1], result, steady, ts, traj
-    )
+    k = sol.stats["num_steps"]
+    at_init, per_step = erk_evals(solver)
+    if per_step < 0:
+        evals = -1
+    else:
+        # + 1 + k for the steady-state event (diffrax tests it at t0 and after each step)
+        evals = at_init + k * per_step + (0 if steady is None else 1 + k)
+    return _finish(energy, model, z, x, y, k, sol.ts[-1], result, evals, None, ts, traj)
 
 
-@eqx.filter_jit
-def solve(model, z0, x, y, energy, solver, controller, t1, dt0, n, steady, saveat):
-    """Inference on a *prepared* model from `z0`; everything validated. Jittable."""
+def _solve(model, z0, x, y, energy, solver, controller, t1, dt0, n, steady, saveat):
     if is_optax(solver):
         return _solve_optax(solver, energy, model, z0, x, y, n, steady, saveat)
+    if is_optimistix(solver):
+        from ._infer_optimistix import solve_optimistix
+
+        return solve_optimistix(solver, energy, model, z0, x, y, n, steady)
     adaptive = isinstance(controller, diffrax.AbstractAdaptiveStepSizeController)
     if adaptive or saveat is not None:
         return _solve_diffrax(solver, controller, energy, model, z0, x, y, t1, dt0, n, steady, saveat)
     return _solve_fixed(solver, energy, model, z0, x, y, t1, dt0, n, steady)
+
+
+solve = compiled(_solve)
+solve.__doc__ = """Inference on a *prepared* model from `z0`; everything validated. Jittable.
+
+`solve(prepared_model, z0, x, y, energy, solver, controller, t1, dt0, n, steady, saveat)`.
+"""
 
 
 def infer(
@@ -309,9 +384,14 @@ def infer(
     - `activities`: where to start; `None` initialises them with `init`.
     - `x`, `y`: the clamped bottom and top (see [`pccore.energy`][]).
     - `energy`: the variant, e.g. [`pccore.PC`][].
-    - `solver`: any diffrax ODE solver, or any optax `GradientTransformation` (stepping
-        $z \leftarrow z + \mathrm{update}(\nabla_z\mathcal F)$; `optax.sgd(η)` equals Euler with
-        `dt0=η`).
+    - `solver`: one of three families. Any diffrax ODE solver (gradient flow); any optax
+        `GradientTransformation` (stepping $z \leftarrow z + \mathrm{update}(\nabla_z\mathcal F)$;
+        `optax.sgd(η)` equals Euler with `dt0=η`); or any optimistix minimiser such as
+        `optx.BFGS(rtol, atol)` or `optx.NonlinearCG(rtol, atol)`, which minimises
+        $\mathcal F$ directly and stops by its own tolerances, or at `steady_state` if given
+        (`t1`, `dt0`, `stepsize_controller` are then unused; `max_steps` defaults to 256).
+        Dense quasi-Newton minimisers (BFGS, DFP) work on each sample separately; the
+        others (L-BFGS, NonlinearCG, ...) on the whole batch at once.
     - `stepsize_controller`: `diffrax.ConstantStepSize()` (with `dt0`) or an adaptive one such
         as `diffrax.PIDController(rtol=1e-3, atol=1e-3)` (needs a solver with an error estimate).
     - `t1`: the time horizon (diffrax solvers); the integration starts at 0.

@@ -1,5 +1,7 @@
 """The one update path: parameter gradients at the inferred activities, and a training step."""
 
+import dataclasses
+from collections import OrderedDict
 from typing import Any
 
 import diffrax
@@ -11,9 +13,10 @@ import optax
 from jaxtyping import PRNGKeyArray
 
 from ._check import check_activities, check_data
+from ._compiled import compiled
 from ._custom_types import Activities, BatchArray, Params, Scalar
 from ._energy import PC, AbstractEnergy
-from ._infer import check_solver, solve
+from ._infer import _solve, check_solver
 from ._init import AbstractInit, FeedForward
 from ._model import PCModel
 from ._results import RESULTS
@@ -56,17 +59,9 @@ def _finite(tree) -> Any:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
-def _select(pred, new, old):
-    return jtu.tree_map(
-        lambda a, b: jnp.where(pred, a, b) if eqx.is_array(a) else a, new, old
-    )
-
-
-@eqx.filter_jit
-def _train_step(model, optim, opt_state, x, y, energy, solver, controller, t1, dt0, n, steady,
-                init, key):
-    return update(model, optim, opt_state, x, y, energy, solver, controller, t1, dt0, n, steady,
-                  init, key)[:3]
+def _update(optim, grads, opt_state, params):
+    updates, opt_state = optim.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
 
 
 def update(model, optim, opt_state, x, y, energy, solver, controller, t1, dt0, n, steady, init,
@@ -74,21 +69,82 @@ def update(model, optim, opt_state, x, y, energy, solver, controller, t1, dt0, n
     """Initialise, infer and update (traceable); also returns the equilibrium activities."""
     prepared = energy.prepare(model)
     z0 = energy.init(prepared, x, y, init, key)
-    sol = solve(prepared, z0, x, y, energy, solver, controller, t1, dt0, n, steady, None)
+    sol = _solve(prepared, z0, x, y, energy, solver, controller, t1, dt0, n, steady, None)
     z = jax.lax.stop_gradient(sol.activities)
     grads = jax.grad(objective)(model.params, model, energy, z, x, y)
-    updates, new_state = optim.update(grads, opt_state, model.params)
-    new_params = optax.apply_updates(model.params, updates)
     ok = (sol.result != RESULTS.diverged) & _finite(grads)
+    # A branch, not an elementwise select: the update stays one fused pass over the
+    # parameters, and a skipped update costs nothing.
+    dyn_state, static_state = eqx.partition(opt_state, eqx.is_array)
+    params, dyn_state = jax.lax.cond(
+        ok,
+        lambda g, s, p: eqx.filter(_update(optim, g, eqx.combine(s, static_state), p), eqx.is_array),
+        lambda g, s, p: (p, s),
+        grads, dyn_state, model.params,
+    )
     stats = TrainStats(
         loss=energy.per_sample(prepared, z0, x, y).mean(),
         energy=sol.energy / z0[0].shape[0] if z0 else sol.energy,
         num_steps=sol.num_steps,
         result=sol.result,
         updated=ok,
+        num_grad_evals=sol.num_grad_evals,
     )
-    model = model.with_params(_select(ok, new_params, model.params))
-    return model, _select(ok, new_state, opt_state), stats, z
+    return model.with_params(params), eqx.combine(dyn_state, static_state), stats, z
+
+
+def _train_step_impl(*args):
+    return update(*args)[:3]
+
+
+_train_step = compiled(_train_step_impl)
+
+
+class _Skeleton:
+    """A model without its parameters, as a static argument hashed by identity.
+
+    Flattening and hashing the model's layer functions on every call costs more than the
+    parameters do; a training loop passes the same structure every time (the returned
+    model shares it, see `_with_params`), so it is looked up by identity instead.
+    """
+
+    __slots__ = ("model",)
+
+    def __init__(self, model: PCModel):
+        self.model = model
+
+
+_SKELETONS: OrderedDict = OrderedDict()
+_STATIC = tuple(f.name for f in dataclasses.fields(PCModel) if f.name != "params")
+
+
+def _with_params(model: PCModel, params) -> PCModel:
+    """`model.with_params(params)` sharing every other field (no flatten/unflatten)."""
+    new = object.__new__(type(model))
+    for f in dataclasses.fields(model):
+        object.__setattr__(new, f.name, params if f.name == "params" else getattr(model, f.name))
+    return new
+
+
+def _skeleton(model: PCModel) -> _Skeleton | None:
+    """The cached skeleton of `model`, or None if its layer functions hold arrays."""
+    skel = _SKELETONS.get(id(model.layers))
+    if skel is not None and all(getattr(skel.model, f) is getattr(model, f) for f in _STATIC):
+        return skel
+    if type(model) is not PCModel or any(eqx.is_array(a) for a in jtu.tree_leaves(model.layers)):
+        return None
+    shapes = jax.eval_shape(lambda: model.params)
+    skel = _Skeleton(_with_params(model, shapes))
+    _SKELETONS[id(model.layers)] = skel
+    if len(_SKELETONS) > 16:
+        _SKELETONS.popitem(last=False)
+    return skel
+
+
+@compiled
+def _train_step_params(skel, params, *args):
+    model, opt_state, stats = _train_step_impl(skel.model.with_params(params), *args)
+    return model.params, opt_state, stats
 
 
 def train_step(
@@ -133,5 +189,10 @@ def train_step(
             f"`optim` must be an optax GradientTransformation (e.g. optax.adam(1e-3)); got "
             f"{type(optim).__name__}."
         )
-    return _train_step(model, optim, opt_state, x, y, energy, solver, stepsize_controller, t1,
-                       dt0, n, steady_state, init, key)
+    args = (optim, opt_state, x, y, energy, solver, stepsize_controller, t1, dt0, n,
+            steady_state, init, key)
+    skel = _skeleton(model)
+    if skel is None:
+        return _train_step(model, *args)
+    params, opt_state, stats = _train_step_params(skel, model.params, *args)
+    return _with_params(model, params), opt_state, stats

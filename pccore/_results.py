@@ -29,3 +29,8 @@ class RESULTS(eqx.Enumeration):
         "the step size (`dt0`, or the optax learning rate), use an adaptive stepsize_controller, "
         "or check the data and weights for NaN/inf."
     )
+    minimiser_failed = (
+        "The optimistix minimiser reported a failure (e.g. its line search found no decrease, "
+        "or a non-finite value). Check `solution.result`; try another minimiser "
+        "(optx.NonlinearCG, optx.BFGS) or looser tolerances."
+    )

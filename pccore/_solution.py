@@ -45,6 +45,11 @@ class InferenceSolution(eqx.Module):
     - `t`: the final time (for optax solvers, the number of updates).
     - `vector_field_norm`: the largest per-sample, per-variable max-norm of
         $\\nabla_z \\mathcal F$ at the final state.
+    - `num_grad_evals`: evaluations of $\\nabla_z \\mathcal F$ the solver made (every stage
+        of every step, rejected steps and the steady-state test included, but not an adaptive
+        controller's choice of `dt0=None`;
+        the final diagnostics of this solution are not counted). Exact for Euler, explicit
+        Runge-Kutta solvers, optax and optimistix minimisers; -1 for other diffrax solvers.
     - `ts`, `trajectory`, `energies`: the save times, the variables at those times (each
         with a leading time axis) and the energy there; `None` unless `saveat` was given.
     """
@@ -55,6 +60,7 @@ class InferenceSolution(eqx.Module):
     result: RESULTS
     t: Float[Array, ""]
     vector_field_norm: Float[Array, ""]
+    num_grad_evals: Int[Array, ""]
     ts: Float[Array, " times"] | None = None
     trajectory: Activities | None = None
     energies: Float[Array, " times"] | None = None
@@ -68,6 +74,8 @@ class TrainStats(eqx.Module):
     - `loss`: the output loss of the feed-forward prediction, batch mean (before the update).
     - `energy`: the energy at the inferred activities, batch mean $\\frac1B\\sum_i F_i$.
     - `num_steps`: inference steps taken.
+    - `num_grad_evals`: activity-gradient evaluations of inference (see
+        [`pccore.InferenceSolution`][]).
     - `result`: the inference [`pccore.RESULTS`][] code.
     - `updated`: False when the update was skipped because inference diverged or a
         gradient was non-finite (the parameters and optimiser state are then unchanged).
@@ -78,3 +86,4 @@ class TrainStats(eqx.Module):
     num_steps: Int[Array, ""]
     result: RESULTS
     updated: Array
+    num_grad_evals: Int[Array, ""]

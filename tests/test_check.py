@@ -185,7 +185,9 @@ def test_bad_options_and_objects(setup):
         with pytest.raises(ValueError, match=match):
             make()
     with pytest.raises(
-        TypeError, match=r"`model` must be a pccore\.PCModel \(or another pccore\.AbstractPCModel\); got MLP\. Wrap your model first"
+        TypeError,
+        match=r"`model` must be a pccore\.PCModel \(or another pccore\.AbstractPCModel\); got MLP\. "
+        r"Wrap your model first",
     ):
         pccore.infer(eqx.nn.MLP(3, 2, 4, 1, key=jax.random.key(0)), x=x, y=y)
     with pytest.raises(

@@ -66,23 +66,6 @@ def test_nan_updates_are_not_applied(getkey):
     assert int(new_state[0].count) == 0
 
 
-def test_no_recompilation_for_new_data(getkey):
-    model = _model(getkey())
-    optim = optax.sgd(0.05)
-    state = optim.init(model.params)
-    from pccore import _learn
-
-    x = jax.random.normal(getkey(), (8, 5))
-    y = jax.random.normal(getkey(), (8, 3))
-    model, state, _ = pccore.train_step(model, optim, state, x=x, y=y)
-    before = _learn._train_step._cached._cache_size()
-    for _ in range(3):
-        x = jax.random.normal(getkey(), (8, 5))
-        y = jax.random.normal(getkey(), (8, 3))
-        model, state, _ = pccore.train_step(model, optim, state, x=x, y=y)
-    assert _learn._train_step._cached._cache_size() == before
-
-
 def test_train_step_errors(getkey):
     model = _model(getkey())
     x, y = jnp.ones((2, 5)), jnp.ones((2, 3))

@@ -1,0 +1,223 @@
+"""Shared pieces of the benchmarks: models, the lean reference step, timing helpers.
+
+The lean reference is the physical limit of a predictive coding training step on a given
+machine: one `jax.jit` holding the feed-forward initialisation, T Euler steps of
+`jax.grad(F)` in one `lax.fori_loop`, one parameter gradient and one optax update. Nothing
+else. It is written here in plain JAX, independently of pccore.
+"""
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import pccore
+
+# ----------------------------------------------------------------------------- models
+
+
+def mlp_weights(sizes, key, dtype=jnp.float32):
+    """Per layer `(W (in, out), b (out,))`, scaled 1/sqrt(fan-in)."""
+    out = []
+    for k, (n_in, n_out) in zip(jax.random.split(key, len(sizes) - 1), zip(sizes[:-1], sizes[1:])):
+        kw, kb = jax.random.split(k)
+        W = jax.random.normal(kw, (n_in, n_out), dtype) / np.sqrt(n_in)
+        b = 0.1 * jax.random.normal(kb, (n_out,), dtype)
+        out.append((W, b))
+    return out
+
+
+def equinox_mlp(weights, act=jnp.tanh) -> pccore.PCModel:
+    """The same MLP as an `eqx.nn.Sequential` of Linear/Lambda layers, wrapped by pccore."""
+    layers = []
+    for i, (W, b) in enumerate(weights):
+        lin = eqx.nn.Linear(W.shape[0], W.shape[1], key=jax.random.key(0))
+        lin = eqx.tree_at(lambda m: (m.weight, m.bias), lin, (W.T, b))
+        layers.append(lin)
+        if i < len(weights) - 1:
+            layers.append(eqx.nn.Lambda(act))
+    return pccore.wrap(eqx.nn.Sequential(layers))
+
+
+def sizes_of(name: str):
+    """`"784-300-300-10"` or `"784-128x5-10"` -> list of widths."""
+    out = []
+    for part in name.split("-"):
+        if "x" in part:
+            w, k = part.split("x")
+            out += [int(w)] * int(k)
+        else:
+            out.append(int(part))
+    return out
+
+
+def data(sizes, batch, key, dtype=jnp.float32):
+    kx, ky = jax.random.split(key)
+    x = jax.random.normal(kx, (batch, sizes[0]), dtype)
+    y = jax.nn.one_hot(jax.random.randint(ky, (batch,), 0, sizes[-1]), sizes[-1], dtype=dtype)
+    return x, y
+
+
+# ------------------------------------------------------------------ the lean reference
+
+
+def _layer(p, z, last, act):
+    W, b = p
+    h = z @ W + b
+    return h if last else act(h)
+
+
+def lean_energy(z, params, x, y, act=jnp.tanh):
+    """Sum over the batch of sum_l 1/2 ||z_l - f_l(z_{l-1})||^2 + 1/2 ||y - f_L(z_{L-1})||^2."""
+    chain = (x, *z)
+    L = len(params)
+    e = 0.0
+    for l in range(1, L):
+        e = e + 0.5 * jnp.sum(jnp.square(chain[l] - _layer(params[l - 1], chain[l - 1], False, act)))
+    return e + 0.5 * jnp.sum(jnp.square(y - _layer(params[L - 1], chain[L - 1], True, act)))
+
+
+def make_lean_step(optim, T: int, dt: float, act=jnp.tanh):
+    """The hand-written PC step: (params, opt_state, x, y) -> (params, opt_state)."""
+
+    @jax.jit
+    def step(params, opt_state, x, y):
+        z, h = [], x
+        for l in range(len(params) - 1):
+            h = _layer(params[l], h, False, act)
+            z.append(h)
+        z = tuple(z)
+        grad_z = jax.grad(lean_energy)
+
+        def body(_, z):
+            g = grad_z(z, params, x, y, act)
+            return jax.tree_util.tree_map(lambda a, b: a - dt * b, z, g)
+
+        z = jax.lax.fori_loop(0, T, body, z)
+        B = x.shape[0]
+        grads = jax.grad(lambda p: lean_energy(z, p, x, y, act) / B)(params)
+        updates, opt_state = optim.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    return step
+
+
+def make_backprop_step(optim, act=jnp.tanh):
+    """Ordinary training of the same network (forward, MSE, gradient, optax update)."""
+
+    def loss(params, x, y):
+        h = x
+        for l, p in enumerate(params):
+            h = _layer(p, h, l == len(params) - 1, act)
+        return 0.5 * jnp.sum(jnp.square(y - h)) / x.shape[0]
+
+    @jax.jit
+    def step(params, opt_state, x, y):
+        grads = jax.grad(loss)(params, x, y)
+        updates, opt_state = optim.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    return step
+
+
+# ------------------------------------------------------------------------- timing
+
+
+def block(tree):
+    return jax.block_until_ready(tree)
+
+
+def time_once(fn, sync=block):
+    t = time.perf_counter()
+    sync(fn())
+    return time.perf_counter() - t
+
+
+def first_leaf(tree):
+    """Wait for one output array: an XLA executable finishes all its outputs together, so
+    this waits for the whole call without flattening a large output tree in the timing."""
+    while isinstance(tree, tuple | list):
+        tree = tree[0]
+    return tree.block_until_ready()
+
+
+def paired(fa, fb, reps: int, warmup: int = 3, sync_a=block, sync_b=block):
+    """Time `fa` and `fb` alternately (ABBA order); returns medians and the median ratio b/a."""
+    for _ in range(warmup):
+        block(fa())
+        block(fb())
+    ta, tb = [], []
+    for i in range(reps):
+        if i % 2 == 0:
+            a, b = time_once(fa, sync_a), time_once(fb, sync_b)
+        else:
+            b, a = time_once(fb, sync_b), time_once(fa, sync_a)
+        ta.append(a)
+        tb.append(b)
+    ratios = [b / a for a, b in zip(ta, tb)]
+    return {
+        "a_ms": 1e3 * statistics.median(ta),
+        "b_ms": 1e3 * statistics.median(tb),
+        "ratio": statistics.median(ratios),
+        "reps": reps,
+    }
+
+
+def median_time(fn, reps: int, warmup: int = 3):
+    for _ in range(warmup):
+        block(fn())
+    return 1e3 * statistics.median(time_once(fn) for _ in range(reps))
+
+
+# -------------------------------------------------------------------------- output
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "python": sys.version.split()[0],
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+
+
+def write_json(path, payload):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"machine": machine(), **payload}, f, indent=1)
+
+
+def table(rows, cols) -> str:
+    """A markdown table of `rows` (dicts) with `cols` as (key, header, format)."""
+    head = "| " + " | ".join(h for _, h, _ in cols) + " |"
+    sep = "|" + "|".join("---" for _ in cols) + "|"
+    body = [
+        "| " + " | ".join(fmt.format(r[k]) if r.get(k) is not None else "–" for k, _, fmt in cols)
+        + " |"
+        for r in rows
+    ]
+    return "\n".join([head, sep, *body])
+
+
+def out_path(name: str) -> str:
+    """`benchmarks/results/<name>.json`, wherever the script is run from."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{name}.json")

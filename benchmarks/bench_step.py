@@ -1,0 +1,145 @@
+"""pccore's `train_step` against a hand-written lean PC step (and backprop for scale).
+
+Every comparison is a ratio measured in one process, the two candidates alternating; the
+table shows medians of the per-pair ratios. Run `python benchmarks/bench_step.py [--quick]`.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import diffrax
+import jax
+import optax
+from _common import (
+    block,
+    data,
+    equinox_mlp,
+    first_leaf,
+    make_backprop_step,
+    make_lean_step,
+    median_time,
+    mlp_weights,
+    out_path,
+    paired,
+    sizes_of,
+    table,
+    write_json,
+)
+
+import pccore
+
+DT = 0.1
+
+
+def row(name, arch, batch=64, T=20, solver="euler", reps=30, backprop=True):
+    sizes = sizes_of(arch)
+    w = mlp_weights(sizes, jax.random.key(0))
+    x, y = data(sizes, batch, jax.random.key(1))
+    optim = optax.adam(1e-3)
+    params = tuple(w)
+    ls = optim.init(params)
+    model = equinox_mlp(w)
+    ps = optim.init(model.params)
+    kw = dict(t1=T * DT, dt0=DT)
+    if solver != "euler":
+        kw = dict(
+            solver=diffrax.Heun() if solver == "heun-pid" else diffrax.Tsit5(),
+            stepsize_controller=diffrax.PIDController(rtol=1e-3, atol=1e-3),
+            t1=T * DT, dt0=DT, max_steps=1000,
+        )
+    lean = make_lean_step(optim, T, DT)
+    step = lambda: pccore.train_step(model, optim, ps, x=x, y=y, **kw)
+    t = time.perf_counter()
+    block(lean(params, ls, x, y))
+    lean_compile = time.perf_counter() - t
+    t = time.perf_counter()
+    stats = block(step())[2]
+    pc_compile = time.perf_counter() - t
+    sync_pc = lambda out: out[2].energy.block_until_ready()
+    r = paired(lambda: lean(params, ls, x, y), step, reps, sync_a=first_leaf, sync_b=sync_pc)
+    out = {
+        "name": name, "arch": arch, "batch": batch, "T": T, "solver": solver,
+        "lean_ms": r["a_ms"], "pccore_ms": r["b_ms"], "ratio": r["ratio"],
+        "grad_evals": int(stats.num_grad_evals),
+        "lean_compile_s": lean_compile, "pccore_compile_s": pc_compile,
+        "compile_ratio": pc_compile / lean_compile,
+    }
+    if backprop:
+        bp = make_backprop_step(optim)
+        out["backprop_ms"] = median_time(lambda: bp(params, ls, x, y), reps)
+    print(out, flush=True)
+    return out
+
+
+def adapter_rows(reps):
+    """Every adapter in the conformance list (`tests/cases.py`) against the Equinox path,
+    on configuration A, same weights and data (target: within 5%)."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from tests import cases
+
+    sizes = sizes_of("784-300-300-10")
+    w = mlp_weights(sizes, jax.random.key(0))
+    x, y = data(sizes, 64, jax.random.key(1))
+    optim = optax.adam(1e-3)
+    ref = equinox_mlp(w)
+    ref_state = optim.init(ref.params)
+    ref_step = lambda: pccore.train_step(ref, optim, ref_state, x=x, y=y, t1=2.0, dt0=DT)
+    sync = lambda out: out[2].energy.block_until_ready()
+    rows = []
+    for fw in cases.FRAMEWORKS:
+        if fw == "equinox":
+            continue
+        model = cases.build_mlp(fw, w)
+        state = optim.init(model.params)
+        step = lambda m=model, s=state: pccore.train_step(m, optim, s, x=x, y=y, t1=2.0, dt0=DT)
+        r = paired(ref_step, step, reps, sync_a=sync, sync_b=sync)
+        row = {"name": f"A via {fw}", "arch": "784-300-300-10", "batch": 64, "T": 20,
+               "solver": "euler", "lean_ms": r["a_ms"], "pccore_ms": r["b_ms"],
+               "ratio": r["ratio"], "note": "lean column = the Equinox path"}
+        print(row, flush=True)
+        rows.append(row)
+    return rows
+
+
+def configs(quick):
+    main = [
+        ("A", "784-300-300-10"), ("B", "784-128x5-10"), ("C", "784-128x19-10"),
+    ]
+    rows = [dict(name=n, arch=a) for n, a in main]
+    if quick:
+        return rows[:2] + [dict(name="A heun-pid", arch=main[0][1], solver="heun-pid")]
+    rows += [dict(name=f"A batch {b}", arch=main[0][1], batch=b) for b in (16, 256, 1024)]
+    rows += [dict(name=f"depth {d}", arch=f"784-128x{d - 1}-10") for d in (3, 10, 50)]
+    rows += [dict(name=f"B T={T}", arch=main[1][1], T=T) for T in (5, 50, 100)]
+    rows += [dict(name=f"A {s}", arch=main[0][1], solver=s) for s in ("heun-pid", "tsit5-pid")]
+    return rows
+
+
+COLS = [
+    ("name", "config", "{}"), ("arch", "architecture", "{}"), ("batch", "batch", "{}"),
+    ("T", "T", "{}"), ("solver", "solver", "{}"), ("grad_evals", "∇z evals", "{}"),
+    ("lean_ms", "lean ms", "{:.2f}"), ("pccore_ms", "pccore ms", "{:.2f}"),
+    ("ratio", "pccore / lean", "{:.3f}"), ("backprop_ms", "backprop ms", "{:.2f}"),
+    ("lean_compile_s", "lean compile s", "{:.2f}"), ("pccore_compile_s", "pccore compile s", "{:.2f}"),
+    ("compile_ratio", "compile ratio", "{:.2f}"),
+]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", default=out_path("step"))
+    a = p.parse_args(argv)
+    reps = 10 if a.quick else 40
+    rows = [row(reps=reps, **c) for c in configs(a.quick)]
+    rows += adapter_rows(reps)
+    md = table(rows, COLS)
+    print(md)
+    write_json(a.out, {"rows": rows, "markdown": md, "quick": a.quick})
+    return md
+
+
+if __name__ == "__main__":
+    main()
