@@ -43,6 +43,8 @@ class _Entry:
             self.out_static = tuple(a for a, m in zip(out_leaves, self.out_mask) if not m)
             return [a for a, m in zip(out_leaves, self.out_mask) if m]
 
+        flat.__name__ = getattr(fn, "__name__", "flat")  # compile logs name the real function
+        flat.__qualname__ = getattr(fn, "__qualname__", flat.__name__)
         self.jitted = jax.jit(flat)
 
     def __call__(self, dynamic: list) -> Any:

@@ -128,10 +128,12 @@ def _with_params(model: PCModel, params) -> PCModel:
 
 def _skeleton(model: PCModel) -> _Skeleton | None:
     """The cached skeleton of `model`, or None if its layer functions hold arrays."""
+    if type(model) is not PCModel:
+        return None
     skel = _SKELETONS.get(id(model.layers))
     if skel is not None and all(getattr(skel.model, f) is getattr(model, f) for f in _STATIC):
         return skel
-    if type(model) is not PCModel or any(eqx.is_array(a) for a in jtu.tree_leaves(model.layers)):
+    if any(eqx.is_array(a) for a in jtu.tree_leaves(model.layers)):
         return None
     shapes = jax.eval_shape(lambda: model.params)
     skel = _Skeleton(_with_params(model, shapes))
