@@ -189,7 +189,8 @@ def test_solver_errors(getkey):
     x, y = jnp.ones((2, 6)), jnp.ones((2, 3))
     with pytest.raises(ValueError, match=r"`solver=Euler\(\)` gives no error estimate"):
         pccore.infer(model, x=x, y=y, stepsize_controller=diffrax.PIDController(1e-3, 1e-3))
-    with pytest.raises(TypeError, match=r"`solver` must be one of three families: a diffrax ODE solver .* an optax .* an optimistix"):
+    families = r"`solver` must be one of three families: a diffrax ODE solver .* an optax .* an optimistix"
+    with pytest.raises(TypeError, match=families):
         pccore.infer(model, x=x, y=y, solver="euler")
     with pytest.raises(ValueError, match=r"`dt0` must be a finite positive number"):
         pccore.infer(model, x=x, y=y, dt0=-0.1)
