@@ -150,19 +150,13 @@ def test_sgd_on_activities_equals_euler(mnist_dir, tmp_path):
         (["compare", "--data", "mnist"], "--data mnist reads files from disk: pass --data-dir"),
         (["train", "--data", "mnist", "--data-dir", "{tmp}"],
          r"No mnist data found in .*train-images-idx3-ubyte"),
-        (["train", "--variant", "epc"], "does not provide the 'epc' variant yet"),
         (["compare", "--frameworks", "equinox", "equinox"], "lists a framework twice"),
         (["train", "--variant", "generative", "--loss", "ce"], "use --loss mse"),
         (["train", "--batch-size", "5000"], "--batch-size 5000 is larger than the training set"),
     ],
 )
 def test_clear_errors(argv, message, tmp_path, capsys):
-    from pccore._cli_options import VARIANTS
-
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
-
-    if "epc" in argv and "epc" in VARIANTS:
-        pytest.skip("the epc variant is available in this build")
     assert _cli.main([*argv, "--out", str(tmp_path), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("pccore: error: ")
