@@ -77,8 +77,9 @@ class TrainStats(eqx.Module):
     - `num_grad_evals`: activity-gradient evaluations of inference (see
         [`pccore.InferenceSolution`][]).
     - `result`: the inference [`pccore.RESULTS`][] code.
-    - `updated`: False when the update was skipped because inference diverged or a
-        gradient was non-finite (the parameters and optimiser state are then unchanged).
+    - `updated`: False when the update was skipped because inference diverged or the
+        parameter objective was non-finite (the parameters and optimiser state are then
+        unchanged).
     """
 
     loss: Float[Array, ""]
