@@ -383,7 +383,7 @@ class CheckpointManager:
 
     **Arguments:**
 
-    - `directory`: where the `step_XXXXXXXX/` checkpoints live (created if needed).
+    - `directory`: where the `step_00000012/`-style checkpoints live (created if needed).
     - `keep`: how many of the newest checkpoints to keep (>= 1); older ones are deleted
         after each successful save.
     """
