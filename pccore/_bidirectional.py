@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float
 
 from ._custom_types import Params
-from ._energy import AbstractEnergy, _sq
+from ._energy import AbstractEnergy, _sq, add_activity_decay
 from ._loss import MSE
 from ._model import AbstractPCModel, PCModel
 from ._parameterisation import SP, AbstractParameterisation
@@ -140,9 +140,7 @@ class BPC(AbstractEnergy):
 
     def per_sample(self, model, variables, x, y):
         total = self.layer_energies(model, variables, x, y).sum(axis=1)
-        if isinstance(self.activity_decay, int | float) and self.activity_decay == 0:
-            return total
-        return total + self.activity_decay * sum(_sq(v) for v in variables)
+        return add_activity_decay(total, self.activity_decay, variables)
 
     def init(self, model, x, y, initialiser, key):
         if y is None:

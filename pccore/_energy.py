@@ -28,6 +28,22 @@ def _sq(a: Array) -> Float[Array, " batch"]:
     return 0.5 * jnp.square(a).reshape(a.shape[0], -1).sum(axis=1)
 
 
+def output_term(loss, precision, y, predict, like: Array) -> Float[Array, " batch"]:
+    r"""Per-sample $\lambda E_{\mathrm{out}}(y, \mu_L)$, with `predict()` giving $\mu_L$;
+    zeros shaped like `like`'s batch when the output is free (`y` is None)."""
+    if y is None:
+        return jnp.zeros(like.shape[:1], like.dtype)
+    return precision * loss(predict(), y)
+
+
+def add_activity_decay(total, decay, activities) -> Float[Array, " batch"]:
+    r"""`total` plus the prior $\frac\alpha2 \sum_l \lVert z_l \rVert^2$ per sample
+    (no work when $\alpha$ is a literal zero)."""
+    if isinstance(decay, int | float) and decay == 0:
+        return total
+    return total + decay * sum(_sq(v) for v in activities)
+
+
 class AbstractEnergy(eqx.Module):
     """A predictive coding variant: its inference variables and its per-sample energy.
 
@@ -139,18 +155,13 @@ class PC(AbstractEnergy):
         z = self._chain(variables, x)
         L = model.num_layers
         terms = [_sq(z[l] - model.predict_layer(l - 1, z[l - 1])) for l in range(1, L)]
-        if y is None:
-            terms.append(jnp.zeros(z[0].shape[:1], z[0].dtype))
-        else:
-            mu = model.predict_layer(L - 1, z[L - 1])
-            terms.append(self.parameterisation.output_precision * self.loss(mu, y))
+        terms.append(output_term(self.loss, self.parameterisation.output_precision, y,
+                                 lambda: model.predict_layer(L - 1, z[L - 1]), z[0]))
         return jnp.stack(terms, axis=1)
 
     def per_sample(self, model, variables, x, y):
         total = self.layer_energies(model, variables, x, y).sum(axis=1)
-        if isinstance(self.activity_decay, int | float) and self.activity_decay == 0:
-            return total
-        return total + self.activity_decay * sum(_sq(v) for v in variables)
+        return add_activity_decay(total, self.activity_decay, variables)
 
     def init(self, model, x, y, initialiser, key):
         return initialiser(model, self.variable_shapes(model, x is not None), x, y, key)

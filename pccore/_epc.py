@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike
 
 from ._custom_types import Activities
-from ._energy import AbstractEnergy, _sq
+from ._energy import AbstractEnergy, _sq, add_activity_decay, output_term
 from ._loss import MSE, AbstractLoss
 from ._model import PCModel
 from ._parameterisation import SP, AbstractParameterisation
@@ -82,20 +82,16 @@ class EPC(AbstractEnergy):
         zs = self.states(model, variables, x)
         L = model.num_layers
         terms = [_sq(e) for e in eps]
-        if y is None:
-            terms.append(jnp.zeros(zs[0].shape[:1], zs[0].dtype))
-        else:
-            mu = model.predict_layer(L - 1, zs[L - 1])
-            terms.append(self.parameterisation.output_precision * self.loss(mu, y))
+        terms.append(output_term(self.loss, self.parameterisation.output_precision, y,
+                                 lambda: model.predict_layer(L - 1, zs[L - 1]), zs[0]))
         return jnp.stack(terms, axis=1)
 
     def per_sample(self, model, variables, x, y):
         total = self.layer_energies(model, variables, x, y).sum(axis=1)
         if isinstance(self.activity_decay, int | float) and self.activity_decay == 0:
-            return total
+            return total  # skip rebuilding the activities
         zs = self.states(model, variables, x)
-        free = zs if x is None else zs[1:]
-        return total + self.activity_decay * sum(_sq(z) for z in free)
+        return add_activity_decay(total, self.activity_decay, zs if x is None else zs[1:])
 
     def init(self, model, x, y, initialiser, key):
         z = initialiser(model, self.variable_shapes(model, x is not None), x, y, key)

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, PyTree
 
-from ._energy import AbstractEnergy, _sq
+from ._energy import AbstractEnergy, _sq, add_activity_decay, output_term
 from ._init import FeedForward
 from ._loss import MSE, AbstractLoss
 from ._model import AbstractPCModel
@@ -228,17 +228,12 @@ class GraphPC(AbstractEnergy):
     def layer_energies(self, model, variables, x, y):
         preds, out = model.predict(tuple(variables), x)
         terms = [_sq(z - u) for z, u in zip(variables, preds)]
-        if y is None:
-            terms.append(jnp.zeros(out.shape[:1], out.dtype))
-        else:
-            terms.append(self.output_precision * self.loss(out, y))
+        terms.append(output_term(self.loss, self.output_precision, y, lambda: out, out))
         return jnp.stack(terms, axis=1)
 
     def per_sample(self, model, variables, x, y):
         total = self.layer_energies(model, variables, x, y).sum(axis=1)
-        if isinstance(self.activity_decay, int | float) and self.activity_decay == 0:
-            return total
-        return total + self.activity_decay * sum(_sq(v) for v in variables)
+        return add_activity_decay(total, self.activity_decay, variables)
 
     def init(self, model, x, y, initialiser, key):
         model = self._model(model)
