@@ -20,7 +20,7 @@ one per step. `InferenceSolution.num_grad_evals` counts them.
 import functools as ft
 import math
 import sys
-from typing import Any
+from typing import Any, NamedTuple
 
 import diffrax
 import equinox as eqx
@@ -163,26 +163,42 @@ def check_solver(solver, stepsize_controller, t1, dt0, max_steps, steady_state, 
     return 4096 if max_steps is None else max_steps
 
 
-def _finish(energy, model, z, x, y, k, t, result, evals, g=None, ts=None, traj=None):
-    """Package a solve. `g` is the gradient at `z` if the loop has it (else one more
+class Raw(NamedTuple):
+    """What a solver route hands back before packaging: the final state, steps, time, the
+    result code of the loop (finiteness not yet tested), gradient evaluations, and the
+    gradient at the final state / saved trajectory where the loop has them."""
+
+    z: Any
+    k: Any
+    t: Any
+    result: Any
+    evals: Any
+    g: Any = None
+    ts: Any = None
+    traj: Any = None
+
+
+def _finish(energy, model, x, y, raw: Raw) -> InferenceSolution:
+    """Package a solve. `raw.g` is the gradient at `raw.z` if the loop has it (else one more
     evaluation, which `jit` removes when `vector_field_norm` is not used)."""
+    z, g, traj = raw.z, raw.g, raw.traj
     if g is None:
         g = activity_grad(energy, model, z, x, y)
     e = energy.per_sample(model, z, x, y).sum()
     finite = _all_finite(z) & jnp.isfinite(e)
-    result = RESULTS.where(finite, result, RESULTS.diverged)
+    result = RESULTS.where(finite, raw.result, RESULTS.diverged)
     energies = None
     if traj is not None:
         energies = jax.vmap(lambda zz: energy.per_sample(model, zz, x, y).sum())(traj)
     return InferenceSolution(
         activities=z,
-        num_steps=jnp.asarray(k, jnp.int32),
+        num_steps=jnp.asarray(raw.k, jnp.int32),
         energy=e,
-        num_grad_evals=jnp.asarray(evals, jnp.int32),
+        num_grad_evals=jnp.asarray(raw.evals, jnp.int32),
         result=result,
-        t=jnp.asarray(t, e.dtype),
+        t=jnp.asarray(raw.t, e.dtype),
         vector_field_norm=field_norm(g),
-        ts=ts,
+        ts=raw.ts,
         trajectory=traj,
         energies=energies,
     )
@@ -205,7 +221,7 @@ def _solve_optax(opt, energy, model, z0, x, y, n, steady, saveat):
             return optax.apply_updates(z, upd), s
 
         z, _ = jax.lax.fori_loop(0, n, body, (z0, s0))
-        return _finish(energy, model, z, x, y, n, n, RESULTS.completed, n)
+        return Raw(z, n, n, RESULTS.completed, n)
 
     def save(buf, z, k):
         if buf is None:
@@ -239,7 +255,7 @@ def _solve_optax(opt, energy, model, z0, x, y, n, steady, saveat):
         result = RESULTS.completed
     else:
         result = RESULTS.where(done, RESULTS.converged, RESULTS.max_steps_reached)
-    return _finish(energy, model, z, x, y, k, k, result, k + 1, g, ts, buf)
+    return Raw(z, k, k, result, k + 1, g, ts, buf)
 
 
 def _vector_field(t, z, args):
@@ -274,7 +290,7 @@ def _solve_fixed(solver, energy, model, z0, x, y, t1, dt0, n, steady):
         else:
             z, _ = jax.lax.fori_loop(0, n, lambda k, c: step(k, *c), (z0, s0))
         evals = at_init + n * per_step if per_step >= 0 else -1
-        return _finish(energy, model, z, x, y, n, t1, RESULTS.completed, evals)
+        return Raw(z, n, t1, RESULTS.completed, evals)
 
     # The carry holds the gradient at the current state. Euler steps with it (one
     # evaluation per step, shared with the steady-state test); other solvers evaluate
@@ -296,7 +312,7 @@ def _solve_fixed(solver, energy, model, z0, x, y, t1, dt0, n, steady):
         evals = k + 1
     else:
         evals = at_init + k * (per_step + 1) + 1 if per_step >= 0 else -1
-    return _finish(energy, model, z, x, y, k, t_of(k), result, evals, g)
+    return Raw(z, k, t_of(k), result, evals, g)
 
 
 def _solve_diffrax(solver, controller, energy, model, z0, x, y, t1, dt0, n, steady, saveat):
@@ -344,10 +360,11 @@ def _solve_diffrax(solver, controller, energy, model, z0, x, y, t1, dt0, n, stea
     else:
         # + 1 + k for the steady-state event (diffrax tests it at t0 and after each step)
         evals = at_init + k * per_step + (0 if steady is None else 1 + k)
-    return _finish(energy, model, z, x, y, k, sol.ts[-1], result, evals, None, ts, traj)
+    return Raw(z, k, sol.ts[-1], result, evals, None, ts, traj)
 
 
-def _solve(model, z0, x, y, energy, solver, controller, t1, dt0, n, steady, saveat):
+def solve_raw(model, z0, x, y, energy, solver, controller, t1, dt0, n, steady, saveat) -> Raw:
+    """Run the route for `solver` on a prepared model (traceable); unpackaged."""
     if is_optax(solver):
         return _solve_optax(solver, energy, model, z0, x, y, n, steady, saveat)
     if is_optimistix(solver):
@@ -358,6 +375,11 @@ def _solve(model, z0, x, y, energy, solver, controller, t1, dt0, n, steady, save
     if adaptive or saveat is not None:
         return _solve_diffrax(solver, controller, energy, model, z0, x, y, t1, dt0, n, steady, saveat)
     return _solve_fixed(solver, energy, model, z0, x, y, t1, dt0, n, steady)
+
+
+def _solve(model, z0, x, y, energy, solver, controller, t1, dt0, n, steady, saveat):
+    raw = solve_raw(model, z0, x, y, energy, solver, controller, t1, dt0, n, steady, saveat)
+    return _finish(energy, model, x, y, raw)
 
 
 solve = compiled(_solve)

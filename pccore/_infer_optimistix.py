@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 
-from ._infer import _finish, activity_grad, is_steady
+from ._infer import Raw, activity_grad, is_steady
 from ._results import RESULTS
 
 
@@ -65,7 +65,7 @@ def solve_optimistix(solver, energy, model, z0, x, y, n, steady):
         k, z, done, failed, extra = loop(z0, x, y)
     result = RESULTS.where(done, RESULTS.converged, RESULTS.max_steps_reached)
     result = RESULTS.where(failed, RESULTS.minimiser_failed, result)
-    return _finish(energy, model, z, x, y, k, k, result, k * (1 + extra))
+    return Raw(z, k, k, result, k * (1 + extra))
 
 
 def _loop(optx, solver, energy, model, z0, x, y, n, steady):

@@ -12,11 +12,11 @@ import jax.tree_util as jtu
 import optax
 from jaxtyping import PRNGKeyArray
 
-from ._check import check_activities, check_data
+from ._check import check_activities, check_data, check_model
 from ._compiled import compiled
 from ._custom_types import Activities, BatchArray, Params, Scalar
 from ._energy import PC, AbstractEnergy
-from ._infer import _solve, check_solver
+from ._infer import check_solver, solve_raw
 from ._init import AbstractInit, FeedForward
 from ._model import PCModel
 from ._results import RESULTS
@@ -59,36 +59,64 @@ def _update(optim, grads, opt_state, params):
     return optax.apply_updates(params, updates), opt_state
 
 
+def _objective_and_energy(params, model, energy, z, x, y):
+    """(objective, batch-mean energy): the energy comes out of the same forward pass."""
+    m = model.with_params(params)
+    e = energy.per_sample(energy.prepare(m), z, x, y).mean()
+    return e + energy.penalty(m), e
+
+
+def _feedforward_loss(energy, prepared, z0, x, y):
+    """The output loss of the feed-forward prediction, batch mean. With a feed-forward
+    initialisation XLA shares the hidden layers with `z0` (one more output layer)."""
+    if x is None or y is None:  # no feed-forward prediction: the energy at the start
+        return energy.per_sample(prepared, z0, x, y).mean()
+    return energy.output_loss(energy.predict(prepared, x), y).mean()
+
+
 def update(model, optim, opt_state, x, y, energy, solver, controller, t1, dt0, n, steady, init,
            key):
-    """Initialise, infer and update (traceable); also returns the equilibrium activities."""
+    """Initialise, infer and update (traceable); also returns the equilibrium activities.
+
+    Everything beyond the lean step (feed-forward init, T solver steps, one parameter
+    gradient, one optax update) is a few scalars: the divergence test reads the energy that
+    the parameter gradient's forward pass computes anyway, and a skipped update is an
+    elementwise select fused into the optimiser's own update of each parameter.
+    """
     prepared = energy.prepare(model)
     z0 = energy.init(prepared, x, y, init, key)
-    sol = _solve(prepared, z0, x, y, energy, solver, controller, t1, dt0, n, steady, None)
-    z = jax.lax.stop_gradient(sol.activities)
-    value, grads = jax.value_and_grad(objective)(model.params, model, energy, z, x, y)
-    # Finite activities, energy and objective: the update is applied. (A separate pass over
-    # every gradient leaf cost ~4% of a step; with finite inputs to the objective and a finite
-    # value, a non-finite gradient needs an overflow in the backward pass.)
-    ok = (sol.result != RESULTS.diverged) & jnp.isfinite(value)
-    # A branch, not an elementwise select: the update stays one fused pass over the
-    # parameters, and a skipped update costs nothing.
-    dyn_state, static_state = eqx.partition(opt_state, eqx.is_array)
-    params, dyn_state = jax.lax.cond(
-        ok,
-        lambda g, s, p: eqx.filter(_update(optim, g, eqx.combine(s, static_state), p), eqx.is_array),
-        lambda g, s, p: (p, s),
-        grads, dyn_state, model.params,
+    loss = _feedforward_loss(energy, prepared, z0, x, y)
+    raw = solve_raw(prepared, z0, x, y, energy, solver, controller, t1, dt0, n, steady, None)
+    z = jax.lax.stop_gradient(raw.z)
+    (value, e), grads = jax.value_and_grad(_objective_and_energy, has_aux=True)(
+        model.params, model, energy, z, x, y
     )
+    # A non-finite energy at the inferred activities means inference diverged (every
+    # variable enters the energy through its own error, so a NaN/inf anywhere shows here).
+    result = RESULTS.where(jnp.isfinite(e), raw.result, RESULTS.diverged)
+    ok = (result != RESULTS.diverged) & jnp.isfinite(value)
+    params, opt_state = _guarded_update(optim, grads, opt_state, model.params, ok)
     stats = TrainStats(
-        loss=energy.per_sample(prepared, z0, x, y).mean(),
-        energy=sol.energy / z0[0].shape[0] if z0 else sol.energy,
-        num_steps=sol.num_steps,
-        result=sol.result,
+        loss=loss,
+        energy=e,
+        num_steps=jnp.asarray(raw.k, jnp.int32),
+        result=result,
         updated=ok,
-        num_grad_evals=sol.num_grad_evals,
+        num_grad_evals=jnp.asarray(raw.evals, jnp.int32),
     )
-    return model.with_params(params), eqx.combine(dyn_state, static_state), stats, z
+    return model.with_params(params), opt_state, stats, z
+
+
+def _guarded_update(optim, grads, opt_state, params, ok):
+    """One optax update if `ok`, else parameters and optimiser state unchanged.
+
+    An elementwise select that XLA fuses into the optimiser's own pass over each parameter:
+    no extra pass, no branch, and no copy of the parameters and optimiser state (a
+    `lax.cond` returning its unchanged operands makes XLA copy every output buffer).
+    """
+    new_params, new_state = _update(optim, grads, opt_state, params)
+    keep = lambda new, old: jnp.where(ok, new, old) if eqx.is_array(new) else new
+    return jtu.tree_map(keep, new_params, params), jtu.tree_map(keep, new_state, opt_state)
 
 
 def _train_step_impl(*args):
@@ -116,11 +144,16 @@ _SKELETONS: OrderedDict = OrderedDict()
 _STATIC = tuple(f.name for f in dataclasses.fields(PCModel) if f.name != "params")
 
 
+def _fields(model: PCModel) -> dict:
+    """The dataclass fields of `model`, read without Equinox's attribute hooks."""
+    return object.__getattribute__(model, "__dict__")
+
+
 def _with_params(model: PCModel, params) -> PCModel:
     """`model.with_params(params)` sharing every other field (no flatten/unflatten)."""
     new = object.__new__(type(model))
-    for f in dataclasses.fields(model):
-        object.__setattr__(new, f.name, params if f.name == "params" else getattr(model, f.name))
+    _fields(new).update(_fields(model))
+    _fields(new)["params"] = params
     return new
 
 
@@ -128,9 +161,12 @@ def _skeleton(model: PCModel) -> _Skeleton | None:
     """The cached skeleton of `model`, or None if its layer functions hold arrays."""
     if type(model) is not PCModel:
         return None
-    skel = _SKELETONS.get(id(model.layers))
-    if skel is not None and all(getattr(skel.model, f) is getattr(model, f) for f in _STATIC):
-        return skel
+    fields = _fields(model)
+    skel = _SKELETONS.get(id(fields["layers"]))
+    if skel is not None:
+        known = _fields(skel.model)
+        if all(known[f] is fields[f] for f in _STATIC):
+            return skel
     if any(eqx.is_array(a) for a in jtu.tree_leaves(model.layers)):
         return None
     shapes = jax.eval_shape(lambda: model.params)
@@ -141,10 +177,71 @@ def _skeleton(model: PCModel) -> _Skeleton | None:
     return skel
 
 
-@compiled
-def _train_step_params(skel, params, *args):
-    model, opt_state, stats = _train_step_impl(skel.model.with_params(params), *args)
-    return model.params, opt_state, stats
+class _Plan:
+    """A compiled training step for one model structure and one configuration.
+
+    The configuration (optimiser, energy, solver, ...) is closed over and the step is a plain
+    `jax.jit` of `(params, opt_state, x, y, key)`, so a call is JAX's own C++ dispatch: no
+    re-validation, no Python flattening of the configuration, no re-hashing of the layer
+    functions. Plans are found by the identity of the configuration objects (a training
+    loop passes the same ones every call) and, failing that, by their value.
+    """
+
+    __slots__ = ("refs", "fn", "sig")
+
+    def __init__(self, refs: tuple, fn, sig):
+        self.refs = refs
+        self.fn = fn
+        self.sig = sig
+
+
+_PLANS: OrderedDict = OrderedDict()  # by identity of the configuration objects
+_PLANS_BY_VALUE: OrderedDict = OrderedDict()  # by value (equal configurations share one)
+_MAX_PLANS = 32
+
+
+def _remember(table: OrderedDict, key, value) -> None:
+    table[key] = value
+    if len(table) > _MAX_PLANS:
+        table.popitem(last=False)
+
+
+def _data_sig(a):
+    """Shape and dtype of a device array; host data (scanned for NaN on every call) gets a
+    fresh object that equals nothing, so it always takes the checked path."""
+    if a is None:
+        return None
+    return (a.shape, a.dtype) if isinstance(a, jax.Array) else object()
+
+
+def _make_step(skel: _Skeleton, optim, energy, solver, controller, t1, dt0, n, steady, init):
+    def _train_step(params, opt_state, x, y, key):
+        model = skel.model.with_params(params)
+        check_model(model, energy)  # at trace time: dtypes of new parameters
+        model, opt_state, stats, _ = update(model, optim, opt_state, x, y, energy, solver,
+                                            controller, t1, dt0, n, steady, init, key)
+        return model.params, opt_state, stats
+
+    return jax.jit(_train_step)
+
+
+def _plan(skel, config: tuple, t1, dt0, n, x, y, params, opt_state):
+    """The plan for this configuration, or None if it cannot have one (array leaves in the
+    configuration, or non-array leaves in the parameters or optimiser state)."""
+    optim, energy, solver, controller, steady, init = config
+    if any(eqx.is_array(a) for a in jtu.tree_leaves(config)):
+        return None
+    if not all(eqx.is_array(a) for a in jtu.tree_leaves((params, opt_state))):
+        return None
+    by_value = (skel, *config, t1, dt0, n)
+    try:
+        fn = _PLANS_BY_VALUE.get(by_value)
+    except TypeError:  # an unhashable option
+        return None
+    if fn is None:
+        fn = _make_step(skel, optim, energy, solver, controller, t1, dt0, n, steady, init)
+        _remember(_PLANS_BY_VALUE, by_value, fn)
+    return _Plan((skel, *config), fn, (_data_sig(x), _data_sig(y)))
 
 
 def train_step(
@@ -182,6 +279,20 @@ def train_step(
 
     **Returns:** `(model, opt_state, stats)` with a [`pccore.TrainStats`][].
     """
+    skel = _skeleton(model)
+    config = (optim, energy, solver, stepsize_controller, steady_state, init)
+    if skel is not None:
+        ident = (id(skel), *map(id, config), t1, dt0, max_steps)
+        plan = _PLANS.get(ident)
+        if (
+            plan is not None
+            and plan.refs[0] is skel
+            and all(a is b for a, b in zip(plan.refs[1:], config))
+            and plan.sig == (_data_sig(x), _data_sig(y))
+        ):
+            # The same configuration objects and data shapes as a checked call: validated.
+            params, opt_state, stats = plan.fn(model.params, opt_state, x, y, key)
+            return _with_params(model, params), opt_state, stats
     x, y = check_data(model, energy, x, y)
     n = check_solver(solver, stepsize_controller, t1, dt0, max_steps, steady_state, None)
     if not isinstance(optim, optax.GradientTransformation):
@@ -189,10 +300,11 @@ def train_step(
             f"`optim` must be an optax GradientTransformation (e.g. optax.adam(1e-3)); got "
             f"{type(optim).__name__}."
         )
-    args = (optim, opt_state, x, y, energy, solver, stepsize_controller, t1, dt0, n,
-            steady_state, init, key)
-    skel = _skeleton(model)
-    if skel is None:
-        return _train_step(model, *args)
-    params, opt_state, stats = _train_step_params(skel, model.params, *args)
-    return _with_params(model, params), opt_state, stats
+    if skel is not None:
+        plan = _plan(skel, config, t1, dt0, n, x, y, model.params, opt_state)
+        if plan is not None:
+            _remember(_PLANS, ident, plan)
+            params, opt_state, stats = plan.fn(model.params, opt_state, x, y, key)
+            return _with_params(model, params), opt_state, stats
+    return _train_step(model, optim, opt_state, x, y, energy, solver, stepsize_controller, t1,
+                       dt0, n, steady_state, init, key)

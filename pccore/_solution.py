@@ -71,12 +71,15 @@ class TrainStats(eqx.Module):
 
     **Fields:**
 
-    - `loss`: the output loss of the feed-forward prediction, batch mean (before the update).
+    - `loss`: the output loss of the feed-forward prediction (without the output precision),
+        batch mean, before the update; with a free input or output (`x` or `y` None), the
+        energy at the initial activities.
     - `energy`: the energy at the inferred activities, batch mean $\\frac1B\\sum_i F_i$.
     - `num_steps`: inference steps taken.
     - `num_grad_evals`: activity-gradient evaluations of inference (see
         [`pccore.InferenceSolution`][]).
-    - `result`: the inference [`pccore.RESULTS`][] code.
+    - `result`: the inference [`pccore.RESULTS`][] code (`diverged` if the energy at the
+        inferred activities is not finite).
     - `updated`: False when the update was skipped because inference diverged or the
         parameter objective was non-finite (the parameters and optimiser state are then
         unchanged).

@@ -62,6 +62,13 @@ def test_train_step_does_not_retrace(getkey):
         x, y = jax.random.normal(getkey(), (4, 6)), jax.random.normal(getkey(), (4, 3))
         model, state, _ = pccore.train_step(model, optim, state, x=x, y=y, energy=energy)
     assert COUNT["traced"] == traced
+    # Fresh but equal configuration objects every call (as in `energy=PC()` written in the
+    # loop) share the compiled step too.
+    for _ in range(3):
+        model, state, _ = pccore.train_step(model, optim, state, x=x, y=y,
+                                            energy=_Counting(callback=False),
+                                            solver=diffrax.Euler(), init=pccore.FeedForward())
+    assert COUNT["traced"] == traced
 
 
 SS = pccore.SteadyState(0.0, 1e-4)

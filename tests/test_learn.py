@@ -84,3 +84,43 @@ def test_evaluate_accuracy_and_loss(getkey):
     ev = pccore.evaluate(model, x, y)
     np.testing.assert_allclose(ev.accuracy, 12 / 16)
     np.testing.assert_allclose(ev.loss, 0.5 * jnp.mean(jnp.sum((pred - y) ** 2, axis=1)), rtol=1e-6)
+
+
+def test_cached_step_still_validates_every_call(getkey):
+    """After a first (checked) call the step is cached; new shapes, host data with NaN and
+    half-precision parameters still get the checked path's errors."""
+    model = _model(getkey())
+    optim = optax.sgd(0.1)
+    state = optim.init(model.params)
+    x, y = jax.random.normal(getkey(), (4, 5)), jax.random.normal(getkey(), (4, 3))
+    pccore.train_step(model, optim, state, x=x, y=y)
+    with pytest.raises(ValueError, match=r"`x` has shape \(4, 6\); expected \(batch, 5\)"):
+        pccore.train_step(model, optim, state, x=jnp.ones((4, 6)), y=y)
+    bad = np.array(x)
+    bad[0, 0] = np.nan
+    with pytest.raises(ValueError, match=r"`x` contains 1 non-finite value"):
+        pccore.train_step(model, optim, state, x=bad, y=y)
+    half = jax.tree_util.tree_map(lambda a: a.astype(jnp.float16), model)  # same layers
+    with pytest.raises(TypeError, match=r"has dtype float16; expected float32 or float64"):
+        pccore.train_step(half, optim, optim.init(half.params), x=x, y=y)
+
+
+def test_cached_step_equals_uncached_step(x64, getkey):
+    """The cached step (configuration closed over) and the general step (configuration
+    traced: an array option forces it) give the same parameters and statistics."""
+    model = _model(getkey())
+    x = jax.random.normal(getkey(), (8, 5))
+    y = jax.random.normal(getkey(), (8, 3))
+    optim = optax.adam(1e-2)
+    runs = []
+    for decay in (0.05, jnp.asarray(0.05)):
+        m, s = model, optim.init(model.params)
+        for _ in range(3):
+            m, s, stats = pccore.train_step(m, optim, s, x=x, y=y,
+                                            energy=pccore.PC(activity_decay=decay))
+        runs.append((m, s, stats))
+    (m1, s1, st1), (m2, s2, st2) = runs
+    for a, b in zip(jax.tree_util.tree_leaves((m1.params, s1, st1)),
+                    jax.tree_util.tree_leaves((m2.params, s2, st2))):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+    assert float(st1.energy) > 0 and bool(st1.updated)
