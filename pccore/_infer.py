@@ -4,8 +4,11 @@ Three routes, one contract (an [`pccore.InferenceSolution`][]):
 
 - a diffrax solver with `ConstantStepSize` and no saved trajectory: a compiled loop over
   `solver.step` (no per-step bookkeeping beyond the solver's own);
-- a diffrax solver with an adaptive controller, or with `saveat`: `diffrax.diffeqsolve`, with
-  a `diffrax.Event` on the vector field for the steady state;
+- a diffrax solver with an adaptive controller and no saved trajectory: the solver's own
+  `step` and the controller's `adapt_step_size` in a plain while loop, the steady-state test
+  reading the vector field a first-same-as-last tableau already holds;
+- a saved trajectory (`saveat`): `diffrax.diffeqsolve`, with a `diffrax.Event` on the
+  vector field for the steady state;
 - an optax `GradientTransformation`: $z \leftarrow z + \mathrm{update}(\nabla_z \mathcal F)$,
   state re-initialised per solve; `optax.sgd(η)` is Euler with `dt0 = η`;
 - an optimistix minimiser (`optx.BFGS`, `optx.NonlinearCG`, ...): direct minimisation of
@@ -13,8 +16,9 @@ Three routes, one contract (an [`pccore.InferenceSolution`][]):
 
 Cost: with a constant step and no steady-state test, T steps of an explicit solver cost
 exactly T evaluations per stage of $\nabla_z \mathcal F$; a steady-state test reuses the
-gradient of the step (Euler, optax, optimistix), so it adds one evaluation per solve, not
-one per step. `InferenceSolution.num_grad_evals` counts them.
+gradient of the step (Euler, optax, optimistix, first-same-as-last Runge-Kutta tableaus
+such as Tsit5), so it adds one evaluation per solve, not one per step.
+`InferenceSolution.num_grad_evals` counts them.
 """
 
 import functools as ft
@@ -315,6 +319,87 @@ def _solve_fixed(solver, energy, model, z0, x, y, t1, dt0, n, steady):
     return Raw(z, k, t_of(k), result, evals, g)
 
 
+def _fsal(solver) -> bool:
+    """Whether `solver`'s state carries the vector field at the current state (an explicit
+    Runge-Kutta tableau with first-same-as-last)."""
+    return isinstance(solver, diffrax.AbstractERK) and erk_evals(solver)[0] == 1
+
+
+def _t1_floor(t1):
+    """diffrax's clip floor: steps ending within ~100 ULPs of `t1` end at `t1`."""
+    t = jnp.asarray(t1, float)
+    for _ in range(100):
+        t = jnp.nextafter(t, -jnp.inf)
+    return t
+
+
+def _solve_adaptive(solver, controller, energy, model, z0, x, y, t1, dt0, n, steady):
+    """An adaptive solve without a saved trajectory: diffrax's solver step and step-size
+    controller in a plain while loop.
+
+    `diffrax.diffeqsolve` would do the same steps, with a general loop around them (saving,
+    events, dense output, progress) that costs about a millisecond per solve on small
+    networks. The steady-state test reads the vector field that a first-same-as-last
+    solver (Tsit5, Dopri5, Bosh3) already evaluated at the accepted state; other solvers
+    evaluate it once per step.
+    """
+    terms = diffrax.ODETerm(_vector_field)
+    args = (energy, model, x, y)
+    order = solver.error_order(terms)
+    tnext, c0 = controller.init(terms, 0.0, t1, z0, dt0, args, solver.func, order)
+    tnext = jnp.minimum(tnext, t1)
+    s0 = solver.init(terms, 0.0, tnext, z0, args)
+    fsal = _fsal(solver)
+    floor = _t1_floor(t1)
+    # After a step, a first-same-as-last solver's state holds f(z) = -grad at the new state
+    # (diffrax's initial state holds zeros instead: the start is tested with a gradient).
+    grad = lambda z, s: jtu.tree_map(jnp.negative, s[1]) if fsal else activity_grad(
+        energy, model, z, x, y)
+    check = (lambda z, s: jnp.array(False)) if steady is None else (
+        lambda z, s: is_steady(steady, grad(z, s), z))
+    check0 = jnp.array(False) if steady is None else is_steady(
+        steady, activity_grad(energy, model, z0, x, y), z0)
+
+    def cond(c):
+        k, tprev, _, _, _, _, _, done, bad = c
+        return (k < n) & (tprev < t1) & ~done & ~bad
+
+    def body(c):
+        k, tprev, tnext, z, s, cs, jump, _, _ = c
+        z1, err, _, s1, sres = solver.step(terms, tprev, tnext, z, args, s, jump)
+        err = jtu.tree_map(lambda e: jnp.where(jnp.isnan(e), jnp.inf, e), err)
+        keep, tprev1, tnext1, jump1, cs, cres = controller.adapt_step_size(
+            tprev, tnext, z, z1, args, err, order, cs)
+        tprev1 = jnp.minimum(tprev1, t1)
+        clipped = jnp.where(keep, t1, tprev1 + 0.5 * (t1 - tprev1))
+        tnext1 = jnp.where(tnext1 > floor, clipped, tnext1)
+        sel = lambda a, b: jnp.where(keep, a, b)
+        z = jtu.tree_map(sel, z1, z)
+        s = jtu.tree_map(sel, s1, s)
+        jump = jnp.where(keep, jump1, jump)
+        bad = (keep & (sres != diffrax.RESULTS.successful)) | (cres != diffrax.RESULTS.successful)
+        done = keep & check(z, s)
+        return k + 1, tprev1, tnext1, z, s, cs, jump, done, bad
+
+    c0 = (0, jnp.asarray(0.0, tnext.dtype), tnext, z0, s0, c0, jnp.array(False), check0,
+          jnp.array(False))
+    k, t, _, z, s, _, _, done, bad = jax.lax.while_loop(cond, body, c0)
+    if steady is None:
+        good = RESULTS.completed
+    else:
+        good = RESULTS.where(done, RESULTS.converged, RESULTS.not_converged)
+    result = RESULTS.where(done | (t >= t1), good, RESULTS.max_steps_reached)
+    result = RESULTS.where(bad, RESULTS.diverged, result)
+    at_init, per_step = erk_evals(solver)
+    if per_step < 0:
+        evals = -1
+    else:
+        # the steady-state test: at the start, then after every step unless the state has it
+        test = 0 if steady is None else 1 + (0 if fsal else k)
+        evals = at_init + k * per_step + test
+    return Raw(z, k, t, result, evals)
+
+
 def _solve_diffrax(solver, controller, energy, model, z0, x, y, t1, dt0, n, steady, saveat):
     event = None
     if steady is not None:
@@ -372,6 +457,8 @@ def solve_raw(model, z0, x, y, energy, solver, controller, t1, dt0, n, steady, s
 
         return solve_optimistix(solver, energy, model, z0, x, y, n, steady)
     adaptive = isinstance(controller, diffrax.AbstractAdaptiveStepSizeController)
+    if adaptive and saveat is None:
+        return _solve_adaptive(solver, controller, energy, model, z0, x, y, t1, dt0, n, steady)
     if adaptive or saveat is not None:
         return _solve_diffrax(solver, controller, energy, model, z0, x, y, t1, dt0, n, steady, saveat)
     return _solve_fixed(solver, energy, model, z0, x, y, t1, dt0, n, steady)

@@ -200,3 +200,43 @@ def test_solver_errors(getkey):
         pccore.SteadyState(rtol=0, atol=0)
     with pytest.raises(TypeError, match=r"`model`: no predictive-coding adapter for .*builtins.dict"):
         pccore.wrap({"not": "a model"})
+
+
+@pytest.mark.parametrize("solver", [diffrax.Heun(), diffrax.Tsit5(), diffrax.Bosh3()],
+                         ids=["heun", "tsit5", "bosh3"])
+@pytest.mark.parametrize("stop", [False, True], ids=["to-t1", "steady-state"])
+def test_adaptive_loop_equals_diffeqsolve(x64, getkey, solver, stop):
+    """The adaptive route (diffrax's step and controller in pccore's own loop) takes the
+    same steps as `diffrax.diffeqsolve` with an equivalent event, to rounding."""
+    model = _tanh_mlp(getkey())
+    x = jax.random.normal(getkey(), (5, 6))
+    y = jax.random.normal(getkey(), (5, 3))
+    pid = diffrax.PIDController(rtol=1e-5, atol=1e-5, pcoeff=0.3, icoeff=0.3)
+    steady = pccore.SteadyState(1e-3, 1e-3) if stop else None
+    t1 = 200.0 if stop else 3.0
+    sol = pccore.infer(model, x=x, y=y, solver=solver, stepsize_controller=pid, t1=t1,
+                       dt0=0.05, max_steps=4000, steady_state=steady)
+    # The same flow written directly against diffrax.
+    energy = pccore.PC()
+    z0 = pccore.init_activities(model, x, y=y)
+    grad = jax.grad(lambda z: pccore.energy(model, z, x=x, y=y, energy=energy))
+    vf = lambda t, z, args: jax.tree_util.tree_map(jnp.negative, grad(z))
+
+    def steady_fn(t, z, args, **kwargs):
+        g = grad(z)
+        ok = jnp.array(True)
+        for gl, zl in zip(g, z):
+            ok = ok & jnp.all(jnp.max(jnp.abs(gl), axis=1) <= 1e-3 + 1e-3 * jnp.max(jnp.abs(zl), axis=1))
+        return ok
+
+    ref = diffrax.diffeqsolve(diffrax.ODETerm(vf), solver, 0.0, t1, 0.05, tuple(z0),
+                              stepsize_controller=pid, max_steps=4000,
+                              event=diffrax.Event(steady_fn) if stop else None)
+    assert int(sol.num_steps) == int(ref.stats["num_steps"]) > 5
+    np.testing.assert_allclose(float(sol.t), float(ref.ts[-1]), rtol=1e-10)
+    for a, b in zip(sol.activities, ref.ys):
+        np.testing.assert_allclose(a, b[-1], rtol=1e-8, atol=1e-10)
+    expected = pccore.RESULTS.converged if stop else pccore.RESULTS.completed
+    assert sol.result == expected
+    if stop:  # and it is really a steady state
+        assert bool(steady_fn(None, sol.activities, None))
