@@ -66,27 +66,23 @@ def _objective_and_energy(params, model, energy, z, x, y):
     return e + energy.penalty(m), e
 
 
-def _feedforward_loss(energy, prepared, z0, x, y):
-    """The output loss of the feed-forward prediction, batch mean. With a feed-forward
-    initialisation XLA shares the hidden layers with `z0` (one more output layer)."""
-    if x is None or y is None:  # no feed-forward prediction: the energy at the start
-        return energy.per_sample(prepared, z0, x, y).mean()
-    return energy.output_loss(energy.predict(prepared, x), y).mean()
-
-
 def update(model, optim, opt_state, x, y, energy, solver, controller, t1, dt0, n, steady, init,
            key):
     """Initialise, infer and update (traceable); also returns the equilibrium activities.
 
     Everything beyond the lean step (feed-forward init, T solver steps, one parameter
     gradient, one optax update) is a few scalars: the divergence test reads the energy that
-    the parameter gradient's forward pass computes anyway, and a skipped update is an
-    elementwise select fused into the optimiser's own update of each parameter.
+    the parameter gradient's forward pass computes anyway, the starting energy comes with
+    the solver's first gradient, and a skipped update is an elementwise select fused into
+    the optimiser's own update of each parameter.
     """
     prepared = energy.prepare(model)
     z0 = energy.init(prepared, x, y, init, key)
-    loss = _feedforward_loss(energy, prepared, z0, x, y)
     raw = solve_raw(prepared, z0, x, y, energy, solver, controller, t1, dt0, n, steady, None)
+    # The energy at the start comes from the solver's first evaluation where it has one (a
+    # separate pass over the initial activities, kept alive across the loop, put XLA's CPU
+    # schedule of the whole step into a measurably slower mode).
+    e0 = raw.e0 if raw.e0 is not None else energy.per_sample(prepared, z0, x, y).sum()
     z = jax.lax.stop_gradient(raw.z)
     (value, e), grads = jax.value_and_grad(_objective_and_energy, has_aux=True)(
         model.params, model, energy, z, x, y
@@ -97,7 +93,7 @@ def update(model, optim, opt_state, x, y, energy, solver, controller, t1, dt0, n
     ok = (result != RESULTS.diverged) & jnp.isfinite(value)
     params, opt_state = _guarded_update(optim, grads, opt_state, model.params, ok)
     stats = TrainStats(
-        loss=loss,
+        loss=e0 / (x if x is not None else y).shape[0],
         energy=e,
         num_steps=jnp.asarray(raw.k, jnp.int32),
         result=result,

@@ -71,9 +71,10 @@ class TrainStats(eqx.Module):
 
     **Fields:**
 
-    - `loss`: the output loss of the feed-forward prediction (without the output precision),
-        batch mean, before the update; with a free input or output (`x` or `y` None), the
-        energy at the initial activities.
+    - `loss`: the energy at the initial activities, batch mean, before the update. With the
+        feed-forward initialisation every hidden error is zero, so this is the output loss
+        of the feed-forward prediction (times the output precision, plus the activity prior
+        if there is one).
     - `energy`: the energy at the inferred activities, batch mean $\\frac1B\\sum_i F_i$.
     - `num_steps`: inference steps taken.
     - `num_grad_evals`: activity-gradient evaluations of inference (see

@@ -105,8 +105,10 @@ def test_num_grad_evals_is_exact(getkey, kw, final):
 def test_steady_state_euler_costs_one_gradient_per_step(getkey):
     # Compiled cost of one loop iteration: the steady-state test must reuse the step's
     # gradient, so the loop body's flops stay those of one activity gradient (XLA's cost
-    # analysis counts a while body once). The only extra is one gradient at z0, per solve;
-    # a test evaluating its own gradient in the loop would add a second one.
+    # analysis counts a while body once). Both programs hold one gradient outside their
+    # loop (the fixed-step loop takes its first step outside, the steady-state loop
+    # evaluates z0 for the test): they cost the same, where a test evaluating its own
+    # gradient in the loop would add a second one.
     model = _model(getkey())
     x, y = jnp.ones((64, 6)), jnp.ones((64, 3))
 
@@ -119,4 +121,5 @@ def test_steady_state_euler_costs_one_gradient_per_step(getkey):
     ).lower(pccore.init_activities(model, x)).compile().cost_analysis()["flops"]
     fixed = flops(t1=2.0, dt0=0.1)
     steady = flops(t1=2.0, dt0=0.1, steady_state=SS)
-    assert grad_flops < steady - fixed < 1.5 * grad_flops, (fixed, steady, grad_flops)
+    assert abs(steady - fixed) < 0.5 * grad_flops, (fixed, steady, grad_flops)
+    assert fixed > 1.5 * grad_flops  # the measure does see both gradients
