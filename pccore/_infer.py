@@ -31,6 +31,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
+import numpy as np
 import optax
 from jaxtyping import PRNGKeyArray
 
@@ -342,9 +343,9 @@ def _fsal(solver) -> bool:
 
 def _t1_floor(t1):
     """diffrax's clip floor: steps ending within ~100 ULPs of `t1` end at `t1`."""
-    t = jnp.asarray(t1, float)
+    t = np.asarray(t1, jnp.asarray(t1, float).dtype)
     for _ in range(100):
-        t = jnp.nextafter(t, -jnp.inf)
+        t = np.nextafter(t, -np.inf)
     return t
 
 

@@ -279,7 +279,10 @@ def train_step(
     config = (optim, energy, solver, stepsize_controller, steady_state, init)
     if skel is not None:
         ident = (id(skel), *map(id, config), t1, dt0, max_steps)
-        plan = _PLANS.get(ident)
+        try:
+            plan = _PLANS.get(ident)
+        except TypeError:  # an unhashable t1/dt0/max_steps: the checked path says what is wrong
+            plan = ident = None
         if (
             plan is not None
             and plan.refs[0] is skel
@@ -298,7 +301,7 @@ def train_step(
         )
     if skel is not None:
         plan = _plan(skel, config, t1, dt0, n, x, y, model.params, opt_state)
-        if plan is not None:
+        if plan is not None and ident is not None:
             _remember(_PLANS, ident, plan)
             params, opt_state, stats = plan.fn(model.params, opt_state, x, y, key)
             return _with_params(model, params), opt_state, stats

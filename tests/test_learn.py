@@ -100,6 +100,8 @@ def test_cached_step_still_validates_every_call(getkey):
     bad[0, 0] = np.nan
     with pytest.raises(ValueError, match=r"`x` contains 1 non-finite value"):
         pccore.train_step(model, optim, state, x=bad, y=y)
+    with pytest.raises(ValueError, match=r"`t1` must be a finite positive number; got Array"):
+        pccore.train_step(model, optim, state, x=x, y=y, t1=jnp.asarray(2.0))  # unhashable
     half = jax.tree_util.tree_map(lambda a: a.astype(jnp.float16), model)  # same layers
     with pytest.raises(TypeError, match=r"has dtype float16; expected float32 or float64"):
         pccore.train_step(half, optim, optim.init(half.params), x=x, y=y)
