@@ -362,7 +362,7 @@ def _solve_adaptive(solver, controller, energy, model, z0, x, y, t1, dt0, n, ste
     terms = diffrax.ODETerm(_vector_field)
     args = (energy, model, x, y)
     order = solver.error_order(terms)
-    tnext, c0 = controller.init(terms, 0.0, t1, z0, dt0, args, solver.func, order)
+    tnext, cs0 = controller.init(terms, 0.0, t1, z0, dt0, args, solver.func, order)
     tnext = jnp.minimum(tnext, t1)
     s0 = solver.init(terms, 0.0, tnext, z0, args)
     fsal = _fsal(solver)
@@ -397,9 +397,9 @@ def _solve_adaptive(solver, controller, energy, model, z0, x, y, t1, dt0, n, ste
         done = keep & check(z, s)
         return k + 1, tprev1, tnext1, z, s, cs, jump, done, bad
 
-    c0 = (0, jnp.asarray(0.0, tnext.dtype), tnext, z0, s0, c0, jnp.array(False), check0,
-          jnp.array(False))
-    k, t, _, z, s, _, _, done, bad = jax.lax.while_loop(cond, body, c0)
+    init = (0, jnp.asarray(0.0, tnext.dtype), tnext, z0, s0, cs0, jnp.array(False), check0,
+            jnp.array(False))
+    k, t, _, z, s, _, _, done, bad = jax.lax.while_loop(cond, body, init)
     if steady is None:
         good = RESULTS.completed
     else:
