@@ -44,6 +44,17 @@ def add_activity_decay(total, decay, activities) -> Float[Array, " batch"]:
     return total + decay * sum(_sq(v) for v in activities)
 
 
+def chain_variable_shapes(model: PCModel, x_clamped: bool) -> tuple[jax.ShapeDtypeStruct, ...]:
+    """One variable per layer input of a chain, `z_0` only when the bottom is free."""
+    shapes = (model.in_shape, *model.out_shapes[:-1])
+    return shapes[1:] if x_clamped else shapes
+
+
+def chain_data_shapes(model: PCModel) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The chain's input and output per-sample shapes."""
+    return model.in_shape.shape, model.out_shapes[-1].shape
+
+
 class AbstractEnergy(eqx.Module):
     """A predictive coding variant: its inference variables and its per-sample energy.
 
@@ -139,11 +150,10 @@ class PC(AbstractEnergy):
         check_option("PC", "activity_decay", self.activity_decay)
 
     def variable_shapes(self, model, x_clamped):
-        shapes = (model.in_shape, *model.out_shapes[:-1])
-        return shapes[1:] if x_clamped else shapes
+        return chain_variable_shapes(model, x_clamped)
 
     def data_shapes(self, model):
-        return model.in_shape.shape, model.out_shapes[-1].shape
+        return chain_data_shapes(model)
 
     def prepare(self, model):
         return self.parameterisation.apply(model)

@@ -18,7 +18,14 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike
 
 from ._custom_types import Activities
-from ._energy import AbstractEnergy, _sq, add_activity_decay, output_term
+from ._energy import (
+    AbstractEnergy,
+    _sq,
+    add_activity_decay,
+    chain_data_shapes,
+    chain_variable_shapes,
+    output_term,
+)
 from ._loss import MSE, AbstractLoss
 from ._model import PCModel
 from ._parameterisation import SP, AbstractParameterisation
@@ -45,11 +52,10 @@ class EPC(AbstractEnergy):
     regularisers: tuple[AbstractRegulariser, ...] = ()
 
     def variable_shapes(self, model, x_clamped):
-        shapes = (model.in_shape, *model.out_shapes[:-1])
-        return shapes[1:] if x_clamped else shapes
+        return chain_variable_shapes(model, x_clamped)
 
     def data_shapes(self, model):
-        return model.in_shape.shape, model.out_shapes[-1].shape
+        return chain_data_shapes(model)
 
     def prepare(self, model):
         return self.parameterisation.apply(model)

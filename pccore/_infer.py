@@ -53,14 +53,14 @@ _FAMILIES = (
 )
 
 
-def activity_grad(energy: AbstractEnergy, model: PCModel, z, x, y):
-    r"""$\nabla_z \sum_i F_i$ on a prepared model."""
-    return jax.grad(lambda z: energy.per_sample(model, z, x, y).sum())(z)
-
-
 def energy_and_grad(energy: AbstractEnergy, model: PCModel, z, x, y):
-    r"""$(\sum_i F_i, \nabla_z \sum_i F_i)$ from one evaluation."""
+    r"""$(\sum_i F_i, \nabla_z \sum_i F_i)$ on a prepared model, from one evaluation."""
     return jax.value_and_grad(lambda z: energy.per_sample(model, z, x, y).sum())(z)
+
+
+def activity_grad(energy: AbstractEnergy, model: PCModel, z, x, y):
+    r"""$\nabla_z \sum_i F_i$ on a prepared model (`jit` drops the unused energy)."""
+    return energy_and_grad(energy, model, z, x, y)[1]
 
 
 def _block_max(a):

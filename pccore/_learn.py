@@ -23,10 +23,12 @@ from ._results import RESULTS
 from ._solution import SteadyState, TrainStats
 
 
-def objective(params, model: PCModel, energy: AbstractEnergy, z, x, y) -> Scalar:
-    r"""$\mathcal L(\theta) = \frac1B \sum_i F_i(z_i, \theta) + R(\theta)$."""
+def objective(params, model: PCModel, energy: AbstractEnergy, z, x, y) -> tuple[Scalar, Scalar]:
+    r"""$\mathcal L(\theta) = \frac1B \sum_i F_i(z_i, \theta) + R(\theta)$, and the batch-mean
+    energy $\frac1B \sum_i F_i$ from the same forward pass (an auxiliary output)."""
     m = model.with_params(params)
-    return energy.per_sample(energy.prepare(m), z, x, y).mean() + energy.penalty(m)
+    e = energy.per_sample(energy.prepare(m), z, x, y).mean()
+    return e + energy.penalty(m), e
 
 
 def param_grads(
@@ -51,19 +53,12 @@ def param_grads(
 
 @eqx.filter_jit
 def _param_grads(model, energy, z, x, y):
-    return jax.grad(objective)(model.params, model, energy, z, x, y)
+    return jax.grad(objective, has_aux=True)(model.params, model, energy, z, x, y)[0]
 
 
 def _update(optim, grads, opt_state, params):
     updates, opt_state = optim.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state
-
-
-def _objective_and_energy(params, model, energy, z, x, y):
-    """(objective, batch-mean energy): the energy comes out of the same forward pass."""
-    m = model.with_params(params)
-    e = energy.per_sample(energy.prepare(m), z, x, y).mean()
-    return e + energy.penalty(m), e
 
 
 def update(model, optim, opt_state, x, y, energy, solver, controller, t1, dt0, n, steady, init,
@@ -84,7 +79,7 @@ def update(model, optim, opt_state, x, y, energy, solver, controller, t1, dt0, n
     # schedule of the whole step into a measurably slower mode).
     e0 = raw.e0 if raw.e0 is not None else energy.per_sample(prepared, z0, x, y).sum()
     z = jax.lax.stop_gradient(raw.z)
-    (value, e), grads = jax.value_and_grad(_objective_and_energy, has_aux=True)(
+    (value, e), grads = jax.value_and_grad(objective, has_aux=True)(
         model.params, model, energy, z, x, y
     )
     # A non-finite energy at the inferred activities means inference diverged (every

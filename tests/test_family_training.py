@@ -97,27 +97,16 @@ def test_bidirectional_trains(framework, solver, getkey):
 def test_graph_model_trains(solver, getkey):
     import equinox as eqx
 
-    class Res(eqx.Module):
-        l1: eqx.nn.Linear
-        l2: eqx.nn.Linear
-        l3: eqx.nn.Linear
+    from tests.test_graph import _equinox  # the residual two-node model of the graph tests
 
-        def __call__(self, x):
-            h1 = pccore.node("h1", jnp.tanh(self.l1(x)))
-            h2 = pccore.node("h2", jnp.tanh(self.l2(h1)) + h1)
-            return self.l3(h2)
-
-    k1, k2, k3 = jax.random.split(getkey(), 3)
-    native = Res(eqx.nn.Linear(64, 32, key=k1), eqx.nn.Linear(32, 32, key=k2),
-                 eqx.nn.Linear(32, 10, key=k3))
-    params, static = eqx.partition(native, eqx.is_inexact_array)
-    model = pccore.wrap_graph(lambda p, x: eqx.combine(p, static)(x), params,
-                              jnp.zeros((1, 64)), per_sample=True,
+    native, fn, params, per_sample = _equinox(cases.canonical_mlp([64, 32, 32, 10], getkey()))
+    static = eqx.partition(native, eqx.is_inexact_array)[1]
+    model = pccore.wrap_graph(fn, params, jnp.zeros((1, 64)), per_sample=per_sample,
                               rebuild=lambda p: eqx.combine(p, static))
     energy = pccore.GraphPC(loss=pccore.CrossEntropy())
     model, _ = _train(model, energy, SOLVERS[solver])
     assert _test_accuracy(model, energy) > 0.6
-    assert isinstance(model.unwrap(), Res)
+    assert isinstance(model.unwrap(), type(native))
 
 
 GEN_SOLVERS = {
