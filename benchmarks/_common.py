@@ -206,6 +206,14 @@ def write_json(path, payload):
         json.dump({"machine": machine(), **payload}, f, indent=1)
 
 
+def report(path, rows, cols, quick: bool, **extra) -> str:
+    """Print the markdown table of `rows`, save it with the rows as JSON; returns the table."""
+    md = table(rows, cols)
+    print(md)
+    write_json(path, {"rows": rows, "markdown": md, "quick": quick, **extra})
+    return md
+
+
 def table(rows, cols) -> str:
     """A markdown table of `rows` (dicts) with `cols` as (key, header, format)."""
     head = "| " + " | ".join(h for _, h, _ in cols) + " |"

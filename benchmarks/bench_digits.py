@@ -14,7 +14,7 @@ import time
 import diffrax
 import jax
 import optax
-from _common import block, equinox_mlp, mlp_weights, out_path, table, write_json
+from _common import block, equinox_mlp, mlp_weights, out_path, report
 from _digits import digits
 
 import pccore
@@ -97,10 +97,7 @@ def main(argv=None):
         ("converged", "solves at steady state", "{:.0%}"), ("max_steps", "most steps", "{}"),
         ("acc", "test acc", "{:.3f}"),
     ]
-    md = table(rows, cols)
-    print(md)
-    write_json(a.out, {"rows": rows, "markdown": md, "quick": a.quick})
-    return md
+    return report(a.out, rows, cols, a.quick)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import diffrax
 import jax
 import jax.numpy as jnp
 import optax
-from _common import data, equinox_mlp, mlp_weights, out_path, sizes_of, table, write_json
+from _common import data, equinox_mlp, mlp_weights, out_path, report, sizes_of
 
 import pccore
 
@@ -66,10 +66,7 @@ def main(argv=None):
         ("output_MB", "output MB", "{:.2f}"),
         ("max_steps_copies_MB", "max_steps copies would be MB", "{:.0f}"),
     ]
-    md = table(rows, cols)
-    print(md)
-    write_json(a.out, {"rows": rows, "markdown": md, "quick": a.quick})
-    return md
+    return report(a.out, rows, cols, a.quick)
 
 
 if __name__ == "__main__":

@@ -23,9 +23,8 @@ from _common import (
     mlp_weights,
     out_path,
     paired,
+    report,
     sizes_of,
-    table,
-    write_json,
 )
 
 import pccore
@@ -135,10 +134,7 @@ def main(argv=None):
     reps = 10 if a.quick else 40
     rows = [row(reps=reps, **c) for c in configs(a.quick)]
     rows += adapter_rows(reps)
-    md = table(rows, COLS)
-    print(md)
-    write_json(a.out, {"rows": rows, "markdown": md, "quick": a.quick})
-    return md
+    return report(a.out, rows, COLS, a.quick)
 
 
 if __name__ == "__main__":

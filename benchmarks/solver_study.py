@@ -17,7 +17,7 @@ import diffrax
 import jax
 import optax
 import optimistix as optx
-from _common import block, data, equinox_mlp, mlp_weights, out_path, sizes_of, table, write_json
+from _common import block, data, equinox_mlp, mlp_weights, out_path, report, sizes_of
 from _digits import digits
 
 import pccore
@@ -134,10 +134,7 @@ def main(argv=None):
         ("grad_evals", "∇z evals", "{}"), ("ms", "wall ms", "{:.1f}"),
         ("speedup_vs_euler", "Euler time / this", "{:.2f}"), ("compile_s", "compile s", "{:.1f}"),
     ]
-    md = table(rows, cols)
-    print(md)
-    write_json(a.out, {"rows": rows, "markdown": md, "quick": a.quick, "tol": TOL})
-    return md
+    return report(a.out, rows, cols, a.quick, tol=TOL)
 
 
 if __name__ == "__main__":
