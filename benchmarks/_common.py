@@ -149,6 +149,20 @@ def first_leaf(tree):
     return tree.block_until_ready()
 
 
+class Loop:
+    """A training loop's calls: each call passes back what the previous one returned
+    (`step(*state) -> (*state, ...)`), as real training does, so the timed calls see the
+    same objects a user's loop hands over (pccore reuses what it returned)."""
+
+    def __init__(self, step, *state):
+        self.step, self.state = step, state
+
+    def __call__(self):
+        out = self.step(*self.state)
+        self.state = tuple(out[: len(self.state)])
+        return out
+
+
 def paired(fa, fb, reps: int, warmup: int = 3, sync_a=block, sync_b=block):
     """Time `fa` and `fb` alternately (ABBA order); returns medians and the median ratio b/a."""
     for _ in range(warmup):

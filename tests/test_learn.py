@@ -126,3 +126,67 @@ def test_cached_step_equals_uncached_step(x64, getkey):
                     jax.tree_util.tree_leaves((m2.params, s2, st2))):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
     assert float(st1.energy) > 0 and bool(st1.updated)
+
+
+def _copy(tree):
+    """The same values in fresh objects (new arrays, new containers)."""
+    return jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), tree)
+
+
+def _assert_same(a, b):
+    for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+        np.testing.assert_array_equal(u, v)
+
+
+def test_passing_back_the_returned_objects_equals_passing_copies(getkey):
+    """A loop that passes back what `train_step` returned reuses its leaves; any other
+    combination (a fresh optimiser state, another optimiser, new data shapes) must read the
+    objects it is given. Oracle: the same call on fresh copies, which nothing remembers."""
+    from pccore import _learn
+
+    model = _model(getkey())
+    x, y = jax.random.normal(getkey(), (8, 5)), jax.random.normal(getkey(), (8, 3))
+    optim = optax.adam(1e-2)
+    m1, s1, _ = pccore.train_step(model, optim, optim.init(model.params), x=x, y=y)
+    assert _learn._LAST[id(m1)].opt_state is s1
+    expected = pccore.train_step(_copy(m1), optim, _copy(s1), x=x, y=y)
+    _assert_same(pccore.train_step(m1, optim, s1, x=x, y=y), expected)
+    # The returned model with a different optimiser state: that state is used.
+    fresh = optim.init(m1.params)
+    _assert_same(pccore.train_step(m1, optim, fresh, x=x, y=y),
+                 pccore.train_step(_copy(m1), optim, _copy(fresh), x=x, y=y))
+    # ... and with another optimiser (its own state).
+    sgd = optax.sgd(0.5)
+    _assert_same(pccore.train_step(m1, sgd, sgd.init(m1.params), x=x, y=y),
+                 pccore.train_step(_copy(m1), sgd, sgd.init(m1.params), x=x, y=y))
+    # ... and with other solver options.
+    _assert_same(pccore.train_step(m1, optim, s1, x=x, y=y, t1=0.5),
+                 pccore.train_step(_copy(m1), optim, _copy(s1), x=x, y=y, t1=0.5))
+    # New data shapes are still checked.
+    with pytest.raises(ValueError, match=r"`x` has shape \(8, 6\); expected \(batch, 5\)"):
+        pccore.train_step(m1, optim, s1, x=jnp.ones((8, 6)), y=y)
+
+
+def test_remembered_state_does_not_outlive_its_model(getkey):
+    """What a call remembers (to skip re-reading the pytrees next time) is released with the
+    model it returned, and at most a few entries are kept."""
+    import gc
+    import weakref
+
+    from pccore import _learn
+
+    model = _model(getkey())
+    x, y = jax.random.normal(getkey(), (8, 5)), jax.random.normal(getkey(), (8, 3))
+    optim = optax.adam(1e-2)
+    m1, s1, _ = pccore.train_step(model, optim, optim.init(model.params), x=x, y=y)
+    leaf = weakref.ref(jax.tree_util.tree_leaves(s1)[-1])  # an Adam moment
+    key = id(m1)
+    del s1  # the user drops the state, keeps the model: the entry keeps it alive ...
+    gc.collect()
+    assert leaf() is not None
+    del m1  # ... until the model goes
+    gc.collect()
+    assert leaf() is None and key not in _learn._LAST
+    kept = [pccore.train_step(model, optim, optim.init(model.params), x=x, y=y)
+            for _ in range(3 * _learn._MAX_LAST)]
+    assert len(_learn._LAST) <= _learn._MAX_LAST and len(kept) == 3 * _learn._MAX_LAST
