@@ -313,8 +313,31 @@ def _solve_fixed(solver, energy, model, z0, x, y, t1, dt0, n, steady):
         return Raw(z, n, t1, RESULTS.completed, evals)
 
     # The carry holds the gradient at the current state. Euler steps with it (one
-    # evaluation per step, shared with the steady-state test); other solvers evaluate
-    # their own stages and the test costs one more evaluation per step.
+    # evaluation per step, shared with the steady-state test). An explicit Runge-Kutta
+    # step evaluates the field at its starting state as its first stage: the test reads
+    # that, and a steady state found there is kept (the step taken from it discarded).
+    # Other solvers evaluate the field once more per step for the test.
+    if not euler and _stage0(solver):
+
+        def body(c):
+            k, z, s, g, _ = c
+            h = t_of(k + 1) - t_of(k)
+            z1, _, dense, s1, _ = solver.step(terms, t_of(k), t_of(k + 1), z, args, s, False)
+            g = _field_at_start(dense, h)
+            here = is_steady(steady, g, z)
+            z, s = _keep(here, z1, z), _keep(here, s1, s)
+            return jnp.where(here, k, k + 1), z, s, g, here
+
+        g0 = jtu.tree_map(jnp.zeros_like, z0)  # replaced by the first step's stage
+        k, z, _, g, done = jax.lax.while_loop(
+            lambda c: (c[0] < n) & ~c[4], body, (0, z0, s0, g0, jnp.array(False)))
+        # The state the loop ended on untested (n steps taken): one more evaluation.
+        g = jax.lax.cond(done, lambda: g, lambda: grad(z))
+        final = done | is_steady(steady, g, z)
+        result = RESULTS.where(final, RESULTS.converged, RESULTS.not_converged)
+        evals = at_init + (k + done) * per_step + jnp.where(done, 0, 1)
+        return Raw(z, k, t_of(k), result, evals, g)
+
     def body(c):
         k, z, s, g, _ = c
         if euler:
@@ -339,6 +362,22 @@ def _fsal(solver) -> bool:
     """Whether `solver`'s state carries the vector field at the current state (an explicit
     Runge-Kutta tableau with first-same-as-last)."""
     return isinstance(solver, diffrax.AbstractERK) and erk_evals(solver)[0] == 1
+
+
+def _stage0(solver) -> bool:
+    """Whether `solver`'s step hands back the vector field at the state it steps from: an
+    explicit Runge-Kutta method without first-same-as-last evaluates it as its first stage,
+    and diffrax returns the stage increments `k_i = h f_i` as dense output."""
+    return (
+        isinstance(solver, diffrax.AbstractERK)
+        and not isinstance(solver.tableau, diffrax.MultiButcherTableau)
+        and not solver.tableau.fsal
+    )
+
+
+def _field_at_start(dense, h):
+    """$\nabla_z F$ at the state a Runge-Kutta step started from, from its first stage."""
+    return jtu.tree_map(lambda k: -k[0] / h, dense["k"])
 
 
 def _t1_floor(t1):
@@ -366,14 +405,18 @@ def _solve_adaptive(solver, controller, energy, model, z0, x, y, t1, dt0, n, ste
     tnext = jnp.minimum(tnext, t1)
     s0 = solver.init(terms, 0.0, tnext, z0, args)
     fsal = _fsal(solver)
+    # Without first-same-as-last, an explicit Runge-Kutta step's first stage is the field at
+    # the state it steps from: the test reads it there, and a steady state is kept (the step
+    # attempted from it discarded), so the test costs no evaluation per step.
+    stage0 = steady is not None and not fsal and _stage0(solver)
     floor = _t1_floor(t1)
     # After a step, a first-same-as-last solver's state holds f(z) = -grad at the new state
     # (diffrax's initial state holds zeros instead: the start is tested with a gradient).
     grad = lambda z, s: jtu.tree_map(jnp.negative, s[1]) if fsal else activity_grad(
         energy, model, z, x, y)
-    check = (lambda z, s: jnp.array(False)) if steady is None else (
+    check = (lambda z, s: jnp.array(False)) if (steady is None or stage0) else (
         lambda z, s: is_steady(steady, grad(z, s), z))
-    check0 = jnp.array(False) if steady is None else is_steady(
+    check0 = jnp.array(False) if (steady is None or stage0) else is_steady(
         steady, activity_grad(energy, model, z0, x, y), z0)
 
     def cond(c):
@@ -382,24 +425,34 @@ def _solve_adaptive(solver, controller, energy, model, z0, x, y, t1, dt0, n, ste
 
     def body(c):
         k, tprev, tnext, z, s, cs, jump, _, _ = c
-        z1, err, _, s1, sres = solver.step(terms, tprev, tnext, z, args, s, jump)
+        z1, err, dense, s1, sres = solver.step(terms, tprev, tnext, z, args, s, jump)
         err = jtu.tree_map(lambda e: jnp.where(jnp.isnan(e), jnp.inf, e), err)
-        keep, tprev1, tnext1, jump1, cs, cres = controller.adapt_step_size(
+        keep, tprev1, tnext1, jump1, cs1, cres = controller.adapt_step_size(
             tprev, tnext, z, z1, args, err, order, cs)
         tprev1 = jnp.minimum(tprev1, t1)
         clipped = jnp.where(keep, t1, tprev1 + 0.5 * (t1 - tprev1))
         tnext1 = jnp.where(tnext1 > floor, clipped, tnext1)
         sel = lambda a, b: jnp.where(keep, a, b)
-        z = jtu.tree_map(sel, z1, z)
-        s = jtu.tree_map(sel, s1, s)
-        jump = jnp.where(keep, jump1, jump)
+        z1 = jtu.tree_map(sel, z1, z)
+        s1 = jtu.tree_map(sel, s1, s)
+        jump1 = jnp.where(keep, jump1, jump)
         bad = (keep & (sres != diffrax.RESULTS.successful)) | (cres != diffrax.RESULTS.successful)
-        done = keep & check(z, s)
-        return k + 1, tprev1, tnext1, z, s, cs, jump, done, bad
+        new = (k + 1, tprev1, tnext1, z1, s1, cs1, jump1, keep & check(z1, s1), bad)
+        if not stage0:
+            return new
+        here = is_steady(steady, _field_at_start(dense, tnext - tprev), z)
+        old = (k, tprev, tnext, z, s, cs, jump, jnp.array(True), jnp.array(False))
+        return jtu.tree_map(lambda a, b: jnp.where(here, a, b), old, new)
 
     init = (0, jnp.asarray(0.0, tnext.dtype), tnext, z0, s0, cs0, jnp.array(False), check0,
             jnp.array(False))
     k, t, _, z, s, _, _, done, bad = jax.lax.while_loop(cond, body, init)
+    found = done
+    if stage0:
+        # The state the loop ended on (at t1, or after max_steps) untested: one evaluation.
+        done = done | jax.lax.cond(
+            done, lambda: jnp.array(True),
+            lambda: is_steady(steady, activity_grad(energy, model, z, x, y), z))
     if steady is None:
         good = RESULTS.completed
     else:
@@ -409,6 +462,10 @@ def _solve_adaptive(solver, controller, energy, model, z0, x, y, t1, dt0, n, ste
     at_init, per_step = erk_evals(solver)
     if per_step < 0:
         evals = -1
+    elif stage0:
+        # every iteration's stages (also the one that found the steady state), and the
+        # final test unless the loop found it
+        evals = at_init + (k + found) * per_step + jnp.where(found, 0, 1)
     else:
         # the steady-state test: at the start, then after every step unless the state has it
         test = 0 if steady is None else 1 + (0 if fsal else k)

@@ -82,14 +82,20 @@ PID = diffrax.PIDController(rtol=1e-4, atol=1e-4)
         (dict(solver=diffrax.Tsit5(), t1=2.0, dt0=0.1), 2),
         (dict(solver=diffrax.Euler(), t1=200.0, dt0=0.1, max_steps=10_000, steady_state=SS), 1),
         (dict(solver=diffrax.Heun(), t1=200.0, dt0=0.1, max_steps=10_000, steady_state=SS), 1),
+        (dict(solver=diffrax.Heun(), t1=0.5, dt0=0.1, steady_state=SS), 1),
         (dict(solver=diffrax.Tsit5(), stepsize_controller=PID, t1=50.0, dt0=0.1,
+              steady_state=SS), 2),
+        (dict(solver=diffrax.Heun(), stepsize_controller=PID, t1=50.0, dt0=0.1,
+              steady_state=SS), 2),
+        (dict(solver=diffrax.Heun(), stepsize_controller=PID, t1=50.0, dt0=0.1, max_steps=4,
               steady_state=SS), 2),
         (dict(solver=optax.adam(0.05), max_steps=3000, steady_state=SS), 1),
         (dict(solver=optx.BFGS(rtol=1e-8, atol=1e-8), steady_state=SS), 2),
         (dict(solver=optx.OptaxMinimiser(optax.sgd(0.1), rtol=1e-8, atol=1e-8), max_steps=3000,
               steady_state=SS), 2),
     ],
-    ids=["euler", "tsit5", "euler-ss", "heun-ss", "tsit5-pid-ss", "adam-ss", "bfgs-ss", "optaxmin-ss"],
+    ids=["euler", "tsit5", "euler-ss", "heun-ss", "heun-ss-not-reached", "tsit5-pid-ss",
+         "heun-pid-ss", "heun-pid-ss-not-reached", "adam-ss", "bfgs-ss", "optaxmin-ss"],
 )
 def test_num_grad_evals_is_exact(getkey, kw, final):
     # Oracle: a host callback inside the energy counts its evaluations at run time. The
@@ -100,6 +106,10 @@ def test_num_grad_evals_is_exact(getkey, kw, final):
     sol = pccore.infer(model, x=x, y=y, energy=_Counting(), throw=False, **kw)
     jax.block_until_ready(sol)
     assert int(sol.num_grad_evals) == COUNT["run"] - final
+    if "steady_state" in kw:  # and "converged" means the field is below the tolerance
+        g = jax.grad(lambda z: pccore.energy(model, z, x=x, y=y))(sol.activities)
+        below = all(bool(jnp.all(jnp.max(jnp.abs(a), axis=1) <= 1e-4)) for a in g)
+        assert below == (sol.result == pccore.RESULTS.converged), (below, sol.result)
 
 
 def test_steady_state_euler_costs_one_gradient_per_step(getkey):
