@@ -110,6 +110,33 @@ def make_lean_step(optim, T: int, dt: float, act=jnp.tanh):
     return step
 
 
+def make_lean_diffrax_step(optim, solver, controller, t1: float, dt0: float, max_steps: int,
+                           act=jnp.tanh):
+    """The hand-written PC step for an adaptive solver: what a user writes with diffrax
+    directly (`diffeqsolve` of dz/dt = -grad F from the feed-forward pass to `t1`, the
+    final state only), then one parameter gradient and an optax update."""
+    import diffrax
+
+    @jax.jit
+    def step(params, opt_state, x, y):
+        z, h = [], x
+        for l in range(len(params) - 1):
+            h = _layer(params[l], h, False, act)
+            z.append(h)
+        grad_z = jax.grad(lean_energy)
+        vf = lambda t, z, args: jax.tree_util.tree_map(jnp.negative, grad_z(z, params, x, y, act))
+        sol = diffrax.diffeqsolve(diffrax.ODETerm(vf), solver, 0.0, t1, dt0, tuple(z),
+                                  stepsize_controller=controller, max_steps=max_steps,
+                                  saveat=diffrax.SaveAt(t1=True))
+        z = jax.tree_util.tree_map(lambda a: a[-1], sol.ys)
+        B = x.shape[0]
+        grads = jax.grad(lambda p: lean_energy(z, p, x, y, act) / B)(params)
+        updates, opt_state = optim.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    return step
+
+
 def make_backprop_step(optim, act=jnp.tanh):
     """Ordinary training of the same network (forward, MSE, gradient, optax update)."""
 

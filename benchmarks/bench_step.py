@@ -6,6 +6,7 @@ table shows medians of the per-pair ratios. Run `python benchmarks/bench_step.py
 
 import argparse
 import os
+import statistics
 import sys
 import time
 
@@ -19,6 +20,7 @@ from _common import (
     equinox_mlp,
     first_leaf,
     make_backprop_step,
+    make_lean_diffrax_step,
     make_lean_step,
     median_time,
     mlp_weights,
@@ -43,19 +45,36 @@ def row(name, arch, batch=64, T=20, solver="euler", reps=30, backprop=True):
     model = equinox_mlp(w)
     ps = optim.init(model.params)
     kw = dict(t1=T * DT, dt0=DT)
+    make_lean = lambda: make_lean_step(optim, T, DT)
     if solver != "euler":
+        # The lean reference of an adaptive solver is the same step written with
+        # `diffrax.diffeqsolve` directly (same solver, controller, steps).
         kw = dict(
             solver=diffrax.Heun() if solver == "heun-pid" else diffrax.Tsit5(),
             stepsize_controller=diffrax.PIDController(rtol=1e-3, atol=1e-3),
             t1=T * DT, dt0=DT, max_steps=1000,
         )
-    lean = make_lean_step(optim, T, DT)
-    t = time.perf_counter()
+        make_lean = lambda: make_lean_diffrax_step(
+            optim, kw["solver"], kw["stepsize_controller"], kw["t1"], kw["dt0"], kw["max_steps"])
+    lean = make_lean()
+    # Compile time: each candidate's first call, compiled afresh (`jax.clear_caches()`, a new
+    # optimiser object for pccore so its checks and plan run too) three times, alternating,
+    # median: the first compilation in a process also pays one-off start-up costs.
+    jobs = {
+        "lean": lambda: make_lean()(params, ls, x, y),
+        "pccore": lambda: pccore.train_step(model, optax.adam(1e-3), ps, x=x, y=y, **kw),
+    }
+    firsts = {"lean": [], "pccore": []}
+    for i in range(3):
+        for k in (("lean", "pccore") if i % 2 == 0 else ("pccore", "lean")):
+            jax.clear_caches()
+            t = time.perf_counter()
+            block(jobs[k]())
+            firsts[k].append(time.perf_counter() - t)
+    lean_compile = statistics.median(firsts["lean"])
+    pc_compile = statistics.median(firsts["pccore"])
     block(lean(params, ls, x, y))
-    lean_compile = time.perf_counter() - t
-    t = time.perf_counter()
     stats = block(pccore.train_step(model, optim, ps, x=x, y=y, **kw))[2]
-    pc_compile = time.perf_counter() - t
     lean_loop = Loop(lambda p, s: lean(p, s, x, y), params, ls)
     pc_loop = Loop(lambda m, s: pccore.train_step(m, optim, s, x=x, y=y, **kw), model, ps)
     sync_pc = lambda out: out[2].energy.block_until_ready()
