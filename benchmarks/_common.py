@@ -85,8 +85,9 @@ def lean_energy(z, params, x, y, act=jnp.tanh):
     return e + 0.5 * jnp.sum(jnp.square(y - _layer(params[L - 1], chain[L - 1], True, act)))
 
 
-def make_lean_step(optim, T: int, dt: float, act=jnp.tanh):
-    """The hand-written PC step: (params, opt_state, x, y) -> (params, opt_state)."""
+def _lean_pc_step(optim, relax, act):
+    """Feed-forward init, `relax(z, grad_z)` (the inference), one parameter gradient, one
+    optax update, in one `jax.jit`."""
 
     @jax.jit
     def step(params, opt_state, x, y):
@@ -94,20 +95,24 @@ def make_lean_step(optim, T: int, dt: float, act=jnp.tanh):
         for l in range(len(params) - 1):
             h = _layer(params[l], h, False, act)
             z.append(h)
-        z = tuple(z)
-        grad_z = jax.grad(lean_energy)
-
-        def body(_, z):
-            g = grad_z(z, params, x, y, act)
-            return jax.tree_util.tree_map(lambda a, b: a - dt * b, z, g)
-
-        z = jax.lax.fori_loop(0, T, body, z)
+        z = relax(tuple(z), lambda z: jax.grad(lean_energy)(z, params, x, y, act))
         B = x.shape[0]
         grads = jax.grad(lambda p: lean_energy(z, p, x, y, act) / B)(params)
         updates, opt_state = optim.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
     return step
+
+
+def make_lean_step(optim, T: int, dt: float, act=jnp.tanh):
+    """The hand-written PC step: (params, opt_state, x, y) -> (params, opt_state), with T
+    Euler steps in one `lax.fori_loop`."""
+
+    def relax(z, grad_z):
+        body = lambda _, z: jax.tree_util.tree_map(lambda a, b: a - dt * b, z, grad_z(z))
+        return jax.lax.fori_loop(0, T, body, z)
+
+    return _lean_pc_step(optim, relax, act)
 
 
 def make_lean_diffrax_step(optim, solver, controller, t1: float, dt0: float, max_steps: int,
@@ -117,24 +122,14 @@ def make_lean_diffrax_step(optim, solver, controller, t1: float, dt0: float, max
     final state only), then one parameter gradient and an optax update."""
     import diffrax
 
-    @jax.jit
-    def step(params, opt_state, x, y):
-        z, h = [], x
-        for l in range(len(params) - 1):
-            h = _layer(params[l], h, False, act)
-            z.append(h)
-        grad_z = jax.grad(lean_energy)
-        vf = lambda t, z, args: jax.tree_util.tree_map(jnp.negative, grad_z(z, params, x, y, act))
-        sol = diffrax.diffeqsolve(diffrax.ODETerm(vf), solver, 0.0, t1, dt0, tuple(z),
+    def relax(z, grad_z):
+        vf = lambda t, z, args: jax.tree_util.tree_map(jnp.negative, grad_z(z))
+        sol = diffrax.diffeqsolve(diffrax.ODETerm(vf), solver, 0.0, t1, dt0, z,
                                   stepsize_controller=controller, max_steps=max_steps,
                                   saveat=diffrax.SaveAt(t1=True))
-        z = jax.tree_util.tree_map(lambda a: a[-1], sol.ys)
-        B = x.shape[0]
-        grads = jax.grad(lambda p: lean_energy(z, p, x, y, act) / B)(params)
-        updates, opt_state = optim.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
+        return jax.tree_util.tree_map(lambda a: a[-1], sol.ys)
 
-    return step
+    return _lean_pc_step(optim, relax, act)
 
 
 def make_backprop_step(optim, act=jnp.tanh):
