@@ -245,7 +245,7 @@ class _Last:
 
 _PLANS: OrderedDict = OrderedDict()  # by identity of the configuration objects
 _PLANS_BY_VALUE: OrderedDict = OrderedDict()  # by value (equal configurations share one)
-_LAST: OrderedDict = OrderedDict()  # id(returned model) -> _Last
+_LAST: dict = {}  # id(returned model) -> _Last, oldest first
 _MAX_PLANS = 32
 # Each entry keeps its optimiser state alive while its model lives: a handful is enough for
 # a training loop (or a few interleaved ones) and bounds what a list of kept models retains.
@@ -262,7 +262,7 @@ def _forget(ref, key) -> None:
     """Weak-reference callback: the model of an entry is gone."""
     entry = _LAST.get(key)
     if entry is not None and entry.ref is ref:
-        del _LAST[key]
+        _LAST.pop(key, None)  # (a plain dict: safe if garbage collection runs this mid-update)
 
 
 def _same_number(a, b) -> bool:
@@ -318,9 +318,10 @@ def _run(plan, flat, model, p_leaves, s_leaves, x, y, key, config, nums):
     last.ref = weakref.ref(new, lambda r, k=key_: _forget(r, k))
     last.plan, last.config, last.nums, last.opt_state = plan, config, nums, opt_state
     last.flat, last.p_leaves, last.s_leaves = flat, p, s
+    _LAST.pop(key_, None)  # an id reused after its model died: re-insert as the newest
     _LAST[key_] = last
-    if len(_LAST) > _MAX_LAST:
-        _LAST.popitem(last=False)
+    while len(_LAST) > _MAX_LAST:
+        _LAST.pop(next(iter(_LAST)), None)
     return new, opt_state, stats
 
 
