@@ -178,10 +178,11 @@ class _FlatStep:
     returns leaves; the structures are recorded at trace time.
     """
 
-    __slots__ = ("jitted", "p_out", "s_out")
+    __slots__ = ("jitted", "p_out", "s_out", "reusable")
 
     def __init__(self, step, pdef, sdef):
         self.p_out = self.s_out = None
+        self.reusable = None  # whether its results can be remembered (see `_immutable`)
 
         def flat(p_leaves, s_leaves, x, y, key):
             params, opt_state, stats = step(
@@ -193,6 +194,19 @@ class _FlatStep:
 
         flat.__name__ = flat.__qualname__ = "_train_step"  # as compile logs name it
         self.jitted = jax.jit(flat)
+
+
+def _immutable(treedef) -> bool:
+    """Whether a pytree of this structure cannot change after it is built: only tuples
+    (named or not), None and Equinox modules. A dict can be changed in place (optax's
+    `inject_hyperparams` state is changed that way to set a new learning rate), so what it
+    holds must be read on every call."""
+    data = treedef.node_data()
+    if data is None:  # a leaf
+        return True
+    if not (data[0] is type(None) or issubclass(data[0], tuple | eqx.Module)):
+        return False
+    return all(_immutable(child) for child in treedef.children())
 
 
 class _Steps:
@@ -235,9 +249,10 @@ class _Last:
     """What a planned call returned: the model (weakly), the optimiser state, their leaves.
 
     A training loop passes back exactly what it was given, so the next call can hand those
-    leaves to the compiled step without reading either pytree again. The model and its
-    parameters are immutable and the entry lives only as long as the model does (a weak
-    reference); the optimiser state is matched by identity.
+    leaves to the compiled step without reading either pytree again. Only results that
+    cannot change after they are built are remembered (tuples and Equinox modules, no
+    dicts); the entry lives only as long as the model does (a weak reference), and the
+    optimiser state is matched by identity.
     """
 
     __slots__ = ("ref", "plan", "config", "nums", "opt_state", "flat", "p_leaves", "s_leaves")
@@ -313,6 +328,10 @@ def _run(plan, flat, model, p_leaves, s_leaves, x, y, key, config, nums):
     p, s, stats = flat.jitted(p_leaves, s_leaves, x, y, key)
     new = _with_params(model, jtu.tree_unflatten(flat.p_out, p))
     opt_state = jtu.tree_unflatten(flat.s_out, s)
+    if flat.reusable is None:
+        flat.reusable = _immutable(flat.p_out) and _immutable(flat.s_out)
+    if not flat.reusable:
+        return new, opt_state, stats
     last = _Last()
     key_ = id(new)
     last.ref = weakref.ref(new, lambda r, k=key_: _forget(r, k))

@@ -190,3 +190,18 @@ def test_remembered_state_does_not_outlive_its_model(getkey):
     kept = [pccore.train_step(model, optim, optim.init(model.params), x=x, y=y)
             for _ in range(3 * _learn._MAX_LAST)]
     assert len(_learn._LAST) <= _learn._MAX_LAST and len(kept) == 3 * _learn._MAX_LAST
+
+
+def test_optimiser_state_changed_in_place_is_read_again(getkey):
+    """optax's `inject_hyperparams` state holds its hyper-parameters in a dict that users
+    change in place. A remembered state must not hide that: with the learning rate set to
+    0 the next step leaves the parameters exactly as they are (oracle: SGD with rate 0)."""
+    model = _model(getkey())
+    x, y = jax.random.normal(getkey(), (8, 5)), jax.random.normal(getkey(), (8, 3))
+    optim = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1)
+    m1, s1, _ = pccore.train_step(model, optim, optim.init(model.params), x=x, y=y)
+    s1.hyperparams["learning_rate"] = jnp.asarray(0.0)
+    m2, s2, stats = pccore.train_step(m1, optim, s1, x=x, y=y)
+    assert bool(stats.updated)
+    _assert_same(m2.params, m1.params)
+    assert float(s2.hyperparams["learning_rate"]) == 0.0
