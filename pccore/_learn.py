@@ -174,7 +174,7 @@ class _FlatStep:
 
     `jax.jit` flattens pytree arguments and rebuilds pytree outputs on every call, and
     Equinox modules flatten in Python: on a 20-layer MLP the parameters and Adam state cost
-    about 150 us to read and 85 us to rebuild, per step. Here the jitted function takes and
+    about 150 µs to read and 85 µs to rebuild, per step. Here the jitted function takes and
     returns leaves; the structures are recorded at trace time.
     """
 
