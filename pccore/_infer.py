@@ -6,7 +6,7 @@ Three routes, one contract (an [`pccore.InferenceSolution`][]):
   `solver.step` (no per-step bookkeeping beyond the solver's own);
 - a diffrax solver with an adaptive controller and no saved trajectory: the solver's own
   `step` and the controller's `adapt_step_size` in a plain while loop, the steady-state test
-  reading the vector field a first-same-as-last tableau already holds;
+  reading a vector field the Runge-Kutta step already evaluated;
 - a saved trajectory (`saveat`): `diffrax.diffeqsolve`, with a `diffrax.Event` on the
   vector field for the steady state;
 - an optax `GradientTransformation`: $z \leftarrow z + \mathrm{update}(\nabla_z \mathcal F)$,
@@ -16,8 +16,8 @@ Three routes, one contract (an [`pccore.InferenceSolution`][]):
 
 Cost: with a constant step and no steady-state test, T steps of an explicit solver cost
 exactly T evaluations per stage of $\nabla_z \mathcal F$; a steady-state test reuses the
-gradient of the step (Euler, optax, optimistix, first-same-as-last Runge-Kutta tableaus
-such as Tsit5), so it adds one evaluation per solve, not one per step.
+gradient of the step (Euler, explicit Runge-Kutta methods, optax, optimistix), so it adds
+one evaluation per solve, not one per step.
 `InferenceSolution.num_grad_evals` counts them.
 """
 
@@ -321,9 +321,9 @@ def _solve_fixed(solver, energy, model, z0, x, y, t1, dt0, n, steady):
 
         def body(c):
             k, z, s, g, _ = c
-            h = t_of(k + 1) - t_of(k)
-            z1, _, dense, s1, _ = solver.step(terms, t_of(k), t_of(k + 1), z, args, s, False)
-            g = _field_at_start(dense, h)
+            ta, tb = t_of(k), t_of(k + 1)
+            z1, _, dense, s1, _ = solver.step(terms, ta, tb, z, args, s, False)
+            g = _field_at_start(dense, tb - ta)
             here = is_steady(steady, g, z)
             z, s = _keep(here, z1, z), _keep(here, s1, s)
             return jnp.where(here, k, k + 1), z, s, g, here
@@ -368,11 +368,7 @@ def _stage0(solver) -> bool:
     """Whether `solver`'s step hands back the vector field at the state it steps from: an
     explicit Runge-Kutta method without first-same-as-last evaluates it as its first stage,
     and diffrax returns the stage increments `k_i = h f_i` as dense output."""
-    return (
-        isinstance(solver, diffrax.AbstractERK)
-        and not isinstance(solver.tableau, diffrax.MultiButcherTableau)
-        and not solver.tableau.fsal
-    )
+    return isinstance(solver, diffrax.AbstractERK) and erk_evals(solver)[0] == 0
 
 
 def _field_at_start(dense, h):
@@ -394,9 +390,10 @@ def _solve_adaptive(solver, controller, energy, model, z0, x, y, t1, dt0, n, ste
 
     `diffrax.diffeqsolve` would do the same steps, with a general loop around them (saving,
     events, dense output, progress) that costs about a millisecond per solve on small
-    networks. The steady-state test reads the vector field that a first-same-as-last
-    solver (Tsit5, Dopri5, Bosh3) already evaluated at the accepted state; other solvers
-    evaluate it once per step.
+    networks. The steady-state test reads a vector field the step already evaluated: the
+    last stage of a first-same-as-last solver (Tsit5, Dopri5, Bosh3) at the accepted state,
+    or the first stage of any other explicit Runge-Kutta method at the state it steps from;
+    other solvers evaluate it once per step.
     """
     terms = diffrax.ODETerm(_vector_field)
     args = (energy, model, x, y)
@@ -408,7 +405,7 @@ def _solve_adaptive(solver, controller, energy, model, z0, x, y, t1, dt0, n, ste
     # Without first-same-as-last, an explicit Runge-Kutta step's first stage is the field at
     # the state it steps from: the test reads it there, and a steady state is kept (the step
     # attempted from it discarded), so the test costs no evaluation per step.
-    stage0 = steady is not None and not fsal and _stage0(solver)
+    stage0 = steady is not None and _stage0(solver)
     floor = _t1_floor(t1)
     # After a step, a first-same-as-last solver's state holds f(z) = -grad at the new state
     # (diffrax's initial state holds zeros instead: the start is tested with a gradient).

@@ -237,12 +237,21 @@ class _Plan:
     training loop passes the same ones every call) and, failing that, by their value.
     """
 
-    __slots__ = ("refs", "steps", "sig")
+    __slots__ = ("refs", "nums", "steps", "sig")
 
-    def __init__(self, refs: tuple, steps: _Steps, sig):
-        self.refs = refs
+    def __init__(self, refs: tuple, nums: tuple, steps: _Steps, sig):
+        self.refs = refs  # (skeleton, *configuration objects)
+        self.nums = nums  # (t1, dt0, max_steps)
         self.steps = steps
-        self.sig = sig
+        self.sig = sig  # data shapes and dtypes
+
+    def matches(self, config: tuple, nums: tuple, x, y) -> bool:
+        """Whether a call with these objects, numbers and data is this plan's (validated)."""
+        return (
+            all(a is b for a, b in zip(self.refs[1:], config))
+            and all(_same_number(a, b) for a, b in zip(self.nums, nums))
+            and self.sig == (_data_sig(x), _data_sig(y))
+        )
 
 
 class _Last:
@@ -255,7 +264,7 @@ class _Last:
     optimiser state is matched by identity.
     """
 
-    __slots__ = ("ref", "plan", "config", "nums", "opt_state", "flat", "p_leaves", "s_leaves")
+    __slots__ = ("ref", "plan", "opt_state", "flat", "p_leaves", "s_leaves")
 
 
 _PLANS: OrderedDict = OrderedDict()  # by identity of the configuration objects
@@ -303,7 +312,7 @@ def _make_step(skel: _Skeleton, optim, energy, solver, controller, t1, dt0, n, s
     return _train_step
 
 
-def _plan(skel, config: tuple, t1, dt0, n, x, y, params, opt_state):
+def _plan(skel, config: tuple, nums: tuple, n, x, y, params, opt_state):
     """The plan for this configuration, or None if it cannot have one (array leaves in the
     configuration, or non-array leaves in the parameters or optimiser state)."""
     optim, energy, solver, controller, steady, init = config
@@ -311,6 +320,7 @@ def _plan(skel, config: tuple, t1, dt0, n, x, y, params, opt_state):
         return None
     if not all(eqx.is_array(a) for a in jtu.tree_leaves((params, opt_state))):
         return None
+    t1, dt0, _ = nums
     by_value = (skel, *config, t1, dt0, n)
     try:
         steps = _PLANS_BY_VALUE.get(by_value)
@@ -320,10 +330,10 @@ def _plan(skel, config: tuple, t1, dt0, n, x, y, params, opt_state):
         steps = _Steps(_make_step(skel, optim, energy, solver, controller, t1, dt0, n, steady,
                                   init))
         _remember(_PLANS_BY_VALUE, by_value, steps)
-    return _Plan((skel, *config), steps, (_data_sig(x), _data_sig(y)))
+    return _Plan((skel, *config), nums, steps, (_data_sig(x), _data_sig(y)))
 
 
-def _run(plan, flat, model, p_leaves, s_leaves, x, y, key, config, nums):
+def _run(plan, flat, model, p_leaves, s_leaves, x, y, key):
     """Call a plan's compiled step on leaves; remember what it returned for the next call."""
     p, s, stats = flat.jitted(p_leaves, s_leaves, x, y, key)
     new = _with_params(model, jtu.tree_unflatten(flat.p_out, p))
@@ -335,7 +345,7 @@ def _run(plan, flat, model, p_leaves, s_leaves, x, y, key, config, nums):
     last = _Last()
     key_ = id(new)
     last.ref = weakref.ref(new, lambda r, k=key_: _forget(r, k))
-    last.plan, last.config, last.nums, last.opt_state = plan, config, nums, opt_state
+    last.plan, last.opt_state = plan, opt_state
     last.flat, last.p_leaves, last.s_leaves = flat, p, s
     _LAST.pop(key_, None)  # an id reused after its model died: re-insert as the newest
     _LAST[key_] = last
@@ -344,11 +354,11 @@ def _run(plan, flat, model, p_leaves, s_leaves, x, y, key, config, nums):
     return new, opt_state, stats
 
 
-def _run_planned(plan, model, opt_state, x, y, key, config, nums):
+def _run_planned(plan, model, opt_state, x, y, key):
     p_leaves, pdef = jtu.tree_flatten(model.params)
     s_leaves, sdef = jtu.tree_flatten(opt_state)
     flat = plan.steps.get(pdef, sdef)
-    return _run(plan, flat, model, p_leaves, s_leaves, x, y, key, config, nums)
+    return _run(plan, flat, model, p_leaves, s_leaves, x, y, key)
 
 
 def train_step(
@@ -398,13 +408,10 @@ def train_step(
         last is not None
         and last.ref() is model
         and last.opt_state is opt_state
-        and all(a is b for a, b in zip(last.config, config))
-        and all(_same_number(a, b) for a, b in zip(last.nums, nums))
-        and last.plan.sig == (_data_sig(x), _data_sig(y))
+        and last.plan.matches(config, nums, x, y)
     ):
         # What the last call returned, passed straight back: its leaves are known.
-        return _run(last.plan, last.flat, model, last.p_leaves, last.s_leaves, x, y, key,
-                    config, nums)
+        return _run(last.plan, last.flat, model, last.p_leaves, last.s_leaves, x, y, key)
     skel = _skeleton(model)
     if skel is not None:
         ident = (id(skel), *map(id, config), *nums)
@@ -415,11 +422,10 @@ def train_step(
         if (
             plan is not None
             and plan.refs[0] is skel
-            and all(a is b for a, b in zip(plan.refs[1:], config))
-            and plan.sig == (_data_sig(x), _data_sig(y))
+            and plan.matches(config, nums, x, y)
         ):
             # The same configuration objects and data shapes as a checked call: validated.
-            return _run_planned(plan, model, opt_state, x, y, key, config, nums)
+            return _run_planned(plan, model, opt_state, x, y, key)
     x, y = check_data(model, energy, x, y)
     n = check_solver(solver, stepsize_controller, t1, dt0, max_steps, steady_state, None)
     if not isinstance(optim, optax.GradientTransformation):
@@ -428,9 +434,9 @@ def train_step(
             f"{type(optim).__name__}."
         )
     if skel is not None:
-        plan = _plan(skel, config, t1, dt0, n, x, y, model.params, opt_state)
+        plan = _plan(skel, config, nums, n, x, y, model.params, opt_state)
         if plan is not None and ident is not None:
             _remember(_PLANS, ident, plan)
-            return _run_planned(plan, model, opt_state, x, y, key, config, nums)
+            return _run_planned(plan, model, opt_state, x, y, key)
     return _train_step(model, optim, opt_state, x, y, energy, solver, stepsize_controller, t1,
                        dt0, n, steady_state, init, key)
