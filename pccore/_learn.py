@@ -1,6 +1,7 @@
 """The one update path: parameter gradients at the inferred activities, and a training step."""
 
 import dataclasses
+import functools as ft
 import weakref
 from collections import OrderedDict
 from typing import Any
@@ -282,11 +283,16 @@ def _remember(table: OrderedDict, key, value) -> None:
         table.popitem(last=False)
 
 
-def _forget(ref, key) -> None:
-    """Weak-reference callback: the model of an entry is gone."""
-    entry = _LAST.get(key)
+def _forget(table: dict, key: int, ref) -> None:
+    """Weak-reference callback: the model of an entry is gone.
+
+    Bound to its table with `functools.partial`: at interpreter exit a model kept in a
+    module global dies after module globals are cleared, so the callback must not look
+    anything up there.
+    """
+    entry = table.get(key)
     if entry is not None and entry.ref is ref:
-        _LAST.pop(key, None)  # (a plain dict: safe if garbage collection runs this mid-update)
+        table.pop(key, None)  # (a plain dict: safe if garbage collection runs this mid-update)
 
 
 def _same_number(a, b) -> bool:
@@ -344,7 +350,7 @@ def _run(plan, flat, model, p_leaves, s_leaves, x, y, key):
         return new, opt_state, stats
     last = _Last()
     key_ = id(new)
-    last.ref = weakref.ref(new, lambda r, k=key_: _forget(r, k))
+    last.ref = weakref.ref(new, ft.partial(_forget, _LAST, key_))
     last.plan, last.opt_state = plan, opt_state
     last.flat, last.p_leaves, last.s_leaves = flat, p, s
     _LAST.pop(key_, None)  # an id reused after its model died: re-insert as the newest

@@ -192,6 +192,30 @@ def test_remembered_state_does_not_outlive_its_model(getkey):
     assert len(_learn._LAST) <= _learn._MAX_LAST and len(kept) == 3 * _learn._MAX_LAST
 
 
+def test_release_callback_survives_interpreter_exit():
+    """The callback that releases a remembered entry with its model must not read module
+    globals: at interpreter exit they may already be cleared when the model dies (here an
+    entry held from `__main__` outlives `pccore._learn`'s globals). Oracle: a clean stderr."""
+    import subprocess
+    import sys
+
+    script = (
+        "import jax, jax.numpy as jnp, optax, equinox as eqx, pccore\n"
+        "from pccore import _learn\n"
+        "model = pccore.wrap(eqx.nn.MLP(4, 2, 8, 1, key=jax.random.key(0)))\n"
+        "optim = optax.sgd(0.1)\n"
+        "model, state, stats = pccore.train_step(model, optim, optim.init(model.params),\n"
+        "                                        x=jnp.ones((3, 4)), y=jnp.ones((3, 2)))\n"
+        "entry = _learn._LAST[id(model)]\n"
+        "print(entry.ref() is model)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "True"
+    assert "Exception ignored" not in out.stderr, out.stderr
+
+
 def test_optimiser_state_changed_in_place_is_read_again(getkey):
     """optax's `inject_hyperparams` state holds its hyper-parameters in a dict that users
     change in place. A remembered state must not hide that: with the learning rate set to
