@@ -69,50 +69,56 @@ def data(sizes, batch, key, dtype=jnp.float32):
 # ------------------------------------------------------------------ the lean reference
 
 
-def _layer(p, z, last, act):
+def _layer(p, z, last, act, transposed=False):
     W, b = p
-    h = z @ W + b
+    h = z @ (W.T if transposed else W) + b
     return h if last else act(h)
 
 
-def lean_energy(z, params, x, y, act=jnp.tanh):
-    """Sum over the batch of sum_l 1/2 ||z_l - f_l(z_{l-1})||^2 + 1/2 ||y - f_L(z_{L-1})||^2."""
+def lean_energy(z, params, x, y, act=jnp.tanh, transposed=False):
+    """Sum over the batch of sum_l 1/2 ||z_l - f_l(z_{l-1})||^2 + 1/2 ||y - f_L(z_{L-1})||^2.
+
+    Weights are `(in, out)`, or `(out, in)` (Equinox's and PyTorch's layout) if `transposed`.
+    """
     chain = (x, *z)
     L = len(params)
     e = 0.0
     for l in range(1, L):
-        e = e + 0.5 * jnp.sum(jnp.square(chain[l] - _layer(params[l - 1], chain[l - 1], False, act)))
-    return e + 0.5 * jnp.sum(jnp.square(y - _layer(params[L - 1], chain[L - 1], True, act)))
+        pred = _layer(params[l - 1], chain[l - 1], False, act, transposed)
+        e = e + 0.5 * jnp.sum(jnp.square(chain[l] - pred))
+    return e + 0.5 * jnp.sum(jnp.square(y - _layer(params[L - 1], chain[L - 1], True, act,
+                                                      transposed)))
 
 
-def _lean_pc_step(optim, relax, act):
+def _lean_pc_step(optim, relax, act, transposed=False):
     """Feed-forward init, `relax(z, grad_z)` (the inference), one parameter gradient, one
     optax update, in one `jax.jit`."""
+    energy = lambda z, p, x, y: lean_energy(z, p, x, y, act, transposed)
 
     @jax.jit
     def step(params, opt_state, x, y):
         z, h = [], x
         for l in range(len(params) - 1):
-            h = _layer(params[l], h, False, act)
+            h = _layer(params[l], h, False, act, transposed)
             z.append(h)
-        z = relax(tuple(z), lambda z: jax.grad(lean_energy)(z, params, x, y, act))
+        z = relax(tuple(z), lambda z: jax.grad(energy)(z, params, x, y))
         B = x.shape[0]
-        grads = jax.grad(lambda p: lean_energy(z, p, x, y, act) / B)(params)
+        grads = jax.grad(lambda p: energy(z, p, x, y) / B)(params)
         updates, opt_state = optim.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
     return step
 
 
-def make_lean_step(optim, T: int, dt: float, act=jnp.tanh):
+def make_lean_step(optim, T: int, dt: float, act=jnp.tanh, transposed=False):
     """The hand-written PC step: (params, opt_state, x, y) -> (params, opt_state), with T
-    Euler steps in one `lax.fori_loop`."""
+    Euler steps in one `lax.fori_loop`. `transposed`: weights stored `(out, in)`."""
 
     def relax(z, grad_z):
         body = lambda _, z: jax.tree_util.tree_map(lambda a, b: a - dt * b, z, grad_z(z))
         return jax.lax.fori_loop(0, T, body, z)
 
-    return _lean_pc_step(optim, relax, act)
+    return _lean_pc_step(optim, relax, act, transposed)
 
 
 def make_lean_diffrax_step(optim, solver, controller, t1: float, dt0: float, max_steps: int,
@@ -203,6 +209,24 @@ def paired(fa, fb, reps: int, warmup: int = 3, sync_a=block, sync_b=block):
         "a_ms": 1e3 * statistics.median(ta),
         "b_ms": 1e3 * statistics.median(tb),
         "ratio": statistics.median(ratios),
+        "reps": reps,
+    }
+
+
+def rotated(fns, reps: int, syncs, warmup: int = 3):
+    """Time several candidates in rotation (each round starts one later); returns each
+    one's median ms and the median per-round ratio of each to the first."""
+    k = len(fns)
+    for _ in range(warmup):
+        for f in fns:
+            block(f())
+    times = [[] for _ in fns]
+    for i in range(reps):
+        for j in [(i + r) % k for r in range(k)]:
+            times[j].append(time_once(fns[j], syncs[j]))
+    return {
+        "ms": [1e3 * statistics.median(t) for t in times],
+        "ratio": [statistics.median(b / a for a, b in zip(times[0], t)) for t in times],
         "reps": reps,
     }
 

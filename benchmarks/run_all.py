@@ -12,6 +12,8 @@ import time
 import bench_digits
 import bench_memory
 import bench_step
+import compile_phases
+import layout
 import solver_study
 from _common import machine
 
@@ -20,12 +22,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 TITLES = {
     "step": "Training step: pccore `train_step` vs the lean reference (`bench_step.py`)",
+    "layout": "The Equinox weight layout: the lean step with `(out, in)` weights (`layout.py`)",
+    "compile_phases": "Where the first call's time goes (`compile_phases.py`)",
     "memory": "Peak memory of a saved trajectory (`bench_memory.py`)",
     "digits": "Time to 95% test accuracy on digits (`bench_digits.py`)",
     "solver_study": "Solver study: time and gradients to equilibrium (`solver_study.py`)",
 }
-MODULES = {"step": bench_step, "memory": bench_memory, "digits": bench_digits,
-           "solver_study": solver_study}
+MODULES = {"step": bench_step, "layout": layout, "compile_phases": compile_phases,
+           "memory": bench_memory, "digits": bench_digits, "solver_study": solver_study}
 
 
 def main():

@@ -1,0 +1,97 @@
+"""Where the first call's time goes: tracing, lowering to MLIR, XLA's compilation, the rest.
+
+Each candidate's first call is compiled afresh (`jax.clear_caches()`) three times,
+alternating with the other; the phases are JAX's own compile events
+(`jax.monitoring`), and "other" is the rest of the first call (Python checks, dispatch,
+the run itself). `python benchmarks/compile_phases.py [--quick]`.
+"""
+
+import argparse
+import collections
+import statistics
+import time
+
+import jax
+import jax.monitoring
+import optax
+from _common import block, data, equinox_mlp, make_lean_step, mlp_weights, out_path, report, sizes_of
+
+import pccore
+
+EVENTS = {
+    "/jax/core/compile/jaxpr_trace_duration": "trace",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower",
+    "/jax/core/compile/backend_compile_duration": "xla",
+}
+_seen: collections.Counter = collections.Counter()
+_listening = []
+
+
+def _listen(event, duration, **_):
+    if event in EVENTS:
+        _seen[EVENTS[event]] += duration
+
+
+def _phases(call) -> dict:
+    if not _listening:
+        jax.monitoring.register_event_duration_secs_listener(_listen)
+        _listening.append(True)
+    jax.clear_caches()
+    _seen.clear()
+    t = time.perf_counter()
+    block(call())
+    total = time.perf_counter() - t
+    out = {k: _seen[k] for k in EVENTS.values()}
+    out["other"] = total - sum(out.values())
+    out["total"] = total
+    return out
+
+
+def row(name, arch, batch=64, T=20, dt=0.1, reps=3):
+    sizes = sizes_of(arch)
+    w = mlp_weights(sizes, jax.random.key(0))
+    x, y = data(sizes, batch, jax.random.key(1))
+    params = tuple(w)
+    model = equinox_mlp(w)
+    ls, ps = optax.adam(1e-3).init(params), optax.adam(1e-3).init(model.params)
+    jobs = {
+        "lean": lambda: make_lean_step(optax.adam(1e-3), T, dt)(params, ls, x, y),
+        "pccore": lambda: pccore.train_step(model, optax.adam(1e-3), ps, x=x, y=y,
+                                            t1=T * dt, dt0=dt),
+    }
+    runs = {"lean": [], "pccore": []}
+    for i in range(reps):
+        for k in (("lean", "pccore") if i % 2 == 0 else ("pccore", "lean")):
+            runs[k].append(_phases(jobs[k]))
+    out = {"name": name, "arch": arch}
+    for k, rs in runs.items():
+        for phase in ("trace", "lower", "xla", "other", "total"):
+            out[f"{k}_{phase}"] = statistics.median(r[phase] for r in rs)
+    out["ratio"] = out["pccore_total"] / out["lean_total"]
+    print(out, flush=True)
+    return out
+
+
+def configs(quick):
+    rows = [("A", "784-300-300-10"), ("B", "784-128x5-10"), ("C", "784-128x19-10"),
+            ("depth 50", "784-128x49-10")]
+    return rows[:1] if quick else rows
+
+
+COLS = [("name", "config", "{}"), ("arch", "architecture", "{}")] + [
+    (f"{k}_{p}", f"{k} {p} s", "{:.2f}")
+    for k in ("lean", "pccore") for p in ("trace", "lower", "xla", "other", "total")
+] + [("ratio", "total ratio", "{:.2f}")]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", default=out_path("compile_phases"))
+    a = p.parse_args(argv)
+    rows = [row(n, arch, reps=1 if a.quick else 3) for n, arch in configs(a.quick)]
+    return report(a.out, rows, COLS, a.quick)
+
+
+if __name__ == "__main__":
+    main()
