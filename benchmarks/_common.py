@@ -286,6 +286,17 @@ def table(rows, cols) -> str:
     return "\n".join([head, sep, *body])
 
 
+def options(name: str, argv=None):
+    """The shared command line of a run_all benchmark: `--quick` and `--out` (JSON path,
+    `benchmarks/results/<name>.json` by default)."""
+    import argparse
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", default=out_path(name))
+    return p.parse_args(argv)
+
+
 def out_path(name: str) -> str:
     """`benchmarks/results/<name>.json`, wherever the script is run from."""
     return os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{name}.json")

@@ -8,13 +8,12 @@ checked after every epoch; evaluation time and the first call (compilation) are 
 counted. `python benchmarks/bench_digits.py [--quick]`.
 """
 
-import argparse
 import time
 
 import diffrax
 import jax
 import optax
-from _common import block, equinox_mlp, mlp_weights, out_path, report
+from _common import block, equinox_mlp, mlp_weights, options, report
 from _digits import digits
 
 import pccore
@@ -86,10 +85,7 @@ def train(kw, data, epochs):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser()
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", default=out_path("digits"))
-    a = p.parse_args(argv)
+    a = options("digits", argv)
     data = digits(8)
     rows = []
     # One discarded epoch first: the first run in a process also pays one-off costs (data

@@ -7,13 +7,12 @@ This is the real allocation plan on CPU (XLA allocates exactly these buffers), w
 state per possible step would need `max_steps` × (size of the activities) of temporaries.
 """
 
-import argparse
 
 import diffrax
 import jax
 import jax.numpy as jnp
 import optax
-from _common import data, equinox_mlp, mlp_weights, out_path, report, sizes_of
+from _common import data, equinox_mlp, mlp_weights, options, report, sizes_of
 
 import pccore
 
@@ -37,10 +36,7 @@ def measure(model, x, y, solver, controller, max_steps, n_save, dt0=0.05):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser()
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", default=out_path("memory"))
-    a = p.parse_args(argv)
+    a = options("memory", argv)
     sizes = sizes_of("784-300-300-10")
     model = equinox_mlp(mlp_weights(sizes, jax.random.key(0)))
     x, y = data(sizes, 64, jax.random.key(1))

@@ -4,7 +4,6 @@ Every comparison is a ratio measured in one process, the two candidates alternat
 table shows medians of the per-pair ratios. Run `python benchmarks/bench_step.py [--quick]`.
 """
 
-import argparse
 import os
 import statistics
 import sys
@@ -24,7 +23,7 @@ from _common import (
     make_lean_step,
     median_time,
     mlp_weights,
-    out_path,
+    options,
     paired,
     report,
     sizes_of,
@@ -151,10 +150,7 @@ COLS = [
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser()
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", default=out_path("step"))
-    a = p.parse_args(argv)
+    a = options("step", argv)
     reps = 10 if a.quick else 40
     rows = [row(**{"reps": reps, **c}) for c in configs(a.quick)]
     rows += adapter_rows(reps)

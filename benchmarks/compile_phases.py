@@ -6,7 +6,6 @@ alternating with the other; the phases are JAX's own compile events
 the run itself). `python benchmarks/compile_phases.py [--quick]`.
 """
 
-import argparse
 import collections
 import statistics
 import time
@@ -14,7 +13,7 @@ import time
 import jax
 import jax.monitoring
 import optax
-from _common import block, data, equinox_mlp, make_lean_step, mlp_weights, out_path, report, sizes_of
+from _common import block, data, equinox_mlp, make_lean_step, mlp_weights, options, report, sizes_of
 
 import pccore
 
@@ -85,10 +84,7 @@ COLS = [("name", "config", "{}"), ("arch", "architecture", "{}")] + [
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser()
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", default=out_path("compile_phases"))
-    a = p.parse_args(argv)
+    a = options("compile_phases", argv)
     rows = [row(n, arch, reps=1 if a.quick else 3) for n, arch in configs(a.quick)]
     return report(a.out, rows, COLS, a.quick)
 

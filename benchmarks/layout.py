@@ -9,7 +9,6 @@ same `(out, in)` weights. Before timing, each row checks that the three compute 
 update from the same start. `python benchmarks/layout.py [--quick]`.
 """
 
-import argparse
 
 import jax
 import numpy as np
@@ -21,7 +20,7 @@ from _common import (
     first_leaf,
     make_lean_step,
     mlp_weights,
-    out_path,
+    options,
     report,
     rotated,
     sizes_of,
@@ -98,10 +97,7 @@ COLS = [
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser()
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", default=out_path("layout"))
-    a = p.parse_args(argv)
+    a = options("layout", argv)
     reps = 10 if a.quick else 60
     rows = [row(n, arch, b, reps) for n, arch, b in configs(a.quick)]
     return report(a.out, rows, COLS, a.quick)
