@@ -6,6 +6,8 @@ machine: one `jax.jit` holding the feed-forward initialisation, T Euler steps of
 else. It is written here in plain JAX, independently of pccore.
 """
 
+import argparse
+import collections
 import json
 import os
 import platform
@@ -15,6 +17,7 @@ import time
 
 import equinox as eqx
 import jax
+import jax.monitoring
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -193,24 +196,8 @@ class Loop:
 
 def paired(fa, fb, reps: int, warmup: int = 3, sync_a=block, sync_b=block):
     """Time `fa` and `fb` alternately (ABBA order); returns medians and the median ratio b/a."""
-    for _ in range(warmup):
-        block(fa())
-        block(fb())
-    ta, tb = [], []
-    for i in range(reps):
-        if i % 2 == 0:
-            a, b = time_once(fa, sync_a), time_once(fb, sync_b)
-        else:
-            b, a = time_once(fb, sync_b), time_once(fa, sync_a)
-        ta.append(a)
-        tb.append(b)
-    ratios = [b / a for a, b in zip(ta, tb)]
-    return {
-        "a_ms": 1e3 * statistics.median(ta),
-        "b_ms": 1e3 * statistics.median(tb),
-        "ratio": statistics.median(ratios),
-        "reps": reps,
-    }
+    r = rotated([fa, fb], reps, [sync_a, sync_b], warmup)
+    return {"a_ms": r["ms"][0], "b_ms": r["ms"][1], "ratio": r["ratio"][1], "reps": reps}
 
 
 def rotated(fns, reps: int, syncs, warmup: int = 3):
@@ -229,6 +216,50 @@ def rotated(fns, reps: int, syncs, warmup: int = 3):
         "ratio": [statistics.median(b / a for a, b in zip(times[0], t)) for t in times],
         "reps": reps,
     }
+
+
+# JAX's own compile events: the phases of a first call.
+PHASES = {
+    "/jax/core/compile/jaxpr_trace_duration": "trace",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower",
+    "/jax/core/compile/backend_compile_duration": "xla",
+}
+_seen: collections.Counter = collections.Counter()
+_listening: list = []
+
+
+def _listen(event, duration, **_):
+    if event in PHASES:
+        _seen[PHASES[event]] += duration
+
+
+def first_call(call) -> dict:
+    """Seconds of a first call compiled afresh (`jax.clear_caches()`): `total`, and its
+    `trace`, `lower` and `xla` phases from `jax.monitoring`; `other` is the rest (Python
+    checks, dispatch, the run itself)."""
+    if not _listening:
+        jax.monitoring.register_event_duration_secs_listener(_listen)
+        _listening.append(True)
+    jax.clear_caches()
+    _seen.clear()
+    t = time.perf_counter()
+    block(call())
+    total = time.perf_counter() - t
+    out = {k: _seen[k] for k in PHASES.values()}
+    out["other"] = total - sum(out.values())
+    out["total"] = total
+    return out
+
+
+def fresh_compiles(jobs: dict, reps: int = 3) -> dict:
+    """`first_call` of each job `reps` times, the order alternating between rounds (the
+    first compilation in a process also pays one-off start-up costs)."""
+    names = list(jobs)
+    out = {k: [] for k in names}
+    for i in range(reps):
+        for k in (names if i % 2 == 0 else names[::-1]):
+            out[k].append(first_call(jobs[k]))
+    return out
 
 
 def median_time(fn, reps: int, warmup: int = 3):
@@ -289,8 +320,6 @@ def table(rows, cols) -> str:
 def options(name: str, argv=None):
     """The shared command line of a run_all benchmark: `--quick` and `--out` (JSON path,
     `benchmarks/results/<name>.json` by default)."""
-    import argparse
-
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=out_path(name))

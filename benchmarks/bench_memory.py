@@ -7,7 +7,6 @@ This is the real allocation plan on CPU (XLA allocates exactly these buffers), w
 state per possible step would need `max_steps` × (size of the activities) of temporaries.
 """
 
-
 import diffrax
 import jax
 import jax.numpy as jnp

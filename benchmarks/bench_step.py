@@ -7,7 +7,6 @@ table shows medians of the per-pair ratios. Run `python benchmarks/bench_step.py
 import os
 import statistics
 import sys
-import time
 
 import diffrax
 import jax
@@ -18,6 +17,7 @@ from _common import (
     data,
     equinox_mlp,
     first_leaf,
+    fresh_compiles,
     make_backprop_step,
     make_lean_diffrax_step,
     make_lean_step,
@@ -63,15 +63,9 @@ def row(name, arch, batch=64, T=20, solver="euler", reps=30, backprop=True):
         "lean": lambda: make_lean()(params, ls, x, y),
         "pccore": lambda: pccore.train_step(model, optax.adam(1e-3), ps, x=x, y=y, **kw),
     }
-    firsts = {"lean": [], "pccore": []}
-    for i in range(3):
-        for k in (("lean", "pccore") if i % 2 == 0 else ("pccore", "lean")):
-            jax.clear_caches()
-            t = time.perf_counter()
-            block(jobs[k]())
-            firsts[k].append(time.perf_counter() - t)
-    lean_compile = statistics.median(firsts["lean"])
-    pc_compile = statistics.median(firsts["pccore"])
+    firsts = fresh_compiles(jobs)
+    lean_compile = statistics.median(r["total"] for r in firsts["lean"])
+    pc_compile = statistics.median(r["total"] for r in firsts["pccore"])
     block(lean(params, ls, x, y))
     stats = block(pccore.train_step(model, optim, ps, x=x, y=y, **kw))[2]
     lean_loop = Loop(lambda p, s: lean(p, s, x, y), params, ls)

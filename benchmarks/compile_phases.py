@@ -6,44 +6,22 @@ alternating with the other; the phases are JAX's own compile events
 the run itself). `python benchmarks/compile_phases.py [--quick]`.
 """
 
-import collections
 import statistics
-import time
 
 import jax
-import jax.monitoring
 import optax
-from _common import block, data, equinox_mlp, make_lean_step, mlp_weights, options, report, sizes_of
+from _common import (
+    data,
+    equinox_mlp,
+    fresh_compiles,
+    make_lean_step,
+    mlp_weights,
+    options,
+    report,
+    sizes_of,
+)
 
 import pccore
-
-EVENTS = {
-    "/jax/core/compile/jaxpr_trace_duration": "trace",
-    "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower",
-    "/jax/core/compile/backend_compile_duration": "xla",
-}
-_seen: collections.Counter = collections.Counter()
-_listening = []
-
-
-def _listen(event, duration, **_):
-    if event in EVENTS:
-        _seen[EVENTS[event]] += duration
-
-
-def _phases(call) -> dict:
-    if not _listening:
-        jax.monitoring.register_event_duration_secs_listener(_listen)
-        _listening.append(True)
-    jax.clear_caches()
-    _seen.clear()
-    t = time.perf_counter()
-    block(call())
-    total = time.perf_counter() - t
-    out = {k: _seen[k] for k in EVENTS.values()}
-    out["other"] = total - sum(out.values())
-    out["total"] = total
-    return out
 
 
 def row(name, arch, batch=64, T=20, dt=0.1, reps=3):
@@ -58,10 +36,7 @@ def row(name, arch, batch=64, T=20, dt=0.1, reps=3):
         "pccore": lambda: pccore.train_step(model, optax.adam(1e-3), ps, x=x, y=y,
                                             t1=T * dt, dt0=dt),
     }
-    runs = {"lean": [], "pccore": []}
-    for i in range(reps):
-        for k in (("lean", "pccore") if i % 2 == 0 else ("pccore", "lean")):
-            runs[k].append(_phases(jobs[k]))
+    runs = fresh_compiles(jobs, reps)
     out = {"name": name, "arch": arch}
     for k, rs in runs.items():
         for phase in ("trace", "lower", "xla", "other", "total"):

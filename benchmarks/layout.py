@@ -10,6 +10,7 @@ update from the same start. `python benchmarks/layout.py [--quick]`.
 """
 
 
+import equinox as eqx
 import jax
 import numpy as np
 import optax
@@ -41,7 +42,8 @@ def _check_same_step(w, x, y):
     model = equinox_mlp(w)
     m, _, _ = pccore.train_step(model, sgd, sgd.init(model.params), x=x, y=y, t1=T * DT,
                                 dt0=DT)
-    c = [(lin.weight, lin.bias) for lin in m.unwrap().layers if hasattr(lin, "weight")]
+    c = [(lin.weight, lin.bias) for lin in m.unwrap().layers
+         if isinstance(lin, eqx.nn.Linear)]
     for (Wa, ba), (Wb, bb), (Wc, bc) in zip(a, b, c, strict=True):
         for u, v in ((Wa.T, Wb), (Wb, Wc), (ba, bb), (bb, bc)):
             assert np.allclose(u, v, rtol=1e-4, atol=1e-6), "the candidates disagree"

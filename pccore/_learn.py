@@ -286,9 +286,8 @@ def _remember(table: OrderedDict, key, value) -> None:
 def _forget(table: dict, key: int, ref) -> None:
     """Weak-reference callback: the model of an entry is gone.
 
-    Bound to its table with `functools.partial`: at interpreter exit a model kept in a
-    module global dies after module globals are cleared, so the callback must not look
-    anything up there.
+    Bound to its table with `functools.partial`: at interpreter exit a model can die after
+    this module's globals are cleared, so the callback must not look anything up there.
     """
     entry = table.get(key)
     if entry is not None and entry.ref is ref:
