@@ -413,15 +413,27 @@ def _solve_adaptive(solver, controller, energy, model, z0, x, y, t1, dt0, n, ste
         energy, model, z, x, y)
     check = (lambda z, s: jnp.array(False)) if (steady is None or stage0) else (
         lambda z, s: is_steady(steady, grad(z, s), z))
-    check0 = jnp.array(False) if (steady is None or stage0) else is_steady(
-        steady, activity_grad(energy, model, z0, x, y), z0)
+    if steady is None or stage0:
+        check0 = jnp.array(False)
+    else:
+        g0 = activity_grad(energy, model, z0, x, y)
+        check0 = is_steady(steady, g0, z0)
+        if fsal:
+            # The field at the start is known: hand it to the solver as the first step's
+            # first stage (diffrax evaluates it on its first step, and again after each
+            # rejection of that step, unless told it has it).
+            s0 = _fsal_state(s0, g0)
+    per_step = erk_evals(solver)[1]
 
     def cond(c):
-        k, tprev, _, _, _, _, _, done, bad = c
+        k, tprev, _, _, _, _, _, done, bad, _ = c
         return (k < n) & (tprev < t1) & ~done & ~bad
 
     def body(c):
-        k, tprev, tnext, z, s, cs, jump, _, _ = c
+        k, tprev, tnext, z, s, cs, jump, _, _, ev = c
+        # Gradients this attempt costs: its stages, and for a first-same-as-last solver the
+        # first stage too where it has no valid one (its first step, or after a jump).
+        ev = ev + per_step + (jnp.asarray(s[0] | jump, jnp.int32) if fsal else 0)
         z1, err, dense, s1, sres = solver.step(terms, tprev, tnext, z, args, s, jump)
         err = jtu.tree_map(lambda e: jnp.where(jnp.isnan(e), jnp.inf, e), err)
         keep, tprev1, tnext1, jump1, cs1, cres = controller.adapt_step_size(
@@ -434,16 +446,16 @@ def _solve_adaptive(solver, controller, energy, model, z0, x, y, t1, dt0, n, ste
         s1 = jtu.tree_map(sel, s1, s)
         jump1 = jnp.where(keep, jump1, jump)
         bad = (keep & (sres != diffrax.RESULTS.successful)) | (cres != diffrax.RESULTS.successful)
-        new = (k + 1, tprev1, tnext1, z1, s1, cs1, jump1, keep & check(z1, s1), bad)
+        new = (k + 1, tprev1, tnext1, z1, s1, cs1, jump1, keep & check(z1, s1), bad, ev)
         if not stage0:
             return new
         here = is_steady(steady, _field_at_start(dense, tnext - tprev), z)
-        old = (k, tprev, tnext, z, s, cs, jump, jnp.array(True), jnp.array(False))
+        old = (k, tprev, tnext, z, s, cs, jump, jnp.array(True), jnp.array(False), ev)
         return jtu.tree_map(lambda a, b: jnp.where(here, a, b), old, new)
 
     init = (0, jnp.asarray(0.0, tnext.dtype), tnext, z0, s0, cs0, jnp.array(False), check0,
-            jnp.array(False))
-    k, t, _, z, s, _, _, done, bad = jax.lax.while_loop(cond, body, init)
+            jnp.array(False), jnp.asarray(0, jnp.int32))
+    k, t, _, z, s, _, _, done, bad, ev = jax.lax.while_loop(cond, body, init)
     found = done
     if stage0:
         # The state the loop ended on (at t1, or after max_steps) untested: one evaluation.
@@ -456,18 +468,25 @@ def _solve_adaptive(solver, controller, energy, model, z0, x, y, t1, dt0, n, ste
         good = RESULTS.where(done, RESULTS.converged, RESULTS.not_converged)
     result = RESULTS.where(done | (t >= t1), good, RESULTS.max_steps_reached)
     result = RESULTS.where(bad, RESULTS.diverged, result)
-    at_init, per_step = erk_evals(solver)
     if per_step < 0:
         evals = -1
     elif stage0:
-        # every iteration's stages (also the one that found the steady state), and the
-        # final test unless the loop found it
-        evals = at_init + (k + found) * per_step + jnp.where(found, 0, 1)
+        # every iteration's stages (also the one that found the steady state: it keeps its
+        # state but counts its stages), and the final test unless the loop found it
+        evals = ev + jnp.where(found, 0, 1)
     else:
         # the steady-state test: at the start, then after every step unless the state has it
         test = 0 if steady is None else 1 + (0 if fsal else k)
-        evals = at_init + k * per_step + test
+        evals = ev + test
     return Raw(z, k, t, result, evals)
+
+
+def _fsal_state(s0, g0):
+    """A first-same-as-last Runge-Kutta solver's initial state `(first_step, f0)` with the
+    vector field at the start, `f0 = -g0`, already known."""
+    first_step, f0 = s0
+    f = jtu.tree_map(lambda a, b: (-b).astype(a.dtype), f0, g0)
+    return jnp.zeros_like(first_step), f
 
 
 def _solve_diffrax(solver, controller, energy, model, z0, x, y, t1, dt0, n, steady, saveat):
@@ -482,19 +501,28 @@ def _solve_diffrax(solver, controller, energy, model, z0, x, y, t1, dt0, n, stea
         save = diffrax.SaveAt(t1=True)
     else:
         save = diffrax.SaveAt(t1=True, ts=saveat.subs.ts, steps=saveat.subs.steps)
+    terms = diffrax.ODETerm(_vector_field)
+    args = (energy, model, x, y)
+    state = None
+    if _fsal(solver):
+        # The field at the start, given to the solver: diffrax would evaluate it on the first
+        # step, and again after each rejection of that step (one gradient, counted exactly).
+        state = _fsal_state(solver.init(terms, 0.0, t1, z0, args),
+                            activity_grad(energy, model, z0, x, y))
     sol = diffrax.diffeqsolve(
-        diffrax.ODETerm(_vector_field),
+        terms,
         solver,
         0.0,
         t1,
         dt0,
         z0,
-        args=(energy, model, x, y),
+        args=args,
         saveat=save,
         stepsize_controller=controller,
         max_steps=n,
         event=event,
         throw=False,
+        solver_state=state,
     )
     z = jtu.tree_map(lambda a: a[-1], sol.ys)
     traj = None if saveat is None else jtu.tree_map(lambda a: a[:-1], sol.ys)
