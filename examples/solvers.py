@@ -1,7 +1,8 @@
 """Choosing an inference solver: diffrax ODE solvers and optax optimisers on the activities.
 
 Inference integrates the gradient flow dz/dt = -dF/dz. Any diffrax solver works with constant
-steps; Heun and Tsit5 carry an error estimate, so they also run with an adaptive PID
+steps; Heun, Tsit5 and pccore.AdaptiveEuler (Euler's step, one gradient per step, with
+Heun's as the error estimate) carry an error estimate, so they also run with an adaptive PID
 controller; and any optax optimiser steps the activities directly (`optax.sgd(h)` is Euler
 with `dt0 = h`). A `pccore.SteadyState` stops a solve once the vector field is small.
 
@@ -36,6 +37,10 @@ solves = {
         solver=diffrax.Heun(), t1=1000.0, dt0=0.1,
         stepsize_controller=diffrax.PIDController(rtol=1e-3, atol=1e-3),
         steady_state=pccore.SteadyState(rtol=1e-2, atol=1e-2)),
+    "AdaptiveEuler + PID, stop": dict(
+        solver=pccore.AdaptiveEuler(), t1=1000.0, dt0=0.1,
+        stepsize_controller=diffrax.PIDController(rtol=1e-3, atol=1e-3),
+        steady_state=pccore.SteadyState(rtol=1e-2, atol=1e-2)),
 }
 if QUICK:  # fewer compilations on the tiny budget
     for name in ("Heun, dt0=0.1", "optax.adam(0.05)"):
@@ -60,6 +65,12 @@ assert jnp.allclose(results["Tsit5 + PID(1e-4)"].energy, e, rtol=1e-3)
 # the steady-state test stops as soon as the vector field meets the tolerance, long before t1
 steady = results["Heun + PID, steady state"]
 assert steady.result == pccore.RESULTS.converged and float(steady.t) < 1000.0
+# AdaptiveEuler gets to a steady state too, with one gradient per step where Heun takes two
+cheap = results["AdaptiveEuler + PID, stop"]
+assert cheap.result == pccore.RESULTS.converged
+assert int(cheap.num_grad_evals) == int(cheap.num_steps) + 1
+print(f"gradients to the steady state: Heun {int(steady.num_grad_evals)}, "
+      f"AdaptiveEuler {int(cheap.num_grad_evals)}")
 
 # the same options train: e.g. adaptive Heun in a training step
 optim = optax.adam(1e-3)

@@ -63,6 +63,7 @@ from ._sharding import shard_batch as shard_batch
 from ._solution import InferenceSolution as InferenceSolution
 from ._solution import SteadyState as SteadyState
 from ._solution import TrainStats as TrainStats
+from ._solvers import AdaptiveEuler as AdaptiveEuler
 from ._transfer import transfer_weights as transfer_weights
 from ._wrap import wrap as wrap
 

@@ -146,7 +146,8 @@ def check_solver(solver, stepsize_controller, t1, dt0, max_steps, steady_state, 
         raise ValueError(
             f"`solver={type(solver).__name__}()` gives no error estimate, so it cannot be used "
             f"with `stepsize_controller={type(stepsize_controller).__name__}(...)`. Use a solver "
-            "with an embedded error estimate (diffrax.Heun(), diffrax.Tsit5()), or "
+            "with an embedded error estimate (pccore.AdaptiveEuler(), diffrax.Heun(), "
+            "diffrax.Tsit5()), or "
             "`stepsize_controller=diffrax.ConstantStepSize()` with `dt0`."
         )
     if not adaptive:

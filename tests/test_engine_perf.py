@@ -90,19 +90,23 @@ PID6 = diffrax.PIDController(rtol=1e-6, atol=1e-6)
               steady_state=SS), 2),
         (dict(solver=diffrax.Heun(), stepsize_controller=PID, t1=50.0, dt0=0.1, max_steps=4,
               steady_state=SS), 2),
+        (dict(solver=pccore.AdaptiveEuler(), stepsize_controller=PID, t1=50.0, dt0=0.1,
+              max_steps=10_000, steady_state=SS), 2),
         # First-same-as-last solvers whose first step is rejected (dt0 too large for the
         # tolerance): diffrax re-evaluates the first stage unless handed it.
         (dict(solver=diffrax.Bosh3(), stepsize_controller=PID6, t1=5.0, dt0=0.1), 2),
         (dict(solver=diffrax.Bosh3(), stepsize_controller=PID6, t1=5.0, dt0=0.1,
               saveat=diffrax.SaveAt(ts=jnp.linspace(0.0, 5.0, 4)), steady_state=SS), 3),
+        (dict(solver=pccore.AdaptiveEuler(), stepsize_controller=PID6, t1=5.0, dt0=0.1,
+              max_steps=10_000, saveat=diffrax.SaveAt(ts=jnp.linspace(0.0, 5.0, 4))), 3),
         (dict(solver=optax.adam(0.05), max_steps=3000, steady_state=SS), 1),
         (dict(solver=optx.BFGS(rtol=1e-8, atol=1e-8), steady_state=SS), 2),
         (dict(solver=optx.OptaxMinimiser(optax.sgd(0.1), rtol=1e-8, atol=1e-8), max_steps=3000,
               steady_state=SS), 2),
     ],
     ids=["euler", "tsit5", "euler-ss", "heun-ss", "heun-ss-not-reached", "tsit5-pid-ss",
-         "heun-pid-ss", "heun-pid-ss-not-reached", "bosh3-rejected-first",
-         "bosh3-saveat-ss", "adam-ss", "bfgs-ss", "optaxmin-ss"],
+         "heun-pid-ss", "heun-pid-ss-not-reached", "adaptive-euler-pid-ss", "bosh3-rejected-first",
+         "bosh3-saveat-ss", "adaptive-euler-saveat", "adam-ss", "bfgs-ss", "optaxmin-ss"],
 )
 def test_num_grad_evals_is_exact(getkey, kw, final):
     # Oracle: a host callback inside the energy counts its evaluations at run time. The

@@ -202,8 +202,9 @@ def test_solver_errors(getkey):
         pccore.wrap({"not": "a model"})
 
 
-@pytest.mark.parametrize("solver", [diffrax.Heun(), diffrax.Tsit5(), diffrax.Bosh3()],
-                         ids=["heun", "tsit5", "bosh3"])
+@pytest.mark.parametrize("solver", [diffrax.Heun(), diffrax.Tsit5(), diffrax.Bosh3(),
+                                    pccore.AdaptiveEuler()],
+                         ids=["heun", "tsit5", "bosh3", "adaptive-euler"])
 @pytest.mark.parametrize("stop", [False, True], ids=["to-t1", "steady-state"])
 def test_adaptive_loop_equals_diffeqsolve(x64, getkey, solver, stop):
     """The adaptive route (diffrax's step and controller in pccore's own loop) takes the
