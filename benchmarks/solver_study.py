@@ -37,6 +37,8 @@ def solvers(quick):
                                   max_steps=600)),
         ("tsit5 + PID", dict(solver=diffrax.Tsit5(), stepsize_controller=pid, t1=1e3, dt0=0.1,
                                    max_steps=300)),
+        ("AdaptiveEuler + PID", dict(solver=pccore.AdaptiveEuler(), stepsize_controller=pid,
+                                     t1=1e3, dt0=0.1, max_steps=1200)),
         ("optax sgd+momentum 0.9", dict(solver=optax.sgd(0.1, momentum=0.9))),
         ("optax adam 0.05", dict(solver=optax.adam(0.05))),
         ("optx BFGS", dict(solver=optx.BFGS(rtol=1e-6, atol=1e-6))),
@@ -44,12 +46,13 @@ def solvers(quick):
         ("optx LBFGS", dict(solver=optx.LBFGS(rtol=1e-6, atol=1e-6))),
     ]
     if quick:
-        out = [out[1], out[2], out[4], out[5], out[6]]
+        out = [out[1], out[2], out[3], out[5], out[6], out[7]]
     return out
 
 
 def feasible(arch, name):
-    """(Adaptive solvers get 600/300 steps, 1800 gradients at most, to keep the run short.)
+    """(Adaptive solvers get 600/300/1200 steps, 1200-1800 gradients at most, to keep the run
+    short.)
     Per-sample dense BFGS on the 20-layer net keeps 64 x 2432^2 floats (1.5 GB) and
     takes seconds per solve: left out there."""
     return not (name == "optx BFGS" and arch.startswith("784-128x19"))
