@@ -59,16 +59,17 @@ def _common(p: argparse.ArgumentParser) -> None:
                         "pc, mse for generative)")
     s = p.add_argument_group("inference solver")
     s.add_argument("--solver", choices=SOLVERS, default="euler",
-                   help="diffrax euler/heun (constant steps), tsit5 (adaptive steps), or an optax "
-                        "optimiser on the activities: sgd, momentum, adam (default: euler)")
+                   help="diffrax euler/heun (constant steps), tsit5 or adaptive-euler (adaptive "
+                        "steps), or an optax optimiser on the activities: sgd, momentum, adam "
+                        "(default: euler)")
     s.add_argument("--steps", type=_positive_int, default=20,
                    help="inference steps per training step (default: 20)")
     s.add_argument("--dt0", type=_positive_float, default=0.1,
                    help="step size; the learning rate for optax solvers (default: 0.1)")
     s.add_argument("--t1", type=_positive_float, default=None,
                    help="integration horizon (default: steps * dt0)")
-    s.add_argument("--rtol", type=_positive_float, default=1e-3, help="tsit5 relative tolerance")
-    s.add_argument("--atol", type=_positive_float, default=1e-3, help="tsit5 absolute tolerance")
+    s.add_argument("--rtol", type=_positive_float, default=1e-3, help="adaptive steps: relative tolerance")
+    s.add_argument("--atol", type=_positive_float, default=1e-3, help="adaptive steps: absolute tolerance")
     t = p.add_argument_group("training")
     t.add_argument("--hidden", type=_positive_int, nargs="+", default=[64, 64],
                    help="hidden widths (default: 64 64)")

@@ -25,6 +25,7 @@ from ._learn import train_step
 from ._loss import MSE, CrossEntropy
 from ._model import PCModel
 from ._parameterisation import NTP, SP, MuPC
+from ._solvers import AdaptiveEuler
 
 
 class CLIError(Exception):
@@ -69,23 +70,27 @@ class SolverConfig:
         return jnp.minimum(jnp.arange(n + 1) * self.dt0, self.t1)
 
 
-_ODE = {"euler": diffrax.Euler, "heun": diffrax.Heun, "tsit5": diffrax.Tsit5}
+_ODE = {"euler": diffrax.Euler, "heun": diffrax.Heun, "tsit5": diffrax.Tsit5,
+        "adaptive-euler": AdaptiveEuler}
+_ADAPTIVE = ("tsit5", "adaptive-euler")
 _OPTAX = {
     "sgd": lambda lr: optax.sgd(lr),
     "momentum": lambda lr: optax.sgd(lr, momentum=0.5),
     "adam": lambda lr: optax.adam(lr),
 }
 SOLVERS = (*_ODE, *_OPTAX)
-"""Solver names: diffrax ODE solvers (Tsit5 with adaptive steps) and optax optimisers."""
+"""Solver names: diffrax ODE solvers (Tsit5 and AdaptiveEuler with adaptive steps) and optax
+optimisers."""
 
 
 def make_solver(name: str, *, steps: int, dt0: float, t1: float | None, rtol: float,
                 atol: float) -> SolverConfig:
     """The solver `name` with `steps` steps of size `dt0` (`t1 = steps * dt0` unless given).
 
-    `euler`, `heun`: constant steps. `tsit5`: a PID controller with `rtol`/`atol`, starting
-    from `dt0`, up to `t1`. `sgd`, `momentum`, `adam`: `steps` optax updates with learning rate
-    `dt0` (`sgd` is then Euler with the same `dt0`).
+    `euler`, `heun`: constant steps. `tsit5`, `adaptive-euler` ([`pccore.AdaptiveEuler`][]):
+    a PID controller with `rtol`/`atol`, starting from `dt0`, up to `t1`. `sgd`, `momentum`,
+    `adam`: `steps` optax updates with learning rate `dt0` (`sgd` is then Euler with the same
+    `dt0`).
     """
     if steps < 1:
         raise CLIError(f"--steps must be a positive integer; got {steps}.")
@@ -99,9 +104,9 @@ def make_solver(name: str, *, steps: int, dt0: float, t1: float | None, rtol: fl
     if name not in _ODE:
         raise CLIError(f"--solver: unknown solver {name!r}; choose from {', '.join(SOLVERS)}.")
     horizon = steps * dt0 if t1 is None else t1
-    if name == "tsit5":
+    if name in _ADAPTIVE:
         controller = diffrax.PIDController(rtol=rtol, atol=atol)
-        return SolverConfig(name, diffrax.Tsit5(), controller, horizon, dt0, 4096)
+        return SolverConfig(name, _ODE[name](), controller, horizon, dt0, 4096)
     if t1 is not None:
         steps = max(1, round(t1 / dt0))
         dt0 = t1 / steps

@@ -127,6 +127,25 @@ def test_native_builders_match_numpy(framework):
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
 
 
+def test_adaptive_solvers_agree(mnist_dir, tmp_path):
+    """`adaptive-euler` and `tsit5` at a tight tolerance integrate the same flow: the whole
+    runs agree, down to the energy along the final model's inference on the first test
+    batch."""
+    runs = {}
+    for solver in ("adaptive-euler", "tsit5"):
+        out = tmp_path / solver
+        argv = ["train", "--data", "mnist", "--data-dir", str(mnist_dir), "--solver", solver,
+                "--rtol", "1e-6", "--atol", "1e-6", "--out", str(out), "--quiet", "--no-plot",
+                *TINY]
+        assert _cli.main(argv) == 0
+        runs[solver] = json.loads((out / "train.json").read_text())["results"][0]
+    a, b = (np.asarray(runs[s]["energy_trace"]) for s in ("adaptive-euler", "tsit5"))
+    np.testing.assert_allclose(a, b, rtol=1e-3)
+    assert a[-1] < a[0]
+    assert runs["adaptive-euler"]["final_energy"] == pytest.approx(
+        runs["tsit5"]["final_energy"], rel=1e-3)
+
+
 def test_sgd_on_activities_equals_euler(mnist_dir, tmp_path):
     """optax.sgd(η) on the activities is Euler with dt0 = η: two CLI runs must agree."""
     runs = {}
@@ -235,6 +254,9 @@ def test_solver_objects():
     assert s.adaptive and s.t1 == 3.0 and s.dt0 == 0.1
     assert (s.stepsize_controller.rtol, s.stepsize_controller.atol) == (1e-4, 1e-5)
     assert float(s.save_times()[-1]) == 3.0
+    s = make_solver("adaptive-euler", steps=10, dt0=0.1, t1=3.0, rtol=1e-4, atol=1e-5)
+    assert isinstance(s.solver, pccore.AdaptiveEuler) and s.adaptive
+    assert (s.stepsize_controller.rtol, s.stepsize_controller.atol) == (1e-4, 1e-5)
 
 
 def test_generative_accuracy_is_the_least_squares_label():
