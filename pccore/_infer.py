@@ -314,10 +314,11 @@ def _solve_fixed(solver, energy, model, z0, x, y, t1, dt0, n, steady):
         return Raw(z, n, t1, RESULTS.completed, evals)
 
     # The carry holds the gradient at the current state. Euler steps with it (one
-    # evaluation per step, shared with the steady-state test). An explicit Runge-Kutta
-    # step evaluates the field at its starting state as its first stage: the test reads
-    # that, and a steady state found there is kept (the step taken from it discarded).
-    # Other solvers evaluate the field once more per step for the test.
+    # evaluation per step, shared with the steady-state test), and a first-same-as-last
+    # Runge-Kutta step leaves it in its state. Any other explicit Runge-Kutta step evaluates
+    # the field at its starting state as its first stage: the test reads that, and a steady
+    # state found there is kept (the step taken from it discarded). Other solvers evaluate
+    # the field once more per step for the test.
     if not euler and _stage0(solver):
 
         def body(c):
@@ -339,21 +340,28 @@ def _solve_fixed(solver, energy, model, z0, x, y, t1, dt0, n, steady):
         evals = at_init + (k + done) * per_step + jnp.where(done, 0, 1)
         return Raw(z, k, t_of(k), result, evals, g)
 
+    fsal = not euler and _fsal(solver)
+
     def body(c):
         k, z, s, g, _ = c
         if euler:
             z = euler_step(k, z, g)
         else:
             z, s = step(k, z, s)
-        g = grad(z)
+        # A first-same-as-last solver's state holds the field at the new state.
+        g = jtu.tree_map(jnp.negative, s[1]) if fsal else grad(z)
         return k + 1, z, s, g, is_steady(steady, g, z)
 
     e0, g0 = energy_and_grad(energy, model, z0, x, y)
+    if fsal:
+        s0 = _fsal_state(s0, g0)  # and it need not evaluate the field at the start again
     c0 = (0, z0, s0, g0, is_steady(steady, g0, z0))
     k, z, _, g, done = jax.lax.while_loop(lambda c: (c[0] < n) & ~c[4], body, c0)
     result = RESULTS.where(done, RESULTS.converged, RESULTS.not_converged)
     if euler:
         evals = k + 1
+    elif fsal:
+        evals = 1 + k * per_step
     else:
         evals = at_init + k * (per_step + 1) + 1 if per_step >= 0 else -1
     return Raw(z, k, t_of(k), result, evals, g, e0=e0)

@@ -84,6 +84,7 @@ PID6 = diffrax.PIDController(rtol=1e-6, atol=1e-6)
         (dict(solver=diffrax.Euler(), t1=200.0, dt0=0.1, max_steps=10_000, steady_state=SS), 1),
         (dict(solver=diffrax.Heun(), t1=200.0, dt0=0.1, max_steps=10_000, steady_state=SS), 1),
         (dict(solver=diffrax.Heun(), t1=0.5, dt0=0.1, steady_state=SS), 1),
+        (dict(solver=diffrax.Tsit5(), t1=200.0, dt0=0.1, max_steps=10_000, steady_state=SS), 1),
         (dict(solver=diffrax.Tsit5(), stepsize_controller=PID, t1=50.0, dt0=0.1,
               steady_state=SS), 2),
         (dict(solver=diffrax.Heun(), stepsize_controller=PID, t1=50.0, dt0=0.1,
@@ -104,7 +105,7 @@ PID6 = diffrax.PIDController(rtol=1e-6, atol=1e-6)
         (dict(solver=optx.OptaxMinimiser(optax.sgd(0.1), rtol=1e-8, atol=1e-8), max_steps=3000,
               steady_state=SS), 2),
     ],
-    ids=["euler", "tsit5", "euler-ss", "heun-ss", "heun-ss-not-reached", "tsit5-pid-ss",
+    ids=["euler", "tsit5", "euler-ss", "heun-ss", "heun-ss-not-reached", "tsit5-ss", "tsit5-pid-ss",
          "heun-pid-ss", "heun-pid-ss-not-reached", "adaptive-euler-pid-ss", "bosh3-rejected-first",
          "bosh3-saveat-ss", "adaptive-euler-saveat", "adam-ss", "bfgs-ss", "optaxmin-ss"],
 )

@@ -67,6 +67,16 @@ def test_constant_step_takes_eulers_steps(x64, getkey):
     assert int(a.num_steps) == int(b.num_steps) == 20
     for u, v in zip(a.activities, b.activities):
         np.testing.assert_allclose(u, v, rtol=1e-12, atol=1e-14)
+    # with a steady-state stop too, at one gradient per step as Euler's
+    steady = pccore.SteadyState(1e-3, 1e-3)
+    a = pccore.infer(model, x=x, y=y, solver=pccore.AdaptiveEuler(), dt0=0.1, t1=100.0,
+                     max_steps=1000, steady_state=steady)
+    b = pccore.infer(model, x=x, y=y, solver=diffrax.Euler(), dt0=0.1, t1=100.0,
+                     max_steps=1000, steady_state=steady)
+    assert a.result == b.result == pccore.RESULTS.converged
+    assert int(a.num_steps) == int(b.num_steps) and int(a.num_grad_evals) == int(b.num_grad_evals)
+    for u, v in zip(a.activities, b.activities):
+        np.testing.assert_allclose(u, v, rtol=1e-12, atol=1e-14)
     # and a training step with it is Euler's training step
     optim = optax.sgd(0.1)
     ma, _, sa = pccore.train_step(model, optim, optim.init(model.params), x=x, y=y,
