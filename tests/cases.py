@@ -41,6 +41,16 @@ def canonical_mlp(sizes: Sequence[int], key, dtype=jnp.float32, bias: bool = Tru
     return out
 
 
+def linear_network(key, widths: Sequence[int]) -> pccore.PCModel:
+    """A deep linear network (Equinox Linear layers, no biases): its equilibrium has a
+    closed form (`pccore.theory`)."""
+    import equinox as eqx
+
+    keys = jax.random.split(key, len(widths) - 1)
+    return pccore.wrap([eqx.nn.Linear(a, b, use_bias=False, key=k)
+                        for a, b, k in zip(widths[:-1], widths[1:], keys)])
+
+
 def canonical_cnn(key, dtype=jnp.float32, channels: int = 3, classes: int = 10) -> Weights:
     """Weights of the CNN: conv kernel K (3, 3, 1, channels) HWIO, dense W (9 channels, classes)."""
     k1, k2, k3, k4 = jax.random.split(key, 4)

@@ -9,13 +9,9 @@ import optax
 import pytest
 
 import pccore
+from tests import cases
 
-
-def _linear(key, widths):
-    keys = jax.random.split(key, len(widths) - 1)
-    return pccore.wrap(
-        [eqx.nn.Linear(a, b, use_bias=False, key=k) for a, b, k in zip(widths[:-1], widths[1:], keys)]
-    )
+_linear = cases.linear_network
 
 
 def _tanh_mlp(key, sizes=(6, 8, 8, 3)):

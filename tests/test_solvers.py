@@ -9,13 +9,9 @@ import optax
 import pytest
 
 import pccore
+from tests import cases
 
-
-def _linear(key, widths):
-    keys = jax.random.split(key, len(widths) - 1)
-    return pccore.wrap(
-        [eqx.nn.Linear(a, b, use_bias=False, key=k) for a, b, k in zip(widths[:-1], widths[1:], keys)]
-    )
+_linear = cases.linear_network
 
 
 def test_step_is_euler_and_error_is_heun_difference(x64, getkey):
