@@ -349,7 +349,7 @@ def _solve_fixed(solver, energy, model, z0, x, y, t1, dt0, n, steady):
         else:
             z, s = step(k, z, s)
         # A first-same-as-last solver's state holds the field at the new state.
-        g = jtu.tree_map(jnp.negative, s[1]) if fsal else grad(z)
+        g = _fsal_grad(s) if fsal else grad(z)
         return k + 1, z, s, g, is_steady(steady, g, z)
 
     e0, g0 = energy_and_grad(energy, model, z0, x, y)
@@ -371,6 +371,27 @@ def _fsal(solver) -> bool:
     """Whether `solver`'s state carries the vector field at the current state (an explicit
     Runge-Kutta tableau with first-same-as-last)."""
     return isinstance(solver, diffrax.AbstractERK) and erk_evals(solver)[0] == 1
+
+
+# A first-same-as-last Runge-Kutta solver's state is diffrax's `(first_step, f)`: `f` the
+# vector field at the current state, `first_step` whether the next step must evaluate it.
+
+
+def _fsal_state(s0, g0):
+    """The initial state `s0` with the vector field at the start, `f = -g0`, already known."""
+    first_step, f0 = s0
+    f = jtu.tree_map(lambda a, b: (-b).astype(a.dtype), f0, g0)
+    return jnp.zeros_like(first_step), f
+
+
+def _fsal_grad(s):
+    """$\nabla_z F$ at the current state, from the state."""
+    return jtu.tree_map(jnp.negative, s[1])
+
+
+def _fsal_first_stage(s, jump):
+    """Whether the next step evaluates its first stage (none known yet, or after a jump)."""
+    return s[0] | jump
 
 
 def _stage0(solver) -> bool:
@@ -418,8 +439,7 @@ def _solve_adaptive(solver, controller, energy, model, z0, x, y, t1, dt0, n, ste
     floor = _t1_floor(t1)
     # After a step, a first-same-as-last solver's state holds f(z) = -grad at the new state
     # (diffrax's initial state holds zeros instead: the start is tested with a gradient).
-    grad = lambda z, s: jtu.tree_map(jnp.negative, s[1]) if fsal else activity_grad(
-        energy, model, z, x, y)
+    grad = lambda z, s: _fsal_grad(s) if fsal else activity_grad(energy, model, z, x, y)
     check = (lambda z, s: jnp.array(False)) if (steady is None or stage0) else (
         lambda z, s: is_steady(steady, grad(z, s), z))
     if steady is None or stage0:
@@ -442,7 +462,7 @@ def _solve_adaptive(solver, controller, energy, model, z0, x, y, t1, dt0, n, ste
         k, tprev, tnext, z, s, cs, jump, _, _, ev = c
         # Gradients this attempt costs: its stages, and for a first-same-as-last solver the
         # first stage too where it has no valid one (its first step, or after a jump).
-        ev = ev + per_step + (jnp.asarray(s[0] | jump, jnp.int32) if fsal else 0)
+        ev = ev + per_step + (jnp.asarray(_fsal_first_stage(s, jump), jnp.int32) if fsal else 0)
         z1, err, dense, s1, sres = solver.step(terms, tprev, tnext, z, args, s, jump)
         err = jtu.tree_map(lambda e: jnp.where(jnp.isnan(e), jnp.inf, e), err)
         keep, tprev1, tnext1, jump1, cs1, cres = controller.adapt_step_size(
@@ -488,14 +508,6 @@ def _solve_adaptive(solver, controller, energy, model, z0, x, y, t1, dt0, n, ste
         test = 0 if steady is None else 1 + (0 if fsal else k)
         evals = ev + test
     return Raw(z, k, t, result, evals)
-
-
-def _fsal_state(s0, g0):
-    """A first-same-as-last Runge-Kutta solver's initial state `(first_step, f0)` with the
-    vector field at the start, `f0 = -g0`, already known."""
-    first_step, f0 = s0
-    f = jtu.tree_map(lambda a, b: (-b).astype(a.dtype), f0, g0)
-    return jnp.zeros_like(first_step), f
 
 
 def _solve_diffrax(solver, controller, energy, model, z0, x, y, t1, dt0, n, steady, saveat):
