@@ -251,7 +251,7 @@ def first_call(call) -> dict:
     return out
 
 
-def fresh_compiles(jobs: dict, reps: int = 3) -> dict:
+def fresh_compiles(jobs: dict, reps: int = 5) -> dict:
     """`first_call` of each job `reps` times, the order alternating between rounds (the
     first compilation in a process also pays one-off start-up costs)."""
     names = list(jobs)
@@ -260,6 +260,14 @@ def fresh_compiles(jobs: dict, reps: int = 3) -> dict:
         for k in (names if i % 2 == 0 else names[::-1]):
             out[k].append(first_call(jobs[k]))
     return out
+
+
+def compile_ratio(runs: dict, a: str = "lean", b: str = "pccore") -> dict:
+    """The first-call ratio `b / a` of `fresh_compiles` rounds, as every other comparison
+    here: the median of the per-round ratios (each round compiles both, back to back), so a
+    round in which the machine was slow for both cancels. Also the largest round's ratio."""
+    pairs = [rb["total"] / ra["total"] for ra, rb in zip(runs[a], runs[b])]
+    return {"ratio": statistics.median(pairs), "worst": max(pairs), "pairs": pairs}
 
 
 def median_time(fn, reps: int, warmup: int = 3):
