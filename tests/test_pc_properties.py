@@ -177,3 +177,33 @@ def test_recorded_energies_along_a_trajectory(route, getkey):
     np.testing.assert_allclose(sol.energies[0], pccore.evaluate(model, x, y).loss * B, rtol=1e-5)
     np.testing.assert_allclose(sol.energies[-1], sol.energy, rtol=1e-5)
     assert np.all(np.diff(np.asarray(sol.energies)) < 0)  # gradient flow decreases the energy
+
+
+@pytest.mark.parametrize("framework", cases.FRAMEWORKS)
+def test_errors_travel_one_layer_per_euler_step(framework, getkey):
+    # From the feed-forward start every hidden error is exactly zero (R1), and the gradient
+    # of F at z_l reads only e_l and e_{l+1}: k Euler steps move z_{L-k}..z_{L-1} and leave
+    # the errors below exactly zero, so the parameters of layers 1..L-1-k get an exactly zero
+    # gradient. Checked through infer + param_grads, and through train_step (whose first
+    # Euler step is taken outside its loop) with SGD: those layers do not move.
+    model = cases.build_mlp(framework, cases.canonical_mlp(SIZES, getkey()))
+    x, y = _data(getkey())
+    L = len(SIZES) - 1
+    optim = optax.sgd(0.1)
+    for k in range(L + 1):
+        sol = pccore.infer(model, x=x, y=y, t1=0.1 * k, dt0=0.1) if k else None
+        z = sol.activities if k else pccore.init_activities(model, x)
+        grads = pccore.param_grads(model, z, x=x, y=y)
+        stepped = None
+        if k:
+            stepped = pccore.train_step(model, optim, optim.init(model.params), x=x, y=y,
+                                        t1=0.1 * k, dt0=0.1)[0]
+        for layer in range(L):  # layer l + 1 maps z_l to z_{l+1} (z_0 = x)
+            g = jax.tree_util.tree_leaves(grads[layer])
+            still = layer + 1 <= L - 1 - k
+            assert all(bool(jnp.all(a == 0)) for a in g) == still, (k, layer)
+            if stepped is not None:
+                before = jax.tree_util.tree_leaves(model.params[layer])
+                after = jax.tree_util.tree_leaves(stepped.params[layer])
+                same = all(bool(jnp.all(a == b)) for a, b in zip(before, after))
+                assert same == still, (k, layer)
