@@ -1,5 +1,6 @@
 """Properties R1-R6 of the PC energy and engine (pc-family.md), per-layer energies in layer
-order, and energies recorded along a trajectory, against independent oracles."""
+order, energies recorded along a trajectory, and how far errors travel in k Euler steps,
+against independent oracles."""
 
 import diffrax
 import jax
