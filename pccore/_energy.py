@@ -114,6 +114,12 @@ class AbstractEnergy(eqx.Module):
         """Parameter regulariser $R(\\theta)$, added once to the batch-mean objective."""
         return jnp.zeros(())
 
+    def activities(self, model: PCModel, variables: Activities, x: Array | None) -> Activities:
+        """The free activities (as [`pccore.PC`][] orders them) that the inference variables
+        stand for: the variables themselves, unless a variant reparameterises them
+        ([`pccore.EPC`][] infers errors). `model` is not prepared."""
+        return tuple(variables)
+
 
 class PC(AbstractEnergy):
     r"""Standard predictive coding (discriminative, supervised generative or unsupervised).

@@ -10,7 +10,9 @@ generator's inference. One training step ([`pccore.hybrid_train_step`][]):
 4. update the amortiser on
 $$F_{\mathrm{amort}} = \sum_{k=1}^{L} \tfrac12 \lVert t_{L-k} - h_k(\hat a_{L-k+1}) \rVert^2,
   \qquad t_l = z^*_l\ (l \ge 1), \quad t_0 = x \text{ if given, else } z^*_0,$$
-with $z^*$ and the guesses $\hat a$ held constant: each amortiser layer regresses the
+with $z^*$ and the guesses $\hat a$ held constant (for a variant that infers something other
+than the activities, such as [`pccore.EPC`][], $z^*$ are the activities its variables stand
+for, `energy.activities`): each amortiser layer regresses the
 generator's equilibrium from the amortiser's own feed-forward guess (a local update, as in
 JPC). The factor $\tfrac12$ is included (JPC omits it; that only rescales the learning rate
 by 2). The parameter objective is the batch mean of $F_{\mathrm{amort}}$.
@@ -137,8 +139,9 @@ class HybridStats(eqx.Module):
 @eqx.filter_jit
 def _hybrid_step(gen, amort, optim, opt_state, a_optim, a_state, x, y, energy, solver,
                  controller, t1, dt0, n, steady):
-    gen, opt_state, stats, z = update(gen, optim, opt_state, x, y, energy, solver, controller,
-                                      t1, dt0, n, steady, Amortised(amort), None)
+    new_gen, opt_state, stats, z = update(gen, optim, opt_state, x, y, energy, solver,
+                                          controller, t1, dt0, n, steady, Amortised(amort), None)
+    z = energy.activities(gen, z, x)  # the targets are activities (ePC infers errors)
 
     def loss(params):
         return _amortiser_per_sample(amort.with_params(params), z, x, y).mean()
@@ -146,7 +149,7 @@ def _hybrid_step(gen, amort, optim, opt_state, a_optim, a_state, x, y, energy, s
     a_loss, grads = jax.value_and_grad(loss)(amort.params)
     updates, a_state = a_optim.update(grads, a_state, amort.params)
     amort = amort.with_params(optax.apply_updates(amort.params, updates))
-    return gen, opt_state, amort, a_state, HybridStats(stats, a_loss)
+    return new_gen, opt_state, amort, a_state, HybridStats(stats, a_loss)
 
 
 def hybrid_train_step(
