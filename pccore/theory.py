@@ -7,7 +7,8 @@ The energy is then the negative log-joint of $z_l = A_l z_{l-1} + \epsilon_l$,
 $\epsilon_l \sim \mathcal N(0, I)$,
 $y = A_L z_{L-1} + \epsilon_L$, $\epsilon_L \sim \mathcal N(0, I/\lambda)$.
 
-- equilibrium energy: $F^* = \tfrac12 \sum_i r_i^\top S^{-1} r_i$ with $r_i = y_i - A_L \cdots A_1 x_i$;
+- equilibrium energy: $F^* = \tfrac12 \sum_i r_i^\top S^{-1} r_i$ with $r_i = y_i - A_L \cdots A_1 x_i$
+  (no activity decay; with one, $F^* = c - \tfrac12 b^\top z^*$, see below);
 - rescaling matrix: $S = I/\lambda + \sum_{l=1}^{L-1} M_l M_l^\top$, $M_l = A_L \cdots A_{l+1}$;
 - activity Hessian (per sample, block-tridiagonal): $H_{l,l} = (1+\alpha) I + c_l A_{l+1}^\top A_{l+1}$
   ($c_{L-1} = \lambda$, else 1; $\alpha$ the activity decay), $H_{l+1,l} = -A_{l+1}$;
@@ -103,18 +104,30 @@ def linear_equilibrium_energy(
     model: PCModel, x: Float[Array, "batch ..."], y: Float[Array, "batch ..."], *,
     energy: PC = PC(),
 ) -> Float[Array, ""]:
-    """The energy at equilibrium $F^* = \\tfrac12 \\sum_i r_i^\\top S^{-1} r_i$ (a batch sum).
+    """The energy at equilibrium (a batch sum).
+
+    Without activity decay, $F^* = \\tfrac12 \\sum_i r_i^\\top S^{-1} r_i$. With an activity
+    decay $\\alpha$ (a number or an array, also traced), $F$ is the quadratic
+    $\\tfrac12 z^\\top H z - b^\\top z + c$ with $c = \\tfrac12 \\lVert A_1 x \\rVert^2 +
+    \\tfrac\\lambda2 \\lVert y \\rVert^2$, so $F^* = c - \\tfrac12 b^\\top z^*$.
 
     Differentiable in `model.params`: its gradient equals the PC parameter gradient at the
     equilibrium (envelope theorem), times the batch size.
     """
-    if energy.activity_decay != 0:
-        raise ValueError("`energy`: the closed-form F* assumes activity_decay=0.")
     maps = linear_maps(model, energy)
     B = x.shape[0]
-    r = y.reshape(B, -1) - x.reshape(B, -1) @ _chain(maps).T
-    S = linear_rescaling(model, energy)
-    return 0.5 * jnp.sum(r * jnp.linalg.solve(S, r.T).T)
+    decay = energy.activity_decay
+    if len(maps) == 1 or (isinstance(decay, int | float) and decay == 0):
+        r = y.reshape(B, -1) - x.reshape(B, -1) @ _chain(maps).T
+        S = linear_rescaling(model, energy)
+        return 0.5 * jnp.sum(r * jnp.linalg.solve(S, r.T).T)
+    lam = energy.parameterisation.output_precision
+    z = linear_equilibrium_activities(model, x, y, energy=energy)
+    first = x.reshape(B, -1) @ maps[0].T
+    c = 0.5 * jnp.sum(first**2) + 0.5 * lam * jnp.sum(y**2)
+    b_dot_z = jnp.sum(first * z[0].reshape(B, -1)) + lam * jnp.sum(
+        (y.reshape(B, -1) @ maps[-1]) * z[-1].reshape(B, -1))
+    return c - 0.5 * b_dot_z
 
 
 @eqx.filter_jit

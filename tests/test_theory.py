@@ -97,6 +97,30 @@ def test_converged_inference_matches_closed_form(x64, getkey, L, param, skips):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("decay", [0.3, "array"])
+def test_closed_form_with_activity_decay(x64, getkey, decay):
+    """With an activity decay F* is c - b.z*/2: it matches a converged solve and its envelope
+    gradient, as a Python number or an array (also under vmap); at zero decay it equals the
+    S^-1 form."""
+    param = pccore.NTP(output_precision=2.0)
+    model = linear_model(4, param, True, getkey())
+    x, y = data(getkey())
+    alpha = 0.3 if decay == 0.3 else jnp.asarray(0.3)
+    energy = pccore.PC(parameterisation=param, activity_decay=alpha)
+    sol = _converge(model, x, y, energy)
+    assert sol.result == pccore.RESULTS.converged
+    F_star, z_star, g_theory = _oracles(model, x, y, energy)
+    np.testing.assert_allclose(sol.energy, F_star, rtol=1e-6)
+    for a, b in zip(sol.activities, z_star):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    g_pc = pccore.param_grads(model, sol.activities, x=x, y=y, energy=energy)
+    for a, b in zip(jtu.tree_leaves(g_theory), jtu.tree_leaves(g_pc)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    F = lambda a: theory.linear_equilibrium_energy(
+        model, x, y, energy=pccore.PC(parameterisation=param, activity_decay=a))
+    np.testing.assert_allclose(jax.vmap(F)(jnp.array([0.0, 0.3])), [F(0.0), F_star], rtol=1e-10)
+
+
 HESSIAN = [
     (L, param, skips)
     for param in (pccore.SP(), pccore.NTP(), pccore.MuPC(gamma=0.5, output_precision=2.0),
