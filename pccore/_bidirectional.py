@@ -16,6 +16,7 @@ network's own output term).
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float
 
+from ._check import check_option
 from ._custom_types import Params
 from ._energy import AbstractEnergy, _sq, add_activity_decay
 from ._loss import MSE
@@ -98,6 +99,10 @@ class BPC(AbstractEnergy):
     parameterisation: AbstractParameterisation = SP()
     activity_decay: float | ArrayLike = 0.0
     regularisers: tuple[AbstractRegulariser, ...] = ()
+
+    def __check_init__(self):
+        for name in ("alpha_f", "alpha_b", "activity_decay"):
+            check_option("BPC", name, getattr(self, name))
 
     def _model(self, model):
         if not isinstance(model, Bidirectional):

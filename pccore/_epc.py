@@ -17,6 +17,7 @@ PC share their equilibria, equilibrium energies and (envelope theorem) parameter
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike
 
+from ._check import check_option
 from ._custom_types import Activities
 from ._energy import (
     AbstractEnergy,
@@ -50,6 +51,9 @@ class EPC(AbstractEnergy):
     parameterisation: AbstractParameterisation = SP()
     activity_decay: float | ArrayLike = 0.0
     regularisers: tuple[AbstractRegulariser, ...] = ()
+
+    def __check_init__(self):
+        check_option("EPC", "activity_decay", self.activity_decay)
 
     def variable_shapes(self, model, x_clamped):
         return chain_variable_shapes(model, x_clamped)

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, PyTree
 
+from ._check import check_option
 from ._energy import AbstractEnergy, _sq, add_activity_decay, output_term
 from ._init import FeedForward
 from ._loss import MSE, AbstractLoss
@@ -207,6 +208,10 @@ class GraphPC(AbstractEnergy):
     loss: AbstractLoss = MSE()
     output_precision: float | ArrayLike = 1.0
     activity_decay: float | ArrayLike = 0.0
+
+    def __check_init__(self):
+        check_option("GraphPC", "output_precision", self.output_precision)
+        check_option("GraphPC", "activity_decay", self.activity_decay)
 
     def _model(self, model):
         if not isinstance(model, GraphModel):

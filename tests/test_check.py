@@ -181,6 +181,19 @@ def test_bad_options_and_objects(setup):
             lambda: pccore.SP(output_precision=jnp.array(-1.0)),
             r"`SP`: `output_precision` must be finite and >= 0; got -1\.0",
         ),
+        (
+            lambda: pccore.EPC(activity_decay=float("nan")),
+            r"`EPC`: `activity_decay` must be finite and >= 0; got nan",
+        ),
+        (lambda: pccore.BPC(alpha_f=-1.0), r"`BPC`: `alpha_f` must be finite and >= 0; got -1\.0"),
+        (
+            lambda: pccore.BPC(activity_decay=-0.5),
+            r"`BPC`: `activity_decay` must be finite and >= 0; got -0\.5",
+        ),
+        (
+            lambda: pccore.GraphPC(output_precision=float("inf")),
+            r"`GraphPC`: `output_precision` must be finite and >= 0; got inf",
+        ),
     ]:
         with pytest.raises(ValueError, match=match):
             make()
