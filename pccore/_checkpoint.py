@@ -3,7 +3,9 @@
 A checkpoint is a directory `step_00000012/` holding
 
 - `state.eqx`: the model, the optimiser state and the RNG key, written leaf by leaf with
-    `equinox.tree_serialise_leaves` (NumPy `.npy` records, no custom binary format);
+    `equinox.tree_serialise_leaves` (NumPy `.npy` records, no custom binary format); a typed
+    PRNG key anywhere in the model or optimiser state (e.g. `optax.noisy_sgd`'s) is stored as
+    its key data and comes back as a typed key of the same implementation;
 - `manifest.json`: the step, the configuration, the pccore version and framework, the path,
     shape and dtype of every saved leaf, and the size and SHA-256 of `state.eqx`.
 
@@ -12,7 +14,10 @@ flushed to disk (`fsync`), and the directory is then renamed into place with `os
 an atomic operation on POSIX file systems. A save that is interrupted at any point (an
 exception, `SIGKILL`, a power cut after the rename is durable) leaves every earlier
 checkpoint untouched and no partial `step_*` directory; the leftover temporary directory is
-ignored by readers and removed by the next save.
+ignored by readers and removed by the next save. Replacing an existing checkpoint
+(`overwrite=True`) takes two renames, the old directory aside to `.old-step_...-*` and the
+new one in; if a save is interrupted between them, readers use the set-aside checkpoint
+and the next save renames it back, so the previous checkpoint is still never lost.
 
 **Verification.** Loading checks the manifest, then the file's size and SHA-256, then that
 the template has the same leaves (path, shape, dtype) as the checkpoint, before any array is
@@ -44,6 +49,7 @@ _FORMAT_VERSION = 1
 _STATE = "state.eqx"
 _MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+_OLD_DIR = re.compile(r"^\.old-(step_(\d+))-[0-9a-f]{8}$")
 
 
 class CheckpointError(Exception):
@@ -85,12 +91,33 @@ def _is_saved_leaf(x: Any) -> bool:
     return isinstance(x, jax.Array | np.ndarray | np.generic | bool | int | float | complex)
 
 
+def _is_typed_key(x: Any) -> bool:
+    return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _keys_as_data(tree: Any) -> Any:
+    """Typed PRNG keys replaced by their key data (NumPy cannot write key arrays)."""
+    return jtu.tree_map(lambda x: jax.random.key_data(x) if _is_typed_key(x) else x, tree)
+
+
+def _data_as_keys(tree: Any, template: Any) -> Any:
+    """Key data read back into typed keys wherever `template` holds a typed key."""
+
+    def wrap(a, t):
+        return jax.random.wrap_key_data(a, impl=jax.random.key_impl(t)) if _is_typed_key(t) else a
+
+    return jtu.tree_map(wrap, tree, template)
+
+
 def _leaf_specs(tree: Any, prefix: str) -> list[dict]:
     out = []
     for path, leaf in jtu.tree_leaves_with_path(tree):
         if not _is_saved_leaf(leaf):
             continue
-        if isinstance(leaf, jax.Array | np.ndarray | np.generic):
+        if _is_typed_key(leaf):
+            impl = str(jax.random.key_impl(leaf))
+            spec = {"shape": list(leaf.shape), "dtype": str(leaf.dtype), "impl": impl}
+        elif isinstance(leaf, jax.Array | np.ndarray | np.generic):
             spec = {"shape": list(np.shape(leaf)), "dtype": str(leaf.dtype)}
         else:
             spec = {"shape": [], "dtype": type(leaf).__name__}
@@ -99,7 +126,8 @@ def _leaf_specs(tree: Any, prefix: str) -> list[dict]:
 
 
 def _describe(spec: dict) -> str:
-    return f"shape {tuple(spec['shape'])} {spec['dtype']}"
+    impl = f" ({spec['impl']})" if "impl" in spec else ""
+    return f"shape {tuple(spec['shape'])} {spec['dtype']}{impl}"
 
 
 def _key_parts(key: Any) -> tuple[Any, dict | None]:
@@ -146,6 +174,29 @@ def _write_state(path: Path, tree: Any) -> None:
         os.fsync(f.fileno())
 
 
+def _stranded(path: Path) -> Path | None:
+    """The checkpoint set aside as `.old-NAME-*` by an overwriting save that was interrupted
+    between its two renames (so nothing is at `path`), or None."""
+    if path.exists() or not path.parent.is_dir():
+        return None
+    name = re.compile(rf"\.old-{re.escape(path.name)}-[0-9a-f]{{8}}")
+    olds = sorted(p for p in path.parent.iterdir() if p.is_dir() and name.fullmatch(p.name))
+    return olds[0] if olds else None
+
+
+def _resolve(path: Path) -> Path:
+    """Where readers find the checkpoint `path`: itself, or its stranded set-aside copy."""
+    return _stranded(path) or path
+
+
+def _recover(path: Path) -> None:
+    """Writers: rename a stranded set-aside checkpoint back to `path`."""
+    old = _stranded(path)
+    if old is not None:
+        os.replace(old, path)
+        _fsync_dir(path.parent)
+
+
 def _check_step(step: Any) -> None:
     if isinstance(step, bool) or not isinstance(step, int | np.integer) or step < 0:
         raise ValueError(f"`step` must be a non-negative int; got {step!r}.")
@@ -171,7 +222,13 @@ def save_checkpoint(
     - `step`: a non-negative int (step or epoch count).
     - `key`: a PRNG key to resume the random stream with, or None.
     - `config`: a JSON-serialisable dict (the run's configuration), or None.
-    - `overwrite`: replace an existing checkpoint at `path` (itself atomically).
+    - `overwrite`: replace an existing checkpoint at `path`. The new checkpoint is complete
+        on disk before the old one is touched; the old one is then renamed aside to
+        `.old-NAME-*` and the new one renamed in. If the save is interrupted between those two
+        renames, readers ([`pccore.read_manifest`][], [`pccore.restore_checkpoint`][],
+        [`pccore.CheckpointManager`][]) use the set-aside checkpoint and the next save to
+        `path` (or in the manager's directory) renames it back, so an interrupted save always
+        leaves the previous checkpoint.
 
     **Returns:** the checkpoint's path.
     """
@@ -184,18 +241,19 @@ def save_checkpoint(
             f"`config` must be JSON-serialisable (dicts, lists, str, numbers, bools, None); "
             f"{e}. Convert such values first, e.g. `str(value)` or `float(value)`."
         ) from None
+    _recover(path)  # an earlier overwriting save, interrupted between its two renames
     if path.exists() and not overwrite:
         raise FileExistsError(
             f"`path`: checkpoint {str(path)!r} already exists. Pass `overwrite=True` to "
             "replace it, or save to a new path."
         )
     key_data, key_info = _key_parts(key)
-    tree = _host({"model": model, "opt_state": opt_state, "key": key_data})
     leaves = (
-        _leaf_specs(tree["model"], "model")
-        + _leaf_specs(tree["opt_state"], "opt_state")
-        + _leaf_specs(tree["key"], "key")
+        _leaf_specs(model, "model")
+        + _leaf_specs(opt_state, "opt_state")
+        + _leaf_specs(key_data, "key")
     )
+    tree = _host(_keys_as_data({"model": model, "opt_state": opt_state, "key": key_data}))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".tmp-{path.name}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -229,17 +287,78 @@ def save_checkpoint(
         _fsync_dir(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _recover(path)  # interrupted between the two renames: put the old checkpoint back
         raise
     return path
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _ok_key_info(v: Any) -> bool:
+    return v is None or (
+        isinstance(v, dict)
+        and (v.get("kind") == "raw" or (v.get("kind") == "typed" and isinstance(v.get("impl"), str)))
+    )
+
+
+def _ok_file_name(v: Any) -> bool:
+    return isinstance(v, str) and v not in ("", ".", "..") and Path(v).name == v
+
+
+# The manifest fields a reader relies on: (check, what is expected).
+_FIELDS = {
+    "format_version": (_is_int, "a non-negative int"),
+    "step": (_is_int, "a non-negative int"),
+    "pccore_version": (lambda v: isinstance(v, str), "a string"),
+    "framework": (lambda v: v is None or isinstance(v, str), "a string or null"),
+    "config": (lambda v: isinstance(v, dict), "a JSON object"),
+    "key": (_ok_key_info, 'null, {"kind": "raw"} or {"kind": "typed", "impl": "<name>"}'),
+    "leaves": (lambda v: isinstance(v, list), "a list"),
+    "file": (_ok_file_name, "a file name in the checkpoint directory, e.g. \"state.eqx\""),
+    "bytes": (_is_int, "a non-negative int"),
+    "sha256": (lambda v: isinstance(v, str) and re.fullmatch("[0-9a-f]{64}", v) is not None,
+               "64 lowercase hex digits"),
+}
+_LEAF_FIELDS = {
+    "path": (lambda v: isinstance(v, str), "a string"),
+    "shape": (lambda v: isinstance(v, list) and all(_is_int(d) for d in v),
+              "a list of non-negative ints"),
+    "dtype": (lambda v: isinstance(v, str), "a string"),
+}
+
+
+def _check_fields(mpath: Path, obj: Any, fields: dict, prefix: str = "") -> None:
+    for name, (ok, want) in fields.items():
+        if not isinstance(obj, dict) or name not in obj:
+            got = "missing"
+        elif ok(obj[name]):
+            continue
+        else:
+            got = repr(obj[name])
+            got = f"{got[:60]}..." if len(got) > 63 else got
+        raise CheckpointError(
+            f"{str(mpath)!r}: field `{prefix}{name}` is {got}, expected {want}. The manifest "
+            "was edited or damaged; restore an earlier step, or save the checkpoint again."
+        )
+
+
+def _check_manifest(mpath: Path, manifest: dict) -> None:
+    _check_fields(mpath, manifest, _FIELDS)
+    for i, leaf in enumerate(manifest["leaves"]):
+        _check_fields(mpath, leaf, _LEAF_FIELDS, f"leaves[{i}].")
+        if "impl" in leaf:
+            _check_fields(mpath, leaf, {"impl": _LEAF_FIELDS["dtype"]}, f"leaves[{i}].")
 
 
 def read_manifest(path: str | os.PathLike, *, verify: bool = True) -> dict:
     """The manifest of the checkpoint at `path`, checked; with `verify`, the data file too.
 
     **Raises:** [`pccore.CheckpointError`][] if the checkpoint is missing, unreadable,
-    truncated or corrupted.
+    truncated or corrupted, or its manifest lacks a field or has one of the wrong type.
     """
-    path = Path(path)
+    path = _resolve(Path(path))
     mpath = path / _MANIFEST
     if not path.is_dir():
         raise CheckpointError(f"No checkpoint at {str(path)!r}: the directory does not exist.")
@@ -257,11 +376,13 @@ def read_manifest(path: str | os.PathLike, *, verify: bool = True) -> dict:
         ) from None
     if not isinstance(manifest, dict) or manifest.get("format") != _FORMAT:
         raise CheckpointError(f"{str(mpath)!r} is not a pccore checkpoint manifest.")
-    if manifest.get("format_version", 0) > _FORMAT_VERSION:
+    _check_fields(mpath, manifest, {"format_version": _FIELDS["format_version"]})
+    if manifest["format_version"] > _FORMAT_VERSION:
         raise CheckpointError(
             f"Checkpoint {str(path)!r} has format version {manifest['format_version']}, newer "
             f"than this pccore ({_version()}) reads ({_FORMAT_VERSION}). Upgrade pccore."
         )
+    _check_manifest(mpath, manifest)
     if verify:
         data = path / manifest["file"]
         if not data.is_file():
@@ -289,7 +410,9 @@ def _check_fits(path: Path, saved: list[dict], expected: list[dict]) -> None:
                 "checkpoint (a different architecture or optimiser). Build the model and "
                 "optimiser exactly as for the saved run."
             )
-        if got["shape"] != want["shape"] or got["dtype"] != want["dtype"]:
+        if (got["shape"], got["dtype"], got.get("impl")) != (
+            want["shape"], want["dtype"], want.get("impl")
+        ):
             raise CheckpointError(
                 f"Checkpoint {str(path)!r} does not fit the template: the first mismatching "
                 f"parameter is `{want['path']}`: got {_describe(got)} in the checkpoint, "
@@ -331,7 +454,7 @@ def restore_checkpoint(path: str | os.PathLike, *, model: Any, opt_state: Any) -
     **Raises:** [`pccore.CheckpointError`][] if the checkpoint is missing, truncated or
     corrupted, or does not fit the template (naming the first mismatching parameter).
     """
-    path = Path(path)
+    path = _resolve(Path(path))
     manifest = read_manifest(path, verify=True)
     framework = getattr(model, "framework", None)
     if manifest["framework"] is not None and framework is not None and manifest["framework"] != framework:
@@ -350,10 +473,10 @@ def restore_checkpoint(path: str | os.PathLike, *, model: Any, opt_state: Any) -
         key_template = jnp.zeros(spec["shape"], spec["dtype"])
     template = {"model": model, "opt_state": opt_state, "key": key_template}
     try:
-        tree = eqx.tree_deserialise_leaves(path / manifest["file"], template)
+        tree = eqx.tree_deserialise_leaves(path / manifest["file"], _keys_as_data(template))
     except Exception as e:  # verified above: anything here is an unexpected read failure
         raise CheckpointError(f"Checkpoint {str(path)!r} could not be read: {e}") from e
-    tree = _place_like(tree, template)
+    tree = _place_like(_data_as_keys(tree, template), template)
     key = tree["key"]
     if manifest["key"] is not None and manifest["key"]["kind"] == "typed":
         key = jax.random.wrap_key_data(key, impl=manifest["key"]["impl"])
@@ -384,8 +507,9 @@ class CheckpointManager:
     **Arguments:**
 
     - `directory`: where the `step_00000012/`-style checkpoints live (created if needed).
-    - `keep`: how many of the newest checkpoints to keep (>= 1); older ones are deleted
-        after each successful save.
+    - `keep`: how many checkpoints to keep (>= 1). After each successful save, the
+        checkpoint just written and the newest `keep - 1` other steps are kept and the rest
+        deleted: in a run that saves ascending steps, the newest `keep`.
     """
 
     def __init__(self, directory: str | os.PathLike, keep: int = 3):
@@ -399,14 +523,20 @@ class CheckpointManager:
         return self.directory / f"step_{int(step):08d}"
 
     def steps(self) -> list[int]:
-        """The steps that have a complete checkpoint directory, ascending (not verified)."""
+        """The steps that have a complete checkpoint directory, ascending (not verified).
+
+        Includes a step whose checkpoint an interrupted `overwrite` save left set aside.
+        """
         if not self.directory.is_dir():
             return []
-        out = []
+        out = set()
         for p in self.directory.iterdir():
             m = _STEP_DIR.match(p.name)
             if m and (p / _MANIFEST).is_file():
-                out.append(int(m.group(1)))
+                out.add(int(m.group(1)))
+            m = _OLD_DIR.match(p.name)
+            if m and _stranded(self.directory / m.group(1)) == p and (p / _MANIFEST).is_file():
+                out.add(int(m.group(2)))
         return sorted(out)
 
     def _valid(self, step: int) -> bool:
@@ -424,18 +554,33 @@ class CheckpointManager:
         self, step: int, *, model: Any, opt_state: Any, key: Any = None,
         config: dict | None = None, overwrite: bool = False,
     ) -> Path:
-        """Save checkpoint `step` atomically, then delete all but the newest `keep`.
+        """Save checkpoint `step` atomically, then prune to `keep` checkpoints.
 
         Arguments as in [`pccore.save_checkpoint`][]. A checkpoint that fails verification
         (say, the corrupted one a run resumed around) is replaced without `overwrite`.
-        Saving below a newer valid checkpoint is refused (that is a fresh run in an old
-        directory; pruning would delete the new checkpoint). With several processes only
-        process 0 writes (the state is replicated); the others return the path at once.
+        Saving below a newer valid checkpoint is refused (that is usually a fresh run in an
+        old directory, and resuming would pick the newer step); with `overwrite=True` it is
+        written anyway.
+
+        **Pruning:** the checkpoint just written is never deleted by its own save; besides
+        it, the newest `keep - 1` other steps are kept (by step number) and the rest deleted.
+        So with `keep=1`, `save(3, overwrite=True)` next to step 5 leaves only step 3.
+
+        With several processes only process 0 writes (the state is replicated); the others
+        return the path at once.
         """
         _check_step(step)
         path = self.path(step)
         if jax.process_index() != 0:
             return path
+        if self.directory.is_dir():  # leftovers of interrupted saves (single writer)
+            for p in list(self.directory.iterdir()):
+                m = _OLD_DIR.match(p.name)
+                if m:  # set aside by an overwriting save interrupted between its renames
+                    _recover(self.directory / m.group(1))
+            for p in list(self.directory.iterdir()):
+                if p.is_dir() and (p.name.startswith(".tmp-step_") or p.name.startswith(".old-step_")):
+                    shutil.rmtree(p, ignore_errors=True)
         if not overwrite:
             newer = [s for s in self.steps() if s > step and self._valid(s)]
             if newer:
@@ -446,15 +591,12 @@ class CheckpointManager:
                 )
             overwrite = path.exists() and not self._valid(step)
         self.directory.mkdir(parents=True, exist_ok=True)
-        for p in self.directory.iterdir():  # leftovers of interrupted saves (single writer)
-            if p.is_dir() and (p.name.startswith(".tmp-step_") or p.name.startswith(".old-step_")):
-                shutil.rmtree(p, ignore_errors=True)
         save_checkpoint(
             path, model=model, opt_state=opt_state, step=step, key=key, config=config,
             overwrite=overwrite,
         )
-        steps = self.steps()
-        for old in steps[: max(len(steps) - self.keep, 0)]:
+        others = [s for s in self.steps() if s != step]
+        for old in others[: max(len(others) - (self.keep - 1), 0)]:
             shutil.rmtree(self.path(old), ignore_errors=True)
         return path
 

@@ -46,8 +46,17 @@ def train_epochs(model, opt_state, key, epochs):
     return model, opt_state, key
 
 
+def is_key(a):
+    return eqx.is_array(a) and jnp.issubdtype(a.dtype, jax.dtypes.prng_key)
+
+
 def arrays(tree):
-    return [np.asarray(a) for a in jax.tree.leaves(tree) if eqx.is_array(a)]
+    """The array leaves as NumPy arrays (a typed key as its key data)."""
+    return [
+        np.asarray(jax.random.key_data(a) if is_key(a) else a)
+        for a in jax.tree.leaves(tree)
+        if eqx.is_array(a)
+    ]
 
 
 def run_python(code: str) -> subprocess.CompletedProcess:
@@ -313,3 +322,218 @@ def test_manifest_and_template_errors(tmp_path):
     (path / "state.eqx").unlink()
     with pytest.raises(pccore.CheckpointError, match=r"the data file state\.eqx is missing"):
         pccore.restore_checkpoint(path, model=model, opt_state=opt_state)
+
+
+def test_overwrite_below_newer_step_keeps_the_checkpoint_it_wrote(tmp_path):
+    model, opt_state = build()
+    changed = jax.tree.map(lambda a: a + 1 if eqx.is_inexact_array(a) else a, model)
+    manager = pccore.CheckpointManager(tmp_path / "one", keep=1)
+    manager.save(5, model=model, opt_state=opt_state)
+    with pytest.raises(ValueError, match=r"pass `overwrite=True` to write here anyway"):
+        manager.save(3, model=changed, opt_state=opt_state)
+    path = manager.save(3, model=changed, opt_state=opt_state, overwrite=True)
+    # The write is kept; with keep=1 it is the only one left.
+    assert path == manager.path(3) and manager.steps() == [3] and manager.latest_step() == 3
+    ck = manager.restore(model=model, opt_state=opt_state)
+    for a, b in zip(arrays(changed), arrays(ck.model), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # keep=3: the step just written plus the newest keep - 1 = 2 others.
+    manager = pccore.CheckpointManager(tmp_path / "three", keep=3)
+    for step in (8, 9, 10):
+        manager.save(step, model=model, opt_state=opt_state)
+    manager.save(1, model=model, opt_state=opt_state, overwrite=True)
+    assert manager.steps() == [1, 9, 10]
+    manager.save(9, model=changed, opt_state=opt_state, overwrite=True)  # a middle step
+    assert manager.steps() == [1, 9, 10]
+    manager.save(11, model=model, opt_state=opt_state)  # ascending again: the newest 3
+    assert manager.steps() == [9, 10, 11]
+
+
+class KeyHolder(eqx.Module):
+    weight: jax.Array
+    fry: jax.Array
+    rbg: jax.Array
+    many: jax.Array
+
+
+def key_holder(seed):
+    k = jax.random.key(seed)
+    return KeyHolder(
+        weight=jnp.arange(3.0) + seed,
+        fry=k,
+        rbg=jax.random.key(seed, impl="rbg"),
+        many=jax.random.split(jax.random.fold_in(k, 1), (2, 3)),
+    )
+
+
+def test_typed_key_leaves_roundtrip_with_their_impl(tmp_path):
+    saved = key_holder(3)
+    path = pccore.save_checkpoint(tmp_path / "c", model=saved, opt_state=None, step=0)
+    leaves = {leaf["path"]: leaf for leaf in pccore.read_manifest(path)["leaves"]}
+    assert leaves["model.fry"] == {
+        "path": "model.fry", "shape": [], "dtype": "key<fry>", "impl": "threefry2x32"
+    }
+    assert leaves["model.many"]["shape"] == [2, 3] and leaves["model.rbg"]["impl"] == "rbg"
+    ck = pccore.restore_checkpoint(path, model=key_holder(0), opt_state=None)
+    assert type(ck.model) is KeyHolder
+    np.testing.assert_array_equal(ck.model.weight, saved.weight)
+    for name in ("fry", "rbg", "many"):
+        got, want = getattr(ck.model, name), getattr(saved, name)
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert jax.random.key_impl(got) == jax.random.key_impl(want)
+        np.testing.assert_array_equal(jax.random.key_data(got), jax.random.key_data(want))
+    # The restored keys draw what the saved ones draw.
+    np.testing.assert_array_equal(
+        jax.random.normal(ck.model.rbg, (4,)), jax.random.normal(saved.rbg, (4,))
+    )
+    other_impl = eqx.tree_at(lambda m: m.fry, key_holder(0), jax.random.key(0, impl="rbg"))
+    with pytest.raises(
+        pccore.CheckpointError,
+        match=(
+            r"`model\.fry`: got shape \(\) key<fry> \(threefry2x32\) in the checkpoint, "
+            r"expected shape \(\) key<rbg> \(rbg\)"
+        ),
+    ):
+        pccore.restore_checkpoint(path, model=other_impl, opt_state=None)
+    raw = eqx.tree_at(lambda m: m.fry, key_holder(0), jax.random.PRNGKey(0))
+    with pytest.raises(
+        pccore.CheckpointError,
+        match=r"`model\.fry`: got shape \(\) key<fry> \(threefry2x32\) .* expected shape \(2,\) uint32",
+    ):
+        pccore.restore_checkpoint(path, model=raw, opt_state=None)
+
+
+def test_noisy_sgd_state_key_resume_equals_uninterrupted(tmp_path):
+    # optax.noisy_sgd keeps a typed key in its state and splits it on every update.
+    optim = optax.noisy_sgd(0.1, key=jax.random.key(0))
+    x, y = data()
+
+    def steps(model, opt_state, n):
+        for i in range(n):
+            b = slice(4 * i, 4 * i + 4)
+            model, opt_state, _ = pccore.train_step(model, optim, opt_state, x=x[b], y=y[b])
+        return model, opt_state
+
+    model, _ = build()
+    model, opt_state = steps(model, optim.init(model.params), 2)
+    manager = pccore.CheckpointManager(tmp_path)
+    manager.save(2, model=model, opt_state=opt_state)
+    straight = steps(model, opt_state, 2)
+
+    template, _ = build()
+    fresh_state = optim.init(template.params)  # its key is the initial one, not the saved one
+    ck = manager.restore(model=template, opt_state=fresh_state)
+    (saved_key,) = [a for a in jax.tree.leaves(opt_state) if is_key(a)]
+    (got_key,) = [a for a in jax.tree.leaves(ck.opt_state) if is_key(a)]
+    assert got_key.dtype == saved_key.dtype and got_key.dtype == jax.random.key(0).dtype
+    np.testing.assert_array_equal(jax.random.key_data(got_key), jax.random.key_data(saved_key))
+    resumed = steps(ck.model, ck.opt_state, 2)
+    for a, b in zip(arrays(straight), arrays(resumed), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # The key matters: continuing with the initial key gives other weights.
+    wrong = steps(ck.model, fresh_state, 2)
+    assert not all(
+        np.array_equal(a, b) for a, b in zip(arrays(straight[0]), arrays(wrong[0]), strict=True)
+    )
+
+
+def test_manifest_with_missing_or_mistyped_field_gets_checkpoint_error(tmp_path):
+    model, opt_state = build()
+    manager = pccore.CheckpointManager(tmp_path, keep=5)
+    manager.save(1, model=model, opt_state=opt_state)
+    manager.save(2, model=model, opt_state=opt_state)
+    mpath = manager.path(2) / "manifest.json"
+    good = json.loads(mpath.read_text())
+    leaves = [dict(leaf) for leaf in good["leaves"]]
+    del leaves[1]["dtype"]
+    cases_ = [
+        ({k: v for k, v in good.items() if k != "sha256"},
+         r"field `sha256` is missing, expected 64 lowercase hex digits"),
+        ({**good, "bytes": "x"}, r"field `bytes` is 'x', expected a non-negative int"),
+        ({**good, "format_version": "2"}, r"field `format_version` is '2', expected a non-negative int"),
+        ({**good, "step": None}, r"field `step` is None, expected a non-negative int"),
+        ({**good, "leaves": leaves}, r"field `leaves\[1\]\.dtype` is missing, expected a string"),
+        ({**good, "file": "../state.eqx"}, r"field `file` is '\.\./state\.eqx', expected a file name"),
+        ({**good, "key": {"kind": "typed"}}, r"field `key` is \{'kind': 'typed'\}, expected null"),
+    ]
+    for manifest, message in cases_:
+        mpath.write_text(json.dumps(manifest))
+        full = r"step_00000002/manifest\.json': " + message + r".*The manifest was edited or damaged"
+        with pytest.raises(pccore.CheckpointError, match=full):
+            pccore.read_manifest(manager.path(2), verify=False)
+        with pytest.raises(pccore.CheckpointError, match=full):
+            manager.restore(2, model=model, opt_state=opt_state)
+        assert manager.latest_step() == 1  # skipped as invalid, like a corrupted file
+
+
+_KILL_BETWEEN_RENAMES = """
+import os, signal
+import jax
+import equinox as eqx
+import pccore
+from tests.test_checkpoint import build
+
+manager = pccore.CheckpointManager({dir!r})
+model, opt_state = build()
+manager.save(1, model=model, opt_state=opt_state)
+real, calls = os.replace, []
+
+def die_on_second(a, b):
+    calls.append(a)
+    if len(calls) == 2:  # the old checkpoint is set aside, the new one not yet in place
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(a, b)
+
+os.replace = die_on_second
+changed = jax.tree.map(lambda a: a + 1 if eqx.is_inexact_array(a) else a, model)
+manager.save(1, model=changed, opt_state=opt_state, overwrite=True)
+"""
+
+
+def test_overwrite_killed_between_renames_keeps_previous_checkpoint(tmp_path):
+    proc = run_python(_KILL_BETWEEN_RENAMES.format(dir=str(tmp_path)))
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    names = sorted(p.name for p in tmp_path.iterdir())
+    # Nothing at step_00000001: the old checkpoint set aside, the new one still in .tmp-.
+    assert [n[:19] for n in names] == [".old-step_00000001-", ".tmp-step_00000001-"], names
+    model, opt_state = build()
+    manager = pccore.CheckpointManager(tmp_path)
+    # Readers find the set-aside checkpoint (the previous one) without touching the directory.
+    assert manager.steps() == [1] and manager.latest_step() == 1
+    assert pccore.read_manifest(manager.path(1))["step"] == 1
+    ck = manager.restore(model=model, opt_state=opt_state)
+    for a, b in zip(arrays(model), arrays(ck.model), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert sorted(p.name for p in tmp_path.iterdir()) == names
+    # A writer renames it back first: it exists again, so a plain save is refused.
+    with pytest.raises(FileExistsError, match=r"step_00000001' already exists"):
+        pccore.save_checkpoint(manager.path(1), model=model, opt_state=opt_state, step=1)
+    assert (manager.path(1) / "manifest.json").is_file()
+    manager.save(2, model=model, opt_state=opt_state)  # and the manager clears the .tmp- leftover
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000001", "step_00000002"]
+    ck = manager.restore(1, model=model, opt_state=opt_state)
+    for a, b in zip(arrays(model), arrays(ck.model), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_overwrite_raising_between_renames_puts_previous_back(tmp_path, monkeypatch):
+    model, opt_state = build()
+    path = pccore.save_checkpoint(tmp_path / "c", model=model, opt_state=opt_state, step=1)
+    real, calls = os.replace, []
+
+    def interrupt_second(a, b):
+        calls.append(a)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("between the renames")
+        return real(a, b)
+
+    monkeypatch.setattr(os, "replace", interrupt_second)
+    changed = jax.tree.map(lambda a: a + 1 if eqx.is_inexact_array(a) else a, model)
+    with pytest.raises(KeyboardInterrupt, match="between the renames"):
+        pccore.save_checkpoint(path, model=changed, opt_state=opt_state, step=1, overwrite=True)
+    monkeypatch.undo()
+    assert len(calls) == 3  # set aside, (interrupted), put back
+    assert [p.name for p in tmp_path.iterdir()] == ["c"]
+    ck = pccore.restore_checkpoint(path, model=model, opt_state=opt_state)
+    for a, b in zip(arrays(model), arrays(ck.model), strict=True):
+        np.testing.assert_array_equal(a, b)
