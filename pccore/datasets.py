@@ -13,7 +13,10 @@ are read from files you already have on disk, in either standard form:
 """
 
 import gzip
+import math
 import pathlib
+import zipfile
+import zlib
 
 import equinox as eqx
 import numpy as np
@@ -152,18 +155,33 @@ def load_idx(path: str | pathlib.Path) -> np.ndarray:
     one big-endian int32 per dimension, then the data in C order.
     """
     path = pathlib.Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    if path.suffix == ".gz":
+        try:
+            with gzip.open(path, "rb") as f:
+                data = f.read()
+        except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+            raise ValueError(
+                f"{path} is not a readable gzip file ({e}). It is damaged, truncated or not "
+                "gzipped: download it again, or, if it holds the raw IDX bytes, drop the .gz "
+                "from its name."
+            ) from e
+    else:
+        data = path.read_bytes()
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
         raise ValueError(
             f"{path} is not an IDX file: expected two zero bytes and a type code in "
             f"{sorted(hex(k) for k in _IDX_DTYPES)}; got the header bytes {data[:4]!r}."
         )
     dtype, ndim = np.dtype(_IDX_DTYPES[data[2]]), data[3]
-    dims = tuple(int(d) for d in np.frombuffer(data, ">i4", ndim, offset=4))
     offset = 4 + 4 * ndim
-    expected = offset + int(np.prod(dims)) * dtype.itemsize
+    if len(data) < offset:
+        raise ValueError(
+            f"{path}: the header declares {ndim} dimensions, so the header alone needs "
+            f"{offset} bytes, but the file has {len(data)} bytes. The file is truncated or not "
+            "an IDX file: download it again."
+        )
+    dims = tuple(int(d) for d in np.frombuffer(data, ">u4", ndim, offset=4))
+    expected = offset + math.prod(dims) * dtype.itemsize
     if len(data) != expected:
         raise ValueError(
             f"{path}: the header gives shape {dims} ({expected} bytes in all), but the file "
@@ -179,31 +197,100 @@ def _find_idx(directory: pathlib.Path, stem: str) -> pathlib.Path | None:
     return None
 
 
-def _from_arrays(name, x_train, labels_train, x_test, labels_test, num_classes=10) -> Dataset:
+def _labels(labels, source: str, num_classes: int) -> np.ndarray:
+    """`labels` as int64 class indices, or a ValueError naming `source`."""
+    labels = np.asarray(labels)
+    if labels.ndim != 1:
+        raise ValueError(
+            f"{source}: expected one class index per sample, a 1-D array of shape (n,); got "
+            f"shape {labels.shape}. Store the labels as integers 0..{num_classes - 1} (for "
+            "one-hot or (n, 1) labels: argmax or reshape(-1))."
+        )
+    if not np.issubdtype(labels.dtype, np.integer):
+        whole = np.issubdtype(labels.dtype, np.floating) and np.all(labels == np.round(labels))
+        if not whole:
+            bad = labels[labels != np.round(labels)] if labels.dtype.kind == "f" else labels
+            raise ValueError(
+                f"{source}: expected integer class indices 0..{num_classes - 1}; got dtype "
+                f"{labels.dtype}, with values such as {bad.flat[0].item()!r}."
+            )
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(
+            f"{source}: expected class indices 0..{num_classes - 1}; got values from "
+            f"{labels.min()} to {labels.max()}."
+        )
+    return labels.astype(np.int64)
+
+
+def _from_arrays(name, arrays, sources, num_classes=10) -> Dataset:
+    """The data set from `(x_train, labels_train, x_test, labels_test)`; `sources` names where
+    each array came from (a file, or a key of an archive) for the error messages."""
+    x_tr, l_tr, x_te, l_te = (np.asarray(a) for a in arrays)
+    for split, x, labels, x_src, l_src in (
+        ("training", x_tr, l_tr, sources[0], sources[1]),
+        ("test", x_te, l_te, sources[2], sources[3]),
+    ):
+        if x.ndim < 2:
+            raise ValueError(
+                f"{x_src}: expected {split} images of shape (n, ...) with at least two "
+                f"dimensions; got shape {x.shape}."
+            )
+        labels = np.asarray(labels)
+        n_labels = labels.shape[0] if labels.ndim else 0
+        if x.shape[0] != n_labels:
+            raise ValueError(
+                f"The {split} images and labels do not match: {x_src} holds {x.shape[0]} "
+                f"images but {l_src} holds {n_labels} labels; expected one label per image. "
+                "Use the image and label files of the same release (one of them may be "
+                "truncated or belong to another data set)."
+            )
+    if x_tr.shape[1:] != x_te.shape[1:]:
+        raise ValueError(
+            f"The training and test images differ in shape: {sources[0]} holds images of shape "
+            f"{x_tr.shape[1:]}, {sources[2]} of shape {x_te.shape[1:]}; expected the same "
+            "shape (files of the same data set)."
+        )
+
     def prep(x):
-        x = np.asarray(x)
         scale = 255.0 if np.issubdtype(x.dtype, np.integer) else 1.0  # uint8 pixels -> [0, 1]
         return (x.reshape(x.shape[0], -1) / scale).astype(np.float32)
 
     return Dataset(
-        prep(x_train),
-        one_hot(np.asarray(labels_train).astype(np.int64), num_classes),
-        prep(x_test),
-        one_hot(np.asarray(labels_test).astype(np.int64), num_classes),
+        prep(x_tr),
+        one_hot(_labels(l_tr, sources[1], num_classes), num_classes),
+        prep(x_te),
+        one_hot(_labels(l_te, sources[3], num_classes), num_classes),
         name,
     )
 
 
+_NPZ_READ_ERRORS = (zipfile.BadZipFile, EOFError, OSError, ValueError)
+
+
 def _load_npz(path: pathlib.Path, name: str) -> Dataset:
-    with np.load(path) as f:
+    fix = (f"expected a NumPy .npz archive with numeric arrays {', '.join(_NPZ_KEYS)} (as "
+           "numpy.savez writes them)")
+    try:
+        loaded = np.load(path)  # no pickles: a ValueError for pickled or object data
+    except _NPZ_READ_ERRORS as e:
+        raise ValueError(f"{path} is not a readable .npz archive ({e}); {fix}.") from e
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise ValueError(
+            f"{path} holds one array of shape {loaded.shape} (an .npy file), not an .npz "
+            f"archive; {fix}."
+        )
+    with loaded as f:
         missing = [k for k in _NPZ_KEYS if k not in f.files]
         if missing:
             raise ValueError(
                 f"{path} lacks the arrays {missing}; expected {list(_NPZ_KEYS)} (the Keras "
                 f"layout); found {sorted(f.files)}."
             )
-        arrays = [f[k] for k in _NPZ_KEYS]
-    return _from_arrays(name, *arrays)
+        try:
+            arrays = [f[k] for k in _NPZ_KEYS]
+        except _NPZ_READ_ERRORS as e:
+            raise ValueError(f"{path}: its arrays cannot be read ({e}); {fix}.") from e
+    return _from_arrays(name, arrays, [f"{path}[{k!r}]" for k in _NPZ_KEYS])
 
 
 def _load_mnist_like(data_dir: str | pathlib.Path, name: str) -> Dataset:
@@ -213,8 +300,7 @@ def _load_mnist_like(data_dir: str | pathlib.Path, name: str) -> Dataset:
     if path.is_dir():
         files = [_find_idx(path, stem) for stem in IDX_FILES]
         if all(f is not None for f in files):
-            x_tr, l_tr, x_te, l_te = (load_idx(f) for f in files)
-            return _from_arrays(name, x_tr, l_tr, x_te, l_te)
+            return _from_arrays(name, [load_idx(f) for f in files], files)
         if (path / _NPZ_NAMES[name]).is_file():
             return _load_npz(path / _NPZ_NAMES[name], name)
         missing = [stem for stem, f in zip(IDX_FILES, files) if f is None]
@@ -223,6 +309,13 @@ def _load_mnist_like(data_dir: str | pathlib.Path, name: str) -> Dataset:
             f".gz), and there is no {_NPZ_NAMES[name]}. Put the four IDX files "
             f"{', '.join(IDX_FILES)} (gzipped or not), or one {_NPZ_NAMES[name]} with arrays "
             f"{', '.join(_NPZ_KEYS)}, in that folder."
+        )
+    if path.exists():
+        raise ValueError(
+            f"`data_dir`: {path} exists but is neither a folder nor an .npz file; expected a "
+            f"folder holding the {name} IDX files {', '.join(IDX_FILES)} (gzipped or not) or "
+            f"{_NPZ_NAMES[name]}, or the path of an .npz file. For IDX files, pass the folder "
+            f"that holds them: {path.parent}."
         )
     raise FileNotFoundError(
         f"`data_dir`: {path} does not exist. Pass a folder holding the {name} IDX files "
@@ -240,6 +333,11 @@ def load_mnist(data_dir: str | pathlib.Path) -> Dataset:
 
     **Returns:** a [`pccore.datasets.Dataset`][] with 784 features in $[0, 1]$ and one-hot
     labels, split as the files are (60 000 / 10 000 for the real data).
+
+    **Raises:** `FileNotFoundError` when the files are not there; `ValueError`, naming the
+    file or archive key, when they cannot be used: a damaged, truncated or non-IDX file, a
+    path that is neither a folder nor an `.npz`, images and labels of different counts, or
+    labels that are not class indices 0..9.
     """
     return _load_mnist_like(data_dir, "mnist")
 

@@ -1,4 +1,5 @@
 import gzip
+import re
 import struct
 import sys
 
@@ -93,6 +94,96 @@ def test_bad_files(tmp_path):
         datasets.load("mnist")
     with pytest.raises(ValueError, match="unknown data set 'cifar'"):
         datasets.load("cifar")
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+@pytest.mark.parametrize("gz", [False, True])
+def test_idx_images_and_labels_must_match_in_number(tmp_path, gz, split):
+    x_tr, l_tr, x_te, l_te = fake_mnist(np.random.default_rng(0), n_train=10, n_test=6)
+    arrays = (x_tr, l_tr[:7], x_te, l_te) if split == "train" else (x_tr, l_tr, x_te, l_te[:4])
+    write_mnist_dir(tmp_path, arrays, gz)
+    images, n_images, n_labels = ("train", 10, 7) if split == "train" else ("t10k", 6, 4)
+    suffix = r"\.gz" if gz else ""
+    with pytest.raises(
+        ValueError,
+        match=rf"images and labels do not match: .*{images}-images-idx3-ubyte{suffix} holds "
+              rf"{n_images} images but .*{images}-labels-idx1-ubyte{suffix} holds {n_labels} "
+              r"labels; expected one label per image\. Use the image and label files of the "
+              "same release",
+    ):
+        datasets.load_mnist(tmp_path)
+
+
+def test_npz_images_and_labels_must_match_in_number(tmp_path):
+    x_tr, l_tr, x_te, l_te = fake_mnist(np.random.default_rng(0), n_train=10)
+    np.savez(tmp_path / "mnist.npz", x_train=x_tr, y_train=l_tr[:3], x_test=x_te, y_test=l_te)
+    with pytest.raises(ValueError, match=r"mnist\.npz\['x_train'\] holds 10 images but .*"
+                                         r"mnist\.npz\['y_train'\] holds 3 labels; expected one"):
+        datasets.load_mnist(tmp_path)
+    np.savez(tmp_path / "mnist.npz", x_train=x_tr, y_train=l_tr, x_test=x_te[:, :20],
+             y_test=l_te)
+    with pytest.raises(ValueError, match=r"training and test images differ in shape: .*"
+                                         r"\(28, 28\), .*\['x_test'\] of shape \(20, 28\)"):
+        datasets.load_mnist(tmp_path)
+
+
+def test_labels_must_be_class_indices(tmp_path):
+    x_tr, l_tr, x_te, l_te = fake_mnist(np.random.default_rng(0), n_train=10)
+    path = tmp_path / "mnist.npz"
+    for labels, message in [
+        (l_tr.reshape(-1, 1), r"\['y_train'\]: expected one class index per sample, a 1-D "
+                              r"array of shape \(n,\); got shape \(10, 1\)\. .*reshape"),
+        (l_tr + 0.5, r"\['y_train'\]: expected integer class indices 0\.\.9; got dtype "
+                     r"float64, with values such as \d\.5"),
+        (np.r_[l_tr[:9], 10], r"\['y_train'\]: expected class indices 0\.\.9; got values "
+                              r"from \d to 10"),
+    ]:
+        np.savez(path, x_train=x_tr, y_train=labels, x_test=x_te, y_test=l_te)
+        with pytest.raises(ValueError, match=message):
+            datasets.load_mnist(path)
+    np.savez(path, x_train=x_tr, y_train=l_tr.astype(np.float32), x_test=x_te, y_test=l_te)
+    check_against(datasets.load_mnist(path), (x_tr, l_tr, x_te, l_te))  # whole floats are fine
+
+
+def test_unreadable_files_are_named(tmp_path):
+    # the header claims three dimensions, but the file ends inside the first
+    (tmp_path / "hdr").write_bytes(bytes([0, 0, 8, 3, 0, 0]))
+    with pytest.raises(ValueError, match=r"hdr: the header declares 3 dimensions, so the header "
+                                         r"alone needs 16 bytes, but the file has 6 bytes\. The "
+                                         "file is truncated or not an IDX file"):
+        datasets.load_idx(tmp_path / "hdr")
+    (tmp_path / "plain.gz").write_bytes(b"\0\0\x08\x01\0\0\0\x01\x07")  # raw IDX named .gz
+    with pytest.raises(ValueError, match=r"plain\.gz is not a readable gzip file .*drop the "
+                                         r"\.gz from its name"):
+        datasets.load_idx(tmp_path / "plain.gz")
+    write_idx(tmp_path / "cut.gz", np.zeros((50, 28, 28), np.uint8), gz=True)
+    (tmp_path / "cut.gz").write_bytes((tmp_path / "cut.gz").read_bytes()[:-12])
+    with pytest.raises(ValueError, match=r"cut\.gz is not a readable gzip file"):
+        datasets.load_idx(tmp_path / "cut.gz")
+    (tmp_path / "text.npz").write_text("x_train,y_train\n")
+    with pytest.raises(ValueError, match=r"text\.npz is not a readable \.npz archive .*expected "
+                                         r"a NumPy \.npz archive with numeric arrays x_train"):
+        datasets.load_mnist(tmp_path / "text.npz")
+    with open(tmp_path / "one.npz", "wb") as f:
+        np.save(f, np.zeros((3, 4)))
+    with pytest.raises(ValueError, match=r"one\.npz holds one array of shape \(3, 4\) \(an \.npy "
+                                         r"file\), not an \.npz archive"):
+        datasets.load_mnist(tmp_path / "one.npz")
+    x_tr, l_tr, x_te, l_te = fake_mnist(np.random.default_rng(0), n_train=10)
+    np.savez(tmp_path / "obj.npz", x_train=x_tr, y_train=np.array(list(l_tr), dtype=object),
+             x_test=x_te, y_test=l_te)
+    with pytest.raises(ValueError, match=r"obj\.npz: its arrays cannot be read"):
+        datasets.load_mnist(tmp_path / "obj.npz")
+
+
+def test_a_file_that_is_not_npz_is_not_reported_missing(tmp_path):
+    write_mnist_dir(tmp_path, fake_mnist(np.random.default_rng(0)), gz=False)
+    with pytest.raises(ValueError, match=r"`data_dir`: .*train-labels-idx1-ubyte exists but is "
+                                         r"neither a folder nor an \.npz file; expected a folder "
+                                         r"holding the mnist IDX files .*or the path of an \.npz "
+                                         rf"file\. For IDX files, pass the folder that holds "
+                                         rf"them: {re.escape(str(tmp_path))}\."):
+        datasets.load_mnist(tmp_path / "train-labels-idx1-ubyte")
 
 
 def test_digits_split_is_stratified_and_fixed():
