@@ -4,6 +4,7 @@ Run `pccore compare --help` or `python -m pccore train --help` for every option.
 """
 
 import argparse
+import math
 import pathlib
 import sys
 import time
@@ -37,12 +38,15 @@ def _positive_int(text: str) -> int:
 
 
 def _positive_float(text: str) -> float:
+    """A finite number > 0 (argparse names the option in front of the message)."""
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+        raise argparse.ArgumentTypeError(
+            f"expected a finite positive number (0 < value < inf), got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(
+            f"expected a finite positive number (0 < value < inf), got {value}")
     return value
 
 
@@ -150,7 +154,10 @@ def _load_data(args):
             f"{', '.join(datasets.IDX_FILES)} (each may end in .gz) or an .npz with x_train, "
             "y_train, x_test, y_test."
         )
-    data = datasets.load(args.data, data_dir=args.data_dir, seed=args.seed)
+    try:
+        data = datasets.load(args.data, data_dir=args.data_dir, seed=args.seed)
+    except (ValueError, OSError) as e:  # unusable files: the loader's message names them
+        raise CLIError(str(e).replace("`data_dir`", "--data-dir")) from e
     data = data.subset(args.train_limit, args.test_limit)
     if data.x_train.shape[0] < args.batch_size:
         raise CLIError(

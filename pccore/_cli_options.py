@@ -5,6 +5,7 @@ Each registry maps a CLI name to a small factory, so a new variant or solver is 
 
 import abc
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
@@ -94,16 +95,26 @@ def make_solver(name: str, *, steps: int, dt0: float, t1: float | None, rtol: fl
     """
     if steps < 1:
         raise CLIError(f"--steps must be a positive integer; got {steps}.")
-    if dt0 <= 0:
-        raise CLIError(f"--dt0 must be positive; got {dt0}.")
-    if t1 is not None and t1 <= 0:
-        raise CLIError(f"--t1 must be positive; got {t1}.")
+    if not (dt0 > 0 and math.isfinite(dt0)):
+        raise CLIError(f"--dt0 must be a finite positive number; got {dt0}.")
+    if t1 is not None and not (t1 > 0 and math.isfinite(t1)):
+        raise CLIError(f"--t1 must be a finite positive number; got {t1}.")
+    horizon = steps * dt0 if t1 is None else t1
+    if not math.isfinite(horizon):
+        raise CLIError(
+            f"--steps {steps} x --dt0 {dt0:g} overflows to t1 = {horizon:g}; expected a finite "
+            "horizon. Lower --dt0 or --steps."
+        )
+    if not math.isfinite(horizon / dt0):
+        raise CLIError(
+            f"--t1 {horizon:g} holds too many steps of --dt0 {dt0:g} (t1 / dt0 = "
+            f"{horizon / dt0:g}); expected a finite number. Lower --t1 or raise --dt0."
+        )
     if name in _OPTAX:
         return SolverConfig(name, _OPTAX[name](dt0), diffrax.ConstantStepSize(), steps * dt0,
                             None, steps)
     if name not in _ODE:
         raise CLIError(f"--solver: unknown solver {name!r}; choose from {', '.join(SOLVERS)}.")
-    horizon = steps * dt0 if t1 is None else t1
     if name in _ADAPTIVE:
         controller = diffrax.PIDController(rtol=rtol, atol=atol)
         return SolverConfig(name, _ODE[name](), controller, horizon, dt0, 4096)
@@ -143,6 +154,12 @@ class AbstractVariant(eqx.Module):
 
     #: whether a backprop reference on the same network makes sense (`pccore compare`)
     has_backprop_reference: ClassVar[bool] = True
+
+    @property
+    def backprop_energy(self) -> AbstractEnergy:
+        """The energy whose `prepare`, `predict` and `output_loss` train and score the backprop
+        reference of `pccore compare`, on a plain network with `network(model)`'s layout."""
+        return self.energy
 
     def roles(self, x, y):
         return x, y
@@ -215,7 +232,10 @@ class Generative(AbstractVariant):
 
 class BidirectionalVariant(Discriminative):
     """Bidirectional PC: a forward network x -> y and a backward network y -> x over the same
-    latents; classification is the forward network's feed-forward pass."""
+    latents; classification is the forward network's feed-forward pass.
+
+    The backprop reference of `pccore compare` trains the forward network alone (same
+    starting weights, squared error, parameterisation), the network that classifies."""
 
     def make_model(self, build, sizes):
         return Bidirectional(build(sizes, 0), build(tuple(sizes)[::-1], 1))
@@ -223,8 +243,14 @@ class BidirectionalVariant(Discriminative):
     def network(self, model):
         return model.forward
 
+    @property
+    def backprop_energy(self):
+        # BPC predicts with the parameterised forward network and scores it with MSE: PC on
+        # the forward network alone does the same
+        return PC(loss=MSE(), parameterisation=self.energy.parameterisation)
+
     def accuracy(self, model, x, y):
-        return float(jnp.mean(jnp.argmax(model.forward(jnp.asarray(x)), -1) == jnp.argmax(y, -1)))
+        return float(evaluate(model.forward, x, y, energy=self.backprop_energy).accuracy)
 
 
 class Hybrid(Generative):

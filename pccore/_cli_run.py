@@ -199,8 +199,11 @@ def train_backprop(
     seed: int,
     progress: bool,
 ) -> RunResult:
-    """Backprop on the same architecture, starting weights, loss, batches and optimiser."""
-    energy = variant.energy
+    """Backprop on the same architecture, starting weights, loss, batches and optimiser.
+
+    `model` is a plain network laid out as `variant.network(...)`; it is trained and scored
+    with `variant.backprop_energy`."""
+    energy = variant.backprop_energy
     optim = optax.adam(lr)
     opt_state = optim.init(model.params)
     rng = np.random.default_rng(seed)

@@ -172,6 +172,11 @@ def test_sgd_on_activities_equals_euler(mnist_dir, tmp_path):
         (["compare", "--frameworks", "equinox", "equinox"], "lists a framework twice"),
         (["train", "--variant", "generative", "--loss", "ce"], "use --loss mse"),
         (["train", "--batch-size", "5000"], "--batch-size 5000 is larger than the training set"),
+        (["train", "--t1", "1e308", "--dt0", "1e-10"],
+         r"--t1 1e\+308 holds too many steps of --dt0 1e-10 \(t1 / dt0 = inf\); expected a "
+         "finite number. Lower --t1 or raise --dt0"),
+        (["train", "--steps", "20", "--dt0", "1e308"],
+         r"--steps 20 x --dt0 1e\+308 overflows to t1 = inf; expected a finite horizon"),
     ],
 )
 def test_clear_errors(argv, message, tmp_path, capsys):
@@ -180,6 +185,80 @@ def test_clear_errors(argv, message, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("pccore: error: ")
     assert re.search(message, err), err
+
+
+def _write_npz(path, **changes):
+    x_tr, l_tr, x_te, l_te = fake_mnist(np.random.default_rng(0), n_train=40, n_test=12)
+    arrays = {**dict(x_train=x_tr, y_train=l_tr, x_test=x_te, y_test=l_te), **changes}
+    np.savez(path, **{k: v for k, v in arrays.items() if v is not None})
+    return path
+
+
+def _idx_dir(path, gz=False):
+    path.mkdir()
+    write_mnist_dir(path, fake_mnist(np.random.default_rng(0), n_train=40, n_test=12), gz=gz)
+    return path
+
+
+def _truncated_header(tmp):
+    d = _idx_dir(tmp / "idx")
+    (d / "t10k-images-idx3-ubyte").write_bytes(bytes([0, 0, 8, 3, 0, 0]))
+    return d
+
+
+def _not_gzipped(tmp):
+    d = _idx_dir(tmp / "idx", gz=True)
+    (d / "train-labels-idx1-ubyte.gz").write_bytes(b"not gzip data")
+    return d
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (_truncated_header, r"t10k-images-idx3-ubyte: the header declares 3 dimensions.* The file "
+                            "is truncated or not an IDX file"),
+        (_not_gzipped, r"train-labels-idx1-ubyte\.gz is not a readable gzip file"),
+        (lambda t: _write_npz(t / "m.npz", y_train=np.arange(30) % 10),
+         r"m\.npz\['x_train'\] holds 40 images but .*m\.npz\['y_train'\] holds 30 labels"),
+        (lambda t: _write_npz(t / "m.npz", y_test=None), r"m\.npz lacks the arrays \['y_test'\]"),
+        (lambda t: _write_npz(t / "m.npz", y_test=np.arange(12) + 0.5),
+         r"m\.npz\['y_test'\]: expected integer class indices 0\.\.9"),
+        (lambda t: _write_npz(t / "m.npz", y_test=np.arange(12)),
+         r"m\.npz\['y_test'\]: expected class indices 0\.\.9; got values from 0 to 11"),
+        (lambda t: _idx_dir(t / "idx") / "train-labels-idx1-ubyte",
+         r"--data-dir: .*train-labels-idx1-ubyte exists but is neither a folder nor an \.npz "
+         "file; expected a folder holding the mnist IDX files"),
+    ],
+)
+def test_unusable_data_files_are_cli_errors(make, message, tmp_path, capsys):
+    """The loader's ValueErrors (and gzip's errors) come out as `pccore: error:`, status 2."""
+    path = make(tmp_path)
+    argv = ["train", "--data", "mnist", "--data-dir", str(path), "--out", str(tmp_path / "out"),
+            "--quiet", "--no-plot"]
+    assert _cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pccore: error: ") and "Traceback" not in err
+    assert re.search(message, err), err
+
+
+def test_number_options_refuse_non_finite_values(capsys):
+    """Every option parsed as a positive number refuses inf, -inf and nan by name."""
+    options = sorted({
+        opt for sub in ("compare", "train")
+        for action in _cli.parser()._subparsers._group_actions[0].choices[sub]._actions
+        if action.type is _cli._positive_float for opt in action.option_strings
+    })
+    assert options == ["--atol", "--dt0", "--gamma", "--lr", "--output-precision", "--rtol",
+                       "--t1"]
+    for command in ("compare", "train"):
+        for opt in options:
+            for value in ("inf", "-inf", "nan", "0"):
+                with pytest.raises(SystemExit) as e:
+                    _cli.main([command, f"{opt}={value}"])
+                assert e.value.code == 2
+                got = str(float(value))
+                assert (f"argument {opt}: expected a finite positive number (0 < value < inf), "
+                        f"got {got}") in capsys.readouterr().err
 
 
 def test_missing_framework_extra(monkeypatch, tmp_path, capsys):
@@ -280,6 +359,47 @@ def test_generative_accuracy_is_the_least_squares_label():
     assert variant.accuracy(model, images, labels) == pytest.approx(expected)
     assert variant.layer_sizes(64, [32], 10) == (10, 32, 64)
     assert variant.roles("image", "label") == ("label", "image")
+
+
+def test_compare_bidirectional_backprop_row_trains_the_forward_network(mnist_dir, tmp_path):
+    """The backprop row of `--variant bidirectional` is backprop on its forward network (the
+    classifier): the same run as the backprop row of `--variant pc --loss mse`."""
+    runs = {}
+    for name, extra in [("bidirectional", []), ("pc", ["--loss", "mse"])]:
+        out = tmp_path / name
+        argv = ["compare", "--variant", name, *extra, "--data", "mnist", "--data-dir",
+                str(mnist_dir), "--frameworks", "equinox", "--out", str(out), "--quiet",
+                "--no-plot", *TINY]
+        assert _cli.main(argv) == 0
+        record = json.loads((out / "compare.json").read_text())
+        runs[name] = {r["framework"]: r for r in record["results"]}
+    bidir, pc = runs["bidirectional"], runs["pc"]
+    assert list(bidir) == ["equinox", "backprop"]
+    for key in ("test_accuracy", "train_loss", "final_energy"):
+        assert bidir["backprop"][key] == pytest.approx(pc["backprop"][key], rel=1e-6), key
+    # compared with the forward network that bPC trained from the same starting weights
+    assert 0 < bidir["backprop"]["weight_difference"] < 1
+
+
+def test_bidirectional_accuracy_uses_the_parameterisation():
+    """The forward network classifies with its parameterised weights (NTP: W / sqrt(fan-in)),
+    as bPC trains it."""
+    from pccore._cli_options import make_parameterisation, make_variant
+
+    variant = make_variant("bidirectional", loss=None, parameterisation=make_parameterisation(
+        "ntp", gamma=1.0, output_precision=1.0))
+    sizes = [5, 4, 3]
+    fwd = _builders.build_mlp("equinox", _builders.canonical_mlp(sizes, 0), jnp.tanh)
+    bwd = _builders.build_mlp("equinox", _builders.canonical_mlp(sizes[::-1], 1), jnp.tanh)
+    model = pccore.Bidirectional(fwd, bwd)
+    (W0, b0), (W1, b1) = _builders.canonical_mlp(sizes, 0)
+    x = np.random.default_rng(0).normal(size=(64, 5)).astype(np.float32) * 3
+    ntp = np.tanh(x @ W0 / np.sqrt(5) + b0) @ W1 / np.sqrt(4) + b1
+    raw = np.tanh(x @ W0 + b0) @ W1 + b1
+    labels = datasets.one_hot(ntp.argmax(1), 3)
+    assert np.mean(raw.argmax(1) == ntp.argmax(1)) < 1  # the scalings change the predictions
+    assert variant.accuracy(model, x, labels) == 1.0
+    assert variant.backprop_energy.parameterisation == variant.energy.parameterisation
 
 
 def test_training_compiles_once(caplog):
