@@ -83,18 +83,21 @@ def test_adaptive_solve_stops_at_the_steady_state(x64, getkey):
 def test_converged_inference_matches_closed_form(x64, getkey, L, param, skips):
     model = linear_model(L, param, skips, getkey())
     x, y = data(getkey())
-    energy = pccore.PC(parameterisation=param)
+    _check_converged_against_closed_form(model, x, y, pccore.PC(parameterisation=param))
+
+
+def _check_converged_against_closed_form(model, x, y, energy):
+    """A converged solve against F*, z* and (envelope theorem) grad F*/B; returns F*."""
     sol = _converge(model, x, y, energy)
     assert sol.result == pccore.RESULTS.converged
     F_star, z_star, g_theory = _oracles(model, x, y, energy)
     np.testing.assert_allclose(sol.energy, F_star, rtol=1e-6)
-    # closed-form activities
     for a, b in zip(sol.activities, z_star):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
-    # envelope theorem: grad of F*/B = PC parameter gradients at the equilibrium
     g_pc = pccore.param_grads(model, sol.activities, x=x, y=y, energy=energy)
     for a, b in zip(jtu.tree_leaves(g_theory), jtu.tree_leaves(g_pc)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    return F_star
 
 
 @pytest.mark.parametrize("decay", [0.3, "array"])
@@ -107,15 +110,7 @@ def test_closed_form_with_activity_decay(x64, getkey, decay):
     x, y = data(getkey())
     alpha = 0.3 if decay == 0.3 else jnp.asarray(0.3)
     energy = pccore.PC(parameterisation=param, activity_decay=alpha)
-    sol = _converge(model, x, y, energy)
-    assert sol.result == pccore.RESULTS.converged
-    F_star, z_star, g_theory = _oracles(model, x, y, energy)
-    np.testing.assert_allclose(sol.energy, F_star, rtol=1e-6)
-    for a, b in zip(sol.activities, z_star):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
-    g_pc = pccore.param_grads(model, sol.activities, x=x, y=y, energy=energy)
-    for a, b in zip(jtu.tree_leaves(g_theory), jtu.tree_leaves(g_pc)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    F_star = _check_converged_against_closed_form(model, x, y, energy)
     F = lambda a: theory.linear_equilibrium_energy(
         model, x, y, energy=pccore.PC(parameterisation=param, activity_decay=a))
     np.testing.assert_allclose(jax.vmap(F)(jnp.array([0.0, 0.3])), [F(0.0), F_star], rtol=1e-10)
