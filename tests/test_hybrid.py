@@ -94,13 +94,19 @@ def test_inference_from_the_equilibrium_does_not_move(getkey):
         np.testing.assert_array_equal(a, b)
 
 
-def test_hybrid_step_updates(getkey):
-    """The generator update is PC's from the amortised init; the amortiser's is sgd on F_amort."""
-    gen, amort, wa = _models(getkey())
+@pytest.mark.parametrize("variant", ["PC", "EPC"])
+def test_hybrid_step_updates(getkey, variant):
+    """The generator update is the variant's own from the amortised init; the amortiser's is
+    sgd on F_amort at the equilibrium activities. ePC infers the errors: its activities are
+    z_l = mu_l(z_(l-1)) + eps_l, rebuilt here by hand from the generator's weights."""
+    kg, ka = jax.random.split(getkey())
+    wg, wa = cases.canonical_mlp(GEN, kg), cases.canonical_mlp(GEN[::-1], ka)
+    gen, amort = cases.build_mlp("equinox", wg), cases.build_mlp("equinox", wa)
     x = jax.nn.one_hot(jnp.arange(B) % 3, 3)
     y = jax.random.normal(getkey(), (B, GEN[-1]))
     opt, a_opt = optax.sgd(0.1), optax.sgd(0.05)
-    opts = dict(solver=diffrax.Euler(), t1=1.0, dt0=0.1)
+    energy = pccore.EPC() if variant == "EPC" else pccore.PC()
+    opts = dict(solver=diffrax.Euler(), t1=1.0, dt0=0.1, energy=energy)
     g2, _, a2, _, stats = pccore.hybrid_train_step(
         gen, amort, opt, opt.init(gen.params), a_opt, a_opt.init(amort.params), x=x, y=y, **opts)
     g_ref, _, _ = pccore.train_step(gen, opt, opt.init(gen.params), x=x, y=y,
@@ -108,45 +114,18 @@ def test_hybrid_step_updates(getkey):
     for a, b in zip(jtu.tree_leaves(g2.params), jtu.tree_leaves(g_ref.params)):
         np.testing.assert_allclose(a, b, rtol=1e-6)
     z = pccore.infer(gen, x=x, y=y, init=pccore.Amortised(amort), **opts).activities
-    _check_amortiser_sgd_step(amort, a2, z, x, y, 0.05)
-    np.testing.assert_allclose(stats.amortiser_loss, _hand_amort(wa, z, x, y) / B, rtol=1e-5)
-
-
-def _check_amortiser_sgd_step(amort, updated, z, x, y, lr):
-    """`updated` is one SGD step of `amort` on the batch mean of F_amort at activities z."""
+    if variant == "EPC":
+        eps, z, h = z, [], x
+        for l, e in enumerate(eps):
+            h = _layer(wg, l, h) + e
+            z.append(h)
+        assert max(float(jnp.abs(a - b).max()) for a, b in zip(z, eps)) > 0.1  # not the errors
     grads = jax.grad(lambda p: pccore.amortiser_energy(amort.with_params(p), z, x=x, y=y) / B)(
         amort.params)
-    for new, old, g in zip(jtu.tree_leaves(updated.params), jtu.tree_leaves(amort.params),
+    for new, old, g in zip(jtu.tree_leaves(a2.params), jtu.tree_leaves(amort.params),
                            jtu.tree_leaves(grads)):
-        np.testing.assert_allclose(new, old - lr * g, rtol=1e-5, atol=1e-6)
-
-
-def test_hybrid_step_with_epc_regresses_the_activities(getkey):
-    """ePC infers the errors; the amortiser's targets are the activities they stand for,
-    z_l = mu_l(z_(l-1)) + eps_l, rebuilt here by hand from the generator's weights."""
-    kg, ka = jax.random.split(getkey())
-    wg = cases.canonical_mlp(GEN, kg)
-    gen, amort = cases.build_mlp("equinox", wg), cases.build_mlp("equinox",
-                                                                  cases.canonical_mlp(GEN[::-1], ka))
-    x = jax.nn.one_hot(jnp.arange(B) % 3, 3)
-    y = jax.random.normal(getkey(), (B, GEN[-1]))
-    opt, a_opt = optax.sgd(0.1), optax.sgd(0.05)
-    opts = dict(solver=diffrax.Euler(), t1=1.0, dt0=0.1, energy=pccore.EPC())
-    g2, _, a2, _, stats = pccore.hybrid_train_step(
-        gen, amort, opt, opt.init(gen.params), a_opt, a_opt.init(amort.params), x=x, y=y, **opts)
-    g_ref, _, _ = pccore.train_step(gen, opt, opt.init(gen.params), x=x, y=y,
-                                    init=pccore.Amortised(amort), **opts)
-    for a, b in zip(jtu.tree_leaves(g2.params), jtu.tree_leaves(g_ref.params)):
-        np.testing.assert_allclose(a, b, rtol=1e-6)
-    eps = pccore.infer(gen, x=x, y=y, init=pccore.Amortised(amort), **opts).activities
-    z, h = [], x
-    for l, e in enumerate(eps):
-        h = _layer(wg, l, h) + e
-        z.append(h)
-    assert max(float(jnp.abs(a - b).max()) for a, b in zip(z, eps)) > 0.1  # not the errors
-    _check_amortiser_sgd_step(amort, a2, z, x, y, 0.05)
-    np.testing.assert_allclose(stats.amortiser_loss,
-                               pccore.amortiser_energy(amort, z, x=x, y=y) / B, rtol=1e-5)
+        np.testing.assert_allclose(new, old - 0.05 * g, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stats.amortiser_loss, _hand_amort(wa, z, x, y) / B, rtol=1e-5)
 
 
 def test_amortiser_shape_errors(getkey):
