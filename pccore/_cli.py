@@ -132,7 +132,8 @@ def parser() -> argparse.ArgumentParser:
     k.add_argument("--keep", type=_positive_int, default=None,
                    help="keep the newest N checkpoints (default: 3)")
     k.add_argument("--resume", action="store_true",
-                   help="continue from the latest valid checkpoint, if there is one")
+                   help="continue from the latest valid checkpoint, if there is one (same "
+                        "options as the saved run; --epochs may grow)")
     return p
 
 
@@ -192,6 +193,41 @@ def _settings(args):
 
 def _config(args) -> dict:
     return {k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in vars(args).items()}
+
+
+# Options a resumed run may change: where things are written or read from, how much is
+# printed, how many epochs in all, and sharding (the same result to rounding).
+_RESUMABLE = frozenset({"epochs", "out", "quiet", "no_plot", "checkpoint_dir", "keep", "resume",
+                        "data_dir", "data_parallel"})
+
+
+def _check_resume(checkpoints, args) -> None:
+    """A resumed run continues the saved one: the same settings, and not fewer epochs."""
+    import json
+
+    from ._checkpoint import read_manifest
+
+    step = checkpoints.latest_step()
+    if step is None:
+        return
+    path = checkpoints.path(step)
+    saved = read_manifest(path, verify=False)["config"]
+    now = json.loads(json.dumps(_config(args)))  # as the manifest stores it
+    changed = [k for k in sorted(set(saved) | set(now))
+               if k not in _RESUMABLE and saved.get(k) != now.get(k)]
+    if changed:
+        flags = "; ".join(f"--{k.replace('_', '-')} was {saved.get(k)!r}, now {now.get(k)!r}"
+                          for k in changed)
+        raise CLIError(
+            f"--resume: the checkpoint {path} was written with other settings ({flags}). Pass "
+            "the saved run's options to continue it, or start a new run in an empty folder "
+            "(--checkpoint-dir or --out)."
+        )
+    if args.epochs < step:
+        raise CLIError(
+            f"--epochs {args.epochs}: the checkpoint {path} is already at epoch {step}; pass "
+            f"--epochs {step} or more to continue that run."
+        )
 
 
 def _describe(args, sizes, solver) -> str:
@@ -282,6 +318,8 @@ def train(args) -> int:
                 f"{checkpoints.steps()}); pass --resume to continue that run, or choose an empty "
                 "folder (--checkpoint-dir or --out)."
             )
+        if args.resume:
+            _check_resume(checkpoints, args)
     r = train_pc(args.framework, model, variant, solver, data, epochs=args.epochs,
                  batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                  progress=not args.quiet, log=None if args.quiet else print,

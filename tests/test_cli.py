@@ -424,3 +424,31 @@ def test_training_compiles_once(caplog):
     compiles = [m for m in caplog.messages if "Compiling" in m and "_train_step" in m]
     assert len(compiles) == 1, compiles
     assert len(r.test_accuracy) == 2 and r.inference_steps == 3  # 3 batches x 2 epochs, 52 % 16 dropped
+
+
+def test_train_resume_equals_uninterrupted_and_refuses_other_settings(mnist_dir, tmp_path,
+                                                                      capsys):
+    """`pccore train --resume` after one epoch ends in the same checkpoint, byte for byte, as
+    two epochs straight; resuming with other settings, or fewer epochs than done, is refused."""
+    base = ["train", "--data", "mnist", "--data-dir", str(mnist_dir), "--quiet", "--no-plot",
+            *TINY[:2], *TINY[4:]]
+
+    def run(folder, epochs, *extra):
+        return _cli.main([*base, "--epochs", str(epochs), "--out", str(tmp_path / folder),
+                          "--checkpoint-dir", str(tmp_path / folder / "ck"), *extra])
+
+    assert run("straight", 2) == 0
+    assert run("resumed", 1) == 0
+    assert run("resumed", 2, "--resume") == 0
+    straight, resumed = (pccore.read_manifest(tmp_path / f / "ck" / "step_00000002")
+                         for f in ("straight", "resumed"))
+    assert straight["sha256"] == resumed["sha256"]  # weights, Adam state and key
+    capsys.readouterr()
+    assert run("resumed", 3, "--resume", "--lr", "0.01", "--batch-size", "8") == 2
+    err = capsys.readouterr().err
+    assert re.search(r"pccore: error: --resume: the checkpoint .*step_00000002 was written with "
+                     r"other settings \(--batch-size was 16, now 8; --lr was 0\.003, now 0\.01\)",
+                     err), err
+    assert run("resumed", 1, "--resume") == 2
+    assert re.search(r"--epochs 1: the checkpoint .*step_00000002 is already at epoch 2; pass "
+                     r"--epochs 2 or more", capsys.readouterr().err)
