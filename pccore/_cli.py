@@ -71,7 +71,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     s.add_argument("--dt0", type=_positive_float, default=0.1,
                    help="step size; the learning rate for optax solvers (default: 0.1)")
     s.add_argument("--t1", type=_positive_float, default=None,
-                   help="integration horizon (default: steps * dt0)")
+                   help="integration horizon of the ODE solvers, instead of --steps "
+                        "(default: steps * dt0)")
     s.add_argument("--rtol", type=_positive_float, default=1e-3, help="adaptive steps: relative tolerance")
     s.add_argument("--atol", type=_positive_float, default=1e-3, help="adaptive steps: absolute tolerance")
     t = p.add_argument_group("training")

@@ -111,6 +111,11 @@ def make_solver(name: str, *, steps: int, dt0: float, t1: float | None, rtol: fl
             f"{horizon / dt0:g}); expected a finite number. Lower --t1 or raise --dt0."
         )
     if name in _OPTAX:
+        if t1 is not None:
+            raise CLIError(
+                f"--t1 {t1:g}: the optax solver {name!r} takes --steps updates of the activities "
+                "and has no time horizon; drop --t1 and set --steps."
+            )
         return SolverConfig(name, _OPTAX[name](dt0), diffrax.ConstantStepSize(), steps * dt0,
                             None, steps)
     if name not in _ODE:

@@ -175,6 +175,9 @@ def test_sgd_on_activities_equals_euler(mnist_dir, tmp_path):
         (["train", "--t1", "1e308", "--dt0", "1e-10"],
          r"--t1 1e\+308 holds too many steps of --dt0 1e-10 \(t1 / dt0 = inf\); expected a "
          "finite number. Lower --t1 or raise --dt0"),
+        (["train", "--solver", "sgd", "--t1", "2"],
+         r"--t1 2: the optax solver 'sgd' takes --steps updates of the activities and has no "
+         "time horizon"),
         (["train", "--steps", "20", "--dt0", "1e308"],
          r"--steps 20 x --dt0 1e\+308 overflows to t1 = inf; expected a finite horizon"),
     ],
