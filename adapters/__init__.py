@@ -29,7 +29,7 @@ class _Entry:
     name: str
     framework_module: str
     adapter: AbstractAdapter | str
-    priority: int
+    priority: int | None  # None: the adapter's own, read when it is first imported
 
 
 _REGISTRY: dict[str, _Entry] = {}
@@ -53,7 +53,8 @@ def register(
         `"package.module:attribute"` path to one (or to its class), imported on first use.
     - `framework_module`: the framework's top-level module; the adapter is only tried once
         it is in `sys.modules`. Read from the adapter when it is an instance.
-    - `priority`: higher is tried first (default: the adapter's own, or 0).
+    - `priority`: higher is tried first (default: the adapter's own `priority` class
+        attribute; for a path, read when its framework has been imported).
     - `override`: replace an adapter already registered under `name`.
     """
     if name in _REGISTRY and not override:
@@ -77,7 +78,7 @@ def register(
             f"`adapter` must be an AbstractAdapter instance or a 'module:attribute' path; "
             f"got {type(adapter).__name__}."
         )
-    _REGISTRY[name] = _Entry(name, framework_module, adapter, priority or 0)
+    _REGISTRY[name] = _Entry(name, framework_module, adapter, priority)
 
 
 def unregister(name: str) -> None:
@@ -114,16 +115,20 @@ def _instantiate(entry: _Entry) -> AbstractAdapter:
                 "pccore.adapters.AbstractAdapter."
             )
         entry.adapter = obj
+    if entry.priority is None:
+        entry.priority = entry.adapter.priority
     return entry.adapter
 
 
 def get_adapter(model: Any) -> AbstractAdapter:
     """The registered adapter that handles `model` (highest priority first)."""
     _load_entry_points()
+    loaded = [e for e in _REGISTRY.values() if e.framework_module in sys.modules]
+    for entry in loaded:  # an adapter registered by path, without `priority`, has its own
+        if entry.priority is None:
+            _instantiate(entry)
     checked = []
-    for entry in sorted(_REGISTRY.values(), key=lambda e: -e.priority):
-        if entry.framework_module not in sys.modules:
-            continue
+    for entry in sorted(loaded, key=lambda e: -e.priority):
         checked.append(entry.name)
         adapter = _instantiate(entry)
         if adapter.matches(model):
@@ -151,7 +156,10 @@ def require(framework: str) -> Any:
         ) from e
 
 
-register("equinox", "pccore.adapters._equinox:EquinoxAdapter", framework_module="equinox")
+# Built-ins state their priority, so that ordering them imports none of them.
+register(
+    "equinox", "pccore.adapters._equinox:EquinoxAdapter", framework_module="equinox", priority=0
+)
 register(
     "equinox.sequence",
     "pccore.adapters._equinox:EquinoxSequenceAdapter",
@@ -159,9 +167,9 @@ register(
     priority=-10,
 )
 
-register("haiku", "pccore.adapters._haiku:HaikuAdapter", framework_module="haiku")
-register("flax.linen", "pccore.adapters._linen:LinenAdapter", framework_module="flax")
-register("flax.nnx", "pccore.adapters._nnx:NNXAdapter", framework_module="flax")
+register("haiku", "pccore.adapters._haiku:HaikuAdapter", framework_module="haiku", priority=0)
+register("flax.linen", "pccore.adapters._linen:LinenAdapter", framework_module="flax", priority=0)
+register("flax.nnx", "pccore.adapters._nnx:NNXAdapter", framework_module="flax", priority=0)
 
 __all__ = [
     "AbstractAdapter",

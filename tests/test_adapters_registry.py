@@ -5,6 +5,7 @@ import sys
 import textwrap
 from importlib.metadata import EntryPoint
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -107,3 +108,36 @@ def test_missing_flax_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "flax", None)
     with pytest.raises(ImportError, match=r'pip install "pccore\[flax\]"'):
         adapters.require("flax")
+
+
+class ClaimsSequential(adapters.AbstractAdapter):
+    """A third-party adapter that must win over the built-in Equinox one by its own priority."""
+
+    name = "claims.sequential"
+    framework_module = "equinox"
+    priority = 5
+
+    def matches(self, model):
+        return isinstance(model, eqx.nn.Sequential)
+
+    def wrap(self, model, variables=None, **options):
+        return adapters.get_adapter([*model.layers]).wrap(list(model.layers), variables, **options)
+
+
+@pytest.mark.parametrize("how", ["instance", "path", "entry point", "explicit priority"])
+def test_adapter_registered_by_path_keeps_its_own_priority(clean_registry, monkeypatch, how):
+    path = "tests.test_adapters_registry:ClaimsSequential"
+    if how == "instance":
+        adapters.register("claims", ClaimsSequential())
+    elif how == "path":
+        adapters.register("claims", path, framework_module="equinox")
+    elif how == "entry point":
+        ep = EntryPoint(name="equinox.claims", value=path, group="pccore.adapters")
+        monkeypatch.setattr(adapters, "entry_points", lambda group: [ep])
+    else:  # an explicit `priority` below the built-in's still loses to it
+        adapters.register("claims", path, framework_module="equinox", priority=-1)
+    seq = eqx.nn.Sequential([eqx.nn.Linear(4, 3, key=jax.random.key(0))])
+    expected = "equinox" if how == "explicit priority" else "claims.sequential"
+    assert adapters.get_adapter(seq).name == expected
+    x = jnp.ones((2, 4))
+    np.testing.assert_allclose(pccore.wrap(seq)(x), jax.vmap(seq)(x), rtol=1e-6)
