@@ -1,5 +1,6 @@
 """Equinox adapter: `eqx.nn.MLP`, `eqx.nn.Sequential`, and lists/tuples of layers."""
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -32,20 +33,33 @@ def _weight_specs(params: Any) -> tuple[WeightSpec, ...]:
     return tuple(WeightSpec(i, 0) for i, f in enumerate(jtu.tree_leaves(flags)) if f)
 
 
+def _submodules(node: Any, path: str):
+    """Every Equinox module inside `node` (itself included), at any depth, with its path."""
+    if isinstance(node, eqx.Module):
+        yield path, node
+        for f in dataclasses.fields(node):  # static fields too: a module may hide there
+            yield from _submodules(getattr(node, f.name, None), f"{path}.{f.name}")
+        return
+    for keys, leaf in jtu.tree_flatten_with_path(node, is_leaf=lambda n: isinstance(n, eqx.Module))[0]:
+        if isinstance(leaf, eqx.Module):
+            yield from _submodules(leaf, path + jtu.keystr(keys))
+
+
 def _check_stateless(layers: Sequence[Any], where: str, state: Any = None) -> None:
-    """Refuse training-mode Dropout/BatchNorm, and stateful layers given without their state."""
+    """Refuse training-mode Dropout/BatchNorm, and stateful layers given without their state,
+    wherever they are nested (inside custom modules or inner Sequentials)."""
     for i, layer in enumerate(layers):
-        for sub in jtu.tree_leaves(layer, is_leaf=lambda n: isinstance(n, eqx.Module)):
+        for at, sub in _submodules(layer, f"{where}[{i}]"):
             if isinstance(sub, eqx.nn.Dropout) and not sub.inference:
                 raise UnsupportedLayerError(
-                    f"`model`: {where}[{i}] is eqx.nn.Dropout in training mode "
+                    f"`model`: {at} is eqx.nn.Dropout in training mode "
                     "(`inference=False`); a PC layer runs at every inference step, so a fresh "
                     "mask per step would make inference stochastic. Pass "
                     "`eqx.nn.inference_mode(model)` to run it as the identity."
                 )
             if isinstance(sub, eqx.nn.BatchNorm) and not sub.inference:
                 raise UnsupportedLayerError(
-                    f"`model`: {where}[{i}] is eqx.nn.BatchNorm in training mode "
+                    f"`model`: {at} is eqx.nn.BatchNorm in training mode "
                     "(`inference=False`): its batch statistics would couple the samples and its "
                     "eqx.nn.State would be updated at every inference step. Pass "
                     "`eqx.nn.inference_mode(model)` and its `state` "
@@ -54,7 +68,7 @@ def _check_stateless(layers: Sequence[Any], where: str, state: Any = None) -> No
                 )
             if isinstance(sub, eqx.nn.StatefulLayer) and sub.is_stateful() and state is None:
                 raise UnsupportedLayerError(
-                    f"`model`: {where}[{i}] is a stateful {type(sub).__name__} that reads an "
+                    f"`model`: {at} is a stateful {type(sub).__name__} that reads an "
                     "eqx.nn.State. Pass its state (`pccore.wrap(model, state)` with "
                     "`model, state = eqx.nn.make_with_state(...)(...)`); it stays frozen."
                 )

@@ -55,3 +55,33 @@ def test_training_mode_and_missing_state_are_refused():
         pccore.wrap(dropout_only)
     with pytest.raises(TypeError, match="its eqx.nn.State"):
         pccore.wrap(eqx.nn.inference_mode(seq), {"not": "a state"})
+
+
+class _Block(eqx.Module):
+    """A custom module hiding Dropout one level down (not a layer of the Sequential)."""
+
+    lin: eqx.nn.Linear
+    drop: eqx.nn.Dropout
+
+    def __call__(self, x, *, key=None):
+        return self.drop(jnp.tanh(self.lin(x)), key=key)
+
+
+def test_training_mode_layers_nested_in_modules_are_refused():
+    k = jax.random.split(jax.random.key(0), 3)
+    inner = eqx.nn.Sequential([eqx.nn.BatchNorm(6, "batch", mode="batch"), eqx.nn.Lambda(jnp.tanh)])
+    seq, state = eqx.nn.make_with_state(eqx.nn.Sequential)(
+        [eqx.nn.Linear(4, 6, key=k[0]), inner, eqx.nn.Linear(6, 3, key=k[1])])
+    with pytest.raises(pccore.UnsupportedLayerError,
+                       match=r"model.layers\[1\].layers\[0\] is eqx.nn.BatchNorm in training mode"):
+        pccore.wrap(seq, state)
+    with pytest.raises(pccore.UnsupportedLayerError, match=r"model\[1\].layers\[0\] is eqx.nn.BatchNorm"):
+        pccore.wrap(list(seq.layers), state)
+    blocks = eqx.nn.Sequential([_Block(eqx.nn.Linear(4, 6, key=k[0]), eqx.nn.Dropout(0.5)),
+                                eqx.nn.Linear(6, 3, key=k[2])])
+    with pytest.raises(pccore.UnsupportedLayerError,
+                       match=r"model.layers\[0\].drop is eqx.nn.Dropout in training mode"):
+        pccore.wrap(blocks)
+    # in inference mode the same nested model is accepted and matches the native forward
+    inf = eqx.nn.inference_mode(blocks)
+    np.testing.assert_allclose(pccore.wrap(inf, input_shape=(4,))(_x()), jax.vmap(inf)(_x()), rtol=1e-6)
