@@ -24,6 +24,10 @@ from ._chain import ChainLayer, discover, layer_names, owners_by_layer, require_
 _LOCK = threading.RLock()
 
 
+class _InputShapeError(ValueError):
+    """The model fails on inputs of the tried shape (what a wrong input-shape guess gives)."""
+
+
 def _strip(keys: tuple) -> tuple:
     return keys[:-1] if keys and keys[-1] == "value" else keys
 
@@ -143,7 +147,7 @@ class NNXAdapter(AbstractAdapter):
         def refuse(e, where):
             msg = str(e)
             if "shape" in msg.lower() or "dot_general" in msg:
-                return ValueError(
+                return _InputShapeError(
                     f"`model`: the NNX module fails on inputs of the given `input_shape` (at "
                     f"{where!r}): {msg.splitlines()[0]} Pass the per-sample `input_shape=`."
                 )
@@ -156,14 +160,19 @@ class NNXAdapter(AbstractAdapter):
             modules = dict((_path_name(p), m) for p, m in nnx.iter_modules(model))
             candidates = list(dict.fromkeys(
                 (m.in_features,) for m in modules.values() if isinstance(m, nnx.Linear)))
-        plan = None
+        plan, other = None, None
         for shape in candidates:
             in_shape = jax.ShapeDtypeStruct(shape, dtype)
             try:
                 plan = discover(run, params, rest, in_shape, _owner, _strip, boundaries, what, refuse)
-            except ValueError:
+            except _InputShapeError:
                 if input_shape is not None:
                     raise
+                continue  # a wrong guess: try the next nnx.Linear's fan-in
+            except ValueError as e:  # the model traced on this shape but is unsupported
+                if input_shape is not None:
+                    raise
+                other = other or e
                 continue
             first = modules.get(plan.names[0]) if input_shape is None else None
             if input_shape is None and not (isinstance(first, nnx.Linear) and (first.in_features,) == shape):
@@ -171,6 +180,8 @@ class NNXAdapter(AbstractAdapter):
                 continue
             break
         if plan is None:
+            if other is not None:
+                raise other
             raise ValueError(
                 "`input_shape`: cannot infer the per-sample input shape of this NNX module "
                 "(it does not start with an nnx.Linear). Pass it, e.g. "

@@ -75,3 +75,27 @@ def test_variables_are_refused():
     m = nnx.Sequential(nnx.Linear(4, 3, rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match="holds its own parameters"):
         pccore.wrap(m, {"params": {}})
+
+
+class _Twice(nnx.Module):
+    def __init__(self, rngs):
+        self.a = nnx.Linear(4, 4, rngs=rngs)
+        self.b = nnx.Linear(4, 4, rngs=rngs)
+
+    def __call__(self, x):
+        return self.b(jnp.tanh(self.b(jnp.tanh(self.a(x)))))
+
+
+def test_inferred_input_shape_keeps_the_real_error():
+    # the input shape is inferable (a leading nnx.Linear); the model is refused for its own reason
+    for options in ({}, {"input_shape": (4,)}):
+        with pytest.raises(ValueError, match=r"module\(s\) \{'b': 2\} are called more than once"):
+            pccore.wrap(_Twice(nnx.Rngs(0)), **options)
+    class Conv(nnx.Module):
+        def __init__(self, rngs):
+            self.conv = nnx.Conv(1, 2, (3, 3), rngs=rngs)
+
+        def __call__(self, x):
+            return self.conv(x)
+    with pytest.raises(ValueError, match=r"cannot infer the per-sample input shape .* input_shape="):
+        pccore.wrap(Conv(nnx.Rngs(0)))
