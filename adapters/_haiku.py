@@ -115,16 +115,19 @@ class HaikuAdapter(AbstractAdapter):
 
         def refuse(e, where):
             msg = str(e)
+            at = f"Haiku module {where!r}"
+            if where is None:  # raised by the transformed function, outside any module
+                at = "the transformed function itself (outside any hk.Module)"
             if "rng" in msg.lower() or "prngkey" in msg.lower():
                 return UnsupportedLayerError(
-                    f"`model`: Haiku module {where!r} needs a random key (e.g. hk.dropout in "
+                    f"`model`: {at} needs a random key (e.g. hk.dropout in "
                     "training mode); a fresh mask at every inference step would make inference "
                     "stochastic. Run it deterministically (e.g. `args=(False,)` for an "
                     "`is_training` argument)."
                 )
             if "Unable to retrieve parameter" in msg or "does not match shape" in msg:
                 return ValueError(
-                    f"`variables`: the params do not match the Haiku model (at module {where!r}): "
+                    f"`variables`: the params do not match the Haiku model (in {at}): "
                     f"{msg.splitlines()[0]} Pass the params from this model's own `init`."
                 )
             return None

@@ -95,8 +95,23 @@ def test_dropout_deterministic_runs_and_stochastic_is_refused():
     params = f.init(jax.random.key(1), _x(), False)
     model = pccore.wrap(f, params, args=(False,))
     np.testing.assert_array_equal(model(_x()), f.apply(params, None, _x(), False))
-    with pytest.raises(pccore.UnsupportedLayerError, match="needs a random key"):
+    with pytest.raises(pccore.UnsupportedLayerError,
+                       match=r"`model`: the transformed function itself \(outside any hk.Module\) "
+                             "needs a random key"):
         pccore.wrap(f, params, args=(True,))
+
+
+class _DropBlock(hk.Module):
+    def __call__(self, x):
+        return hk.dropout(hk.next_rng_key(), 0.5, jnp.tanh(hk.Linear(6)(x)))
+
+
+def test_dropout_inside_a_module_is_named():
+    f = hk.transform(lambda x: hk.Linear(3)(_DropBlock(name="block")(x)))
+    params = f.init(jax.random.key(1), _x())
+    with pytest.raises(pccore.UnsupportedLayerError,
+                       match="`model`: Haiku module 'block' needs a random key"):
+        pccore.wrap(f, params)
 
 
 def test_function_without_parameters_is_refused():
