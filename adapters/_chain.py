@@ -15,6 +15,11 @@ Parameter-free work between boundaries (activations, pooling, reshapes) thus fol
 layer before it, as in the Equinox adapter. Parameters owned by modules that are not
 boundaries belong to the layer during which they are called; parameters read by no call
 raise, so nothing is dropped silently.
+
+A model that is not a chain of these layers is refused: a skip or residual connection around
+a boundary, or a parameter read by two layers, would read the zeros above. The check traces
+the model once more with every boundary's input cut loose and follows, through the jaxpr,
+what each layer's output depends on.
 """
 
 from collections.abc import Callable, Hashable, Sequence
@@ -22,6 +27,7 @@ from typing import Any
 
 import equinox as eqx
 import jax
+import jax.extend
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
@@ -35,6 +41,21 @@ Run = Callable[[Any, Any, Any, Icpt], Any]
 
 class _Stop(Exception):
     pass
+
+
+def _input(name: str, args: tuple, kw: dict):
+    """The array a boundary call takes as its input (its first positional argument, else its
+    first array keyword argument), and a function giving the call's `(args, kw)` with another
+    input in its place."""
+    if args:
+        return args[0], lambda a: ((a, *args[1:]), kw)
+    for k, v in kw.items():
+        if hasattr(v, "shape") and hasattr(v, "dtype"):
+            return v, lambda a, k=k: ((), {**kw, k: a})
+    raise ValueError(
+        f"`model`: module {name!r} is called without an array argument; a layer boundary "
+        "takes its input array as an argument."
+    )
 
 
 def _key(k) -> Hashable:
@@ -166,7 +187,7 @@ def discover(
                     "be called one after another. Name the outer module or its children, not both."
                 )
             order.append(name)
-            a = args[0]
+            a, _ = _input(name, args, kw)
             in_shapes.append(jax.ShapeDtypeStruct(a.shape[1:], a.dtype))
         if name in owners:
             seg.setdefault(name, set()).add(max(len(order) - 1, 0))
@@ -174,6 +195,13 @@ def discover(
         try:
             res = nf(*args, **kw)
             if is_b:
+                if not isinstance(res, jax.Array):
+                    raise UnsupportedLayerError(
+                        f"`model`: layer boundary {name!r} returns a {type(res).__name__}, not "
+                        "one array (an nn.scan or a module returning several values). Name "
+                        "modules that return one array in `boundaries=[...]`, or wrap that "
+                        "module so that it does."
+                    )
                 b_out.append(jax.ShapeDtypeStruct(res.shape[1:], res.dtype))
             return res
         except _Stop:
@@ -230,7 +258,10 @@ def discover(
     if unread:
         raise ValueError(
             f"`variables`: parameters of {unread} belong to no layer: no call of these modules "
-            f"was seen in the forward pass of {what} (layers: {order}). Remove them from the "
+            f"was seen in the forward pass of {what} (layers: {order}). Parameters created by "
+            "the top-level module or function itself, outside any submodule, and parameters "
+            "renamed by a transform such as hk.layer_stack are not supported: move them into "
+            "a submodule that the forward pass calls. Otherwise remove them from the "
             "parameters, or check that the parameters belong to this model."
         )
     shared = {o: sorted(s) for o, s in seg.items() if len(s) > 1}
@@ -240,9 +271,103 @@ def discover(
             f"({shared}); predictive coding layers cannot share parameters."
         )
     layer_of = [next(iter(seg[o])) for o in leaf_owner]
+    _check_chain(run, params, frozen, x, tuple(order), in_shapes, layer_of, what)
     slicer = Slicer(params, leaf_keys, layer_of, len(order))
     shapes = [*in_shapes[1:], jax.ShapeDtypeStruct(out.shape[1:], out.dtype)]
     return Plan(run, tuple(order), tuple(shapes), tuple(b_out), in_shape, slicer)
+
+
+def _sub_jaxpr(eqn) -> Any:
+    """The jaxpr an equation calls with its own inputs and outputs (jit, custom_jvp/vjp), or
+    None if it has none of that form."""
+    for v in eqn.params.values():
+        j = getattr(v, "jaxpr", v)  # a ClosedJaxpr, or a Jaxpr
+        if (
+            isinstance(j, jax.extend.core.Jaxpr)
+            and len(j.invars) == len(eqn.invars)
+            and len(j.outvars) == len(eqn.outvars)
+        ):
+            return j
+    return None
+
+
+def _depends(jaxpr, in_deps: Sequence[int]) -> list[int]:
+    """For each output of `jaxpr`, the set (a bit mask) of inputs it depends on, given each
+    input's own mask. Calls to sub-jaxprs are followed; any other equation's outputs depend on
+    all its inputs (a conservative bound)."""
+    deps: dict = dict(zip(jaxpr.invars, in_deps))
+    get = lambda v: 0 if isinstance(v, jax.extend.core.Literal) else deps.get(v, 0)
+    for eqn in jaxpr.eqns:
+        ins = [get(v) for v in eqn.invars]
+        sub = _sub_jaxpr(eqn)
+        if sub is not None:
+            outs = _depends(sub, ins)
+        else:
+            mask = 0
+            for m in ins:
+                mask |= m
+            outs = [mask] * len(eqn.outvars)
+        deps.update(zip(eqn.outvars, outs))
+    return [get(v) for v in jaxpr.outvars]
+
+
+def _check_chain(run, params, frozen, x, names, in_shapes, layer_of, what) -> None:
+    """Refuse a model that is not a chain of its layers.
+
+    Layer `i` is computed from its own input alone: the model input and the outputs of
+    earlier layers are replaced by zeros, and other layers' parameters by zero placeholders.
+    A skip or residual connection around a boundary, or a parameter read by two layers,
+    would silently read those zeros. Traced once (abstractly) with every boundary's input cut
+    loose, so that each layer's output shows what it reads.
+    """
+    index = {n: i for i, n in enumerate(names)}
+    cuts = tuple(jax.ShapeDtypeStruct((x.shape[0], *s.shape), s.dtype) for s in in_shapes[1:])
+
+    def cut(p, s, x, us):
+        ins = []
+
+        def icpt(name, method, nf, args, kw):
+            j = index.get(name) if method == "__call__" else None
+            if j:  # a boundary after the first: its input is a free variable
+                a, with_input = _input(name, args, kw)
+                ins.append(a)
+                a, k = with_input(us[j - 1])
+                return nf(*a, **k)
+            return nf(*args, **kw)
+
+        y = run(p, s, x, icpt)
+        return (*ins, y)
+
+    closed = jax.make_jaxpr(cut)(params, frozen, x, cuts)
+    n_p = len(jtu.tree_leaves(params))
+    n_s = len(jtu.tree_leaves(frozen))
+    n_in = len(closed.jaxpr.invars)
+    assert n_in == n_p + n_s + 1 + len(cuts), (n_in, n_p, n_s, len(cuts))
+    outs = _depends(closed.jaxpr, [1 << k for k in range(n_in)])
+    frozen_bits = sum(1 << (n_p + k) for k in range(n_s))
+    x_bit = 1 << (n_p + n_s)
+    cut_bit = [x_bit] + [1 << (n_p + n_s + 1 + k) for k in range(len(cuts))]
+    param_bits = [0] * len(names)
+    for k, l in enumerate(layer_of):
+        param_bits[l] |= 1 << k
+    for i, mask in enumerate(outs):
+        extra = mask & ~(cut_bit[i] | param_bits[i] | frozen_bits)
+        if not extra:
+            continue
+        reads = [
+            "the model input" if j == 0 else f"the output of layer {j - 1} ({names[j - 1]!r})"
+            for j, b in enumerate(cut_bit) if extra & b
+        ] + [f"parameters of layer {j} ({names[j]!r})"
+             for j, b in enumerate(param_bits) if j != i and extra & b]
+        reads = ", ".join(reads[:-1]) + " and " + reads[-1] if len(reads) > 1 else reads[0]
+        raise UnsupportedLayerError(
+            f"`model`: {what} is not a chain of its layers: layer {i} ({names[i]!r}) reads "
+            f"{reads} besides its own input, as a skip or residual connection or a "
+            "weight shared across layers does. Predictive coding cuts the model into layers "
+            "that each see only the previous layer's output. Make each residual block one "
+            "layer (a module named in `boundaries=[...]`), use pccore's own skips "
+            "(`model.with_skips(True)`), or untie the weights."
+        )
 
 
 class ChainLayer(eqx.Module):
@@ -266,8 +391,11 @@ class ChainLayer(eqx.Module):
                 s = plan.boundary_out[j]
                 return jnp.zeros((B, *s.shape), s.dtype)
             if j == i:
-                return nf(x, *args[1:], **kw) if i > 0 else nf(*args, **kw)
-            out["y"] = args[0]
+                if i == 0:
+                    return nf(*args, **kw)
+                a, k = _input(name, args, kw)[1](x)
+                return nf(*a, **k)
+            out["y"] = _input(name, args, kw)[0]
             raise _Stop
 
         data = x if i == 0 else jnp.zeros((B, *plan.in_shape.shape), plan.in_shape.dtype)
