@@ -1,6 +1,6 @@
 """Flax Linen adapter: any `flax.linen.Module` with its variables."""
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.errors
@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.core import meta
 
 from pccore._adapter import AbstractAdapter, UnsupportedLayerError
 from pccore._model import PCModel
@@ -15,12 +16,40 @@ from pccore._model import PCModel
 from ._chain import ChainLayer, discover, layer_names, owners_by_layer, require_params, weight_specs
 
 
-def _owner(keys: tuple) -> str:
-    return "/".join(str(k) for k in keys[:-1])
+def _key(k) -> Any:
+    return getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))
 
 
-def _leaf_keys(keys: tuple) -> tuple:
-    return keys
+def _is_box(node) -> bool:
+    return isinstance(node, meta.AxisMetadata)
+
+
+def _key_fns(params) -> tuple[Callable[[tuple], str], Callable[[tuple], tuple]]:
+    """`owner(keys)` and `leaf_keys(keys)` of a params leaf, seeing through boxed params.
+
+    A boxed param (`nn.with_partitioning` gives an `nn.Partitioned`) is a pytree whose leaf
+    sits one key further down (`.../kernel/value`); it belongs to the module holding the box,
+    and in the per-layer params it is the plain array under the param's own name.
+    """
+    boxes = {}
+    for path, node in jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_box)[0]:
+        if _is_box(node):
+            boxes[tuple(_key(k) for k in path)] = len(jax.tree_util.tree_leaves(node))
+
+    def split(keys: tuple) -> tuple[tuple, tuple]:
+        for n in range(1, len(keys)):
+            if keys[:n] in boxes:
+                return keys[:n], keys[n:]
+        return keys, ()
+
+    def owner(keys: tuple) -> str:
+        return "/".join(str(k) for k in split(keys)[0][:-1])
+
+    def leaf_keys(keys: tuple) -> tuple:
+        param, inner = split(keys)
+        return param if inner and boxes[param] == 1 else keys
+
+    return owner, leaf_keys
 
 
 def _first_leaf_dict(tree):
@@ -42,6 +71,8 @@ def _in_shape(params, input_shape, dtype) -> jax.ShapeDtypeStruct:
     if input_shape is not None:
         return jax.ShapeDtypeStruct(tuple(input_shape), dtype)
     k = first.get("kernel") if first is not None else None
+    if _is_box(k):  # nn.Partitioned and other boxed params
+        k = jax.tree_util.tree_leaves(k)[0]
     if k is not None and np.ndim(k) == 2:
         return jax.ShapeDtypeStruct((np.shape(k)[0],), dtype)
     raise ValueError(
@@ -137,6 +168,7 @@ class LinenAdapter(AbstractAdapter):
 
         require_params(params, f"the Linen module {type(module).__name__}")
         in_shape = _in_shape(params, input_shape, dtype)
+        _owner, _leaf_keys = _key_fns(params)
         plan = discover(
             run, params, frozen, in_shape, _owner, _leaf_keys, boundaries,
             f"the Linen module {type(module).__name__}", refuse,

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import pccore
@@ -125,3 +126,33 @@ def test_mismatched_variables_are_refused():
     extra = {"params": {**variables["params"], "layers_9": {"kernel": jnp.ones((3, 3))}}}
     with pytest.raises(ValueError, match=r"parameters of \['layers_9'\] belong to no layer"):
         pccore.wrap(other, extra)
+
+
+class Boxed(nn.Module):
+    """Params boxed with nn.with_partitioning (nn.Partitioned), one of them on a bias."""
+
+    @nn.compact
+    def __call__(self, x):
+        init = nn.with_partitioning(nn.initializers.lecun_normal(), (None, "model"))
+        x = jnp.tanh(nn.Dense(6, kernel_init=init)(x))
+        bias = nn.with_partitioning(nn.initializers.normal(), ("model",))
+        return nn.Dense(3, kernel_init=init, bias_init=bias)(x)
+
+
+def test_boxed_params_train_and_round_trip():
+    module = Boxed()
+    variables = module.init(jax.random.key(1), _x())
+    assert isinstance(variables["params"]["Dense_0"]["kernel"], nn.Partitioned)
+    model = pccore.wrap(module, variables)  # input shape inferred through the box
+    assert model.names == ("Dense_0", "Dense_1")
+    assert model.in_shape.shape == (4,)
+    assert [len(w) for w in model.weights] == [1, 1]  # the kernels, seen through their boxes
+    np.testing.assert_allclose(model(_x()), module.apply(variables, _x()), rtol=1e-6)
+    optim = optax.sgd(0.1)
+    state = optim.init(model.params)
+    trained, _, _ = pccore.train_step(model, optim, state, x=_x(), y=jnp.ones((5, 3)))
+    out = trained.unwrap()
+    kernel = out["params"]["Dense_1"]["kernel"]
+    assert isinstance(kernel, nn.Partitioned) and kernel.names == (None, "model")
+    assert not np.allclose(kernel.value, variables["params"]["Dense_1"]["kernel"].value)
+    np.testing.assert_allclose(module.apply(out, _x()), trained(_x()), rtol=1e-6)
