@@ -52,33 +52,64 @@ def _key_fns(params) -> tuple[Callable[[tuple], str], Callable[[tuple], tuple]]:
     return owner, leaf_keys
 
 
-def _first_leaf_dict(tree):
-    while isinstance(tree, Mapping):
-        vals = list(tree.values())
-        if not vals:
-            return None
-        if not isinstance(vals[0], Mapping):
-            return tree
-        tree = vals[0]
-    return None
+def _walk(tree, path=()):
+    """`(keys, leaf)` of a nested mapping, in its own (insertion) order; boxes are leaves."""
+    if isinstance(tree, Mapping):
+        for k, v in tree.items():
+            yield from _walk(v, (*path, k))
+    else:
+        yield path, tree
 
 
-def _in_shape(params, input_shape, dtype) -> jax.ShapeDtypeStruct:
-    first = _first_leaf_dict(params)
-    if dtype is None:
-        leaves = jax.tree_util.tree_leaves(params)
-        dtype = jnp.result_type(leaves[0]) if leaves else jnp.float32
-    if input_shape is not None:
-        return jax.ShapeDtypeStruct(tuple(input_shape), dtype)
-    k = first.get("kernel") if first is not None else None
-    if _is_box(k):  # nn.Partitioned and other boxed params
-        k = jax.tree_util.tree_leaves(k)[0]
-    if k is not None and np.ndim(k) == 2:
-        return jax.ShapeDtypeStruct((np.shape(k)[0],), dtype)
+def _candidates(params) -> list[tuple[tuple[int, ...], str]]:
+    """`(input shape, owner)` of every module with a 2-D `kernel` (an nn.Dense), dict order.
+
+    Dict order is usually call order (`init` inserts params as modules are called), but not
+    after a `tree_map` or a checkpoint restore, which sort the keys; so each is tried.
+    """
+    out = []
+    for keys, leaf in _walk(params):
+        if _is_box(leaf):  # nn.Partitioned and other boxed params
+            leaf = jax.tree_util.tree_leaves(leaf)[0]
+        if keys and keys[-1] == "kernel" and np.ndim(leaf) == 2:
+            out.append(((np.shape(leaf)[0],), "/".join(str(k) for k in keys[:-1])))
+    return out
+
+
+def _infer(trace, candidates, layer_owners, what: str):
+    """Try each nn.Dense fan-in as the per-sample input shape; keep the first on which the
+    model traces with that Dense in layer 0. `trace(shape, called)` returns `(plan, in_shape)`
+    or raises; `called` collects `(module, per-sample input shape)` of the module calls, and
+    holds `None` when the model itself failed (rather than being refused after tracing)."""
+    how = "`pccore.wrap(module, variables, input_shape=(8, 8, 1))`"
+    if not candidates:
+        raise ValueError(
+            f"`input_shape`: cannot infer the per-sample input shape of {what} (it has no "
+            f"nn.Dense kernel to read it from). Pass it, e.g. {how}."
+        )
+    shapes = list(dict.fromkeys(s for s, _ in candidates))
+    failure = None
+    for shape in shapes:
+        dense = {o for s, o in candidates if s == shape}
+        called: set = set()
+        try:
+            plan, in_shape = trace(shape, called)
+        except UnsupportedLayerError:
+            raise
+        except Exception as e:
+            if None not in called or any((o, shape) in called for o in dense):
+                raise  # refused after tracing, or an nn.Dense got inputs of this shape: no guess
+            failure = failure or (shape, e.__cause__ or e)  # a wrong guess
+            continue
+        if any(o in dense and layer == 0 for o, layer in layer_owners(plan)):
+            return plan, in_shape
+    detail = ""
+    if failure is not None:
+        detail = f" (on {failure[0]}: {str(failure[1]).splitlines()[0]})"
     raise ValueError(
-        "`input_shape`: cannot infer the per-sample input shape of this Linen module (its first "
-        "submodule is not an nn.Dense). Pass it, e.g. `pccore.wrap(module, variables, "
-        "input_shape=(8, 8, 1))`."
+        f"`input_shape`: cannot infer the per-sample input shape of {what}: none of the input "
+        f"shapes read from its nn.Dense kernels, {shapes}, fits a first-called nn.Dense"
+        f"{detail}. Pass it, e.g. {how}, or check that the variables belong to this module."
     )
 
 
@@ -166,13 +197,36 @@ class LinenAdapter(AbstractAdapter):
                 )
             return None
 
-        require_params(params, f"the Linen module {type(module).__name__}")
-        in_shape = _in_shape(params, input_shape, dtype)
+        what = f"the Linen module {type(module).__name__}"
+        require_params(params, what)
+        if dtype is None:
+            dtype = jnp.result_type(jax.tree_util.tree_leaves(params)[0])
         _owner, _leaf_keys = _key_fns(params)
-        plan = discover(
-            run, params, frozen, in_shape, _owner, _leaf_keys, boundaries,
-            f"the Linen module {type(module).__name__}", refuse,
-        )
+
+        def trace(shape, called):
+            def traced(p, fr, x, icpt):
+                def recording(name, method, nf, args, kw):
+                    a = args[0] if args else next(iter(kw.values()), None)
+                    called.add((name, tuple(getattr(a, "shape", (None,))[1:])))
+                    return icpt(name, method, nf, args, kw)
+
+                try:
+                    return run(p, fr, x, recording)
+                except Exception:
+                    called.add(None)
+                    raise
+
+            in_shape = jax.ShapeDtypeStruct(tuple(shape), dtype)
+            plan = discover(traced, params, frozen, in_shape, _owner, _leaf_keys, boundaries, what,
+                            refuse)
+            return plan, in_shape
+
+        if input_shape is not None:
+            plan, in_shape = trace(input_shape, set())
+        else:
+            plan, in_shape = _infer(
+                trace, _candidates(params), lambda plan: owners_by_layer(plan, params, _owner), what
+            )
         layers = tuple(ChainLayer(i, plan, frozen) for i in range(len(plan.names)))
         per_layer = plan.slicer.params
 

@@ -156,3 +156,38 @@ def test_boxed_params_train_and_round_trip():
     assert isinstance(kernel, nn.Partitioned) and kernel.names == (None, "model")
     assert not np.allclose(kernel.value, variables["params"]["Dense_1"]["kernel"].value)
     np.testing.assert_allclose(module.apply(out, _x()), trained(_x()), rtol=1e-6)
+
+
+class EncDec(nn.Module):
+    """Named so that sorted keys ('decoder' < 'encoder') are not call order."""
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(3, name="decoder")(jnp.tanh(nn.Dense(6, name="encoder")(x)))
+
+
+def test_input_shape_is_inferred_from_call_order_not_dict_order():
+    module = EncDec()
+    variables = jax.tree_util.tree_map(lambda a: a, module.init(jax.random.key(1), _x()))
+    assert list(variables["params"]) == ["decoder", "encoder"]  # as after a checkpoint restore
+    model = pccore.wrap(module, variables)
+    assert model.in_shape.shape == (4,) and model.names == ("encoder", "decoder")
+    np.testing.assert_allclose(model(_x()), module.apply(variables, _x()), rtol=1e-6)
+
+
+class ConvHead(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(2, (3, 3))(x)
+        return nn.Dense(3)(x.reshape(x.shape[0], -1))
+
+
+def test_input_shape_that_cannot_be_inferred_asks_for_it():
+    module = ConvHead()
+    variables = module.init(jax.random.key(0), jnp.ones((1, 8, 8, 1)))
+    with pytest.raises(ValueError, match=r"`input_shape`: cannot infer .* \[\(128,\)\], fits a "
+                                         r"first-called nn.Dense .*Conv_0.* Pass it"):
+        pccore.wrap(module, variables)
+    x = jax.random.normal(jax.random.key(1), (2, 8, 8, 1))
+    model = pccore.wrap(module, variables, input_shape=(8, 8, 1))
+    np.testing.assert_allclose(model(x), module.apply(variables, x), rtol=1e-6)
