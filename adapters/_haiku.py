@@ -23,17 +23,53 @@ def _leaf_keys(keys: tuple) -> tuple:
     return keys
 
 
-def _in_shape(params, input_shape, dtype) -> jax.ShapeDtypeStruct:
-    first = next(iter(params.values()))
-    dtype = dtype or jnp.result_type(next(iter(first.values())))
-    if input_shape is not None:
-        return jax.ShapeDtypeStruct(tuple(input_shape), dtype)
-    w = first.get("w") if isinstance(first, dict) else None
-    if w is not None and np.ndim(w) == 2:
-        return jax.ShapeDtypeStruct((np.shape(w)[0],), dtype)
+def _candidates(params) -> list[tuple[tuple[int, ...], str]]:
+    """`(input shape, module)` of every module with a 2-D `w` (an hk.Linear), in dict order.
+
+    Dict order is usually call order (`init` inserts params as modules are called), but not
+    after a `tree_map` or a checkpoint restore, which sort the keys; so each is tried.
+    """
+    return [
+        ((np.shape(d["w"])[0],), name)
+        for name, d in params.items()
+        if isinstance(d, dict) and np.ndim(d.get("w")) == 2
+    ]
+
+
+def _infer(trace, candidates, layer_owners):
+    """Try each hk.Linear fan-in as the per-sample input shape; keep the first on which the
+    model traces with that Linear in layer 0. `trace(shape, called)` returns `(plan, in_shape)`
+    or raises; `called` collects `(module, per-sample input shape)` of the module calls, and
+    holds `None` when the model itself failed (rather than being refused after tracing)."""
+    how = "`pccore.wrap(f, params, input_shape=(8, 8, 1))`"
+    if not candidates:
+        raise ValueError(
+            "`input_shape`: cannot infer the per-sample input shape of this Haiku model (it "
+            f"has no hk.Linear to read it from). Pass it, e.g. {how}."
+        )
+    shapes = list(dict.fromkeys(s for s, _ in candidates))
+    failure = None
+    for shape in shapes:
+        linear = {o for s, o in candidates if s == shape}
+        called: set = set()
+        try:
+            plan, in_shape = trace(shape, called)
+        except UnsupportedLayerError:
+            raise
+        except Exception as e:
+            if None not in called or any((o, shape) in called for o in linear):
+                raise  # refused after tracing, or an hk.Linear got inputs of this shape: no guess
+            failure = failure or (shape, e.__cause__ or e)  # a wrong guess
+            continue
+        if any(o in linear and layer == 0 for o, layer in layer_owners(plan)):
+            return plan, in_shape
+    detail = ""
+    if failure is not None:
+        detail = f" (on {failure[0]}: {str(failure[1]).splitlines()[0]})"
     raise ValueError(
-        "`input_shape`: cannot infer the per-sample input shape of this Haiku model (its first "
-        "module is not an hk.Linear). Pass it, e.g. `pccore.wrap(f, params, input_shape=(8, 8, 1))`."
+        "`input_shape`: cannot infer the per-sample input shape of this Haiku model: none of "
+        f"the input shapes read from its hk.Linear weights, {shapes}, fits a first-called "
+        f"hk.Linear{detail}. Pass it, e.g. {how}, or check that the params belong to this model."
     )
 
 
@@ -133,13 +169,37 @@ class HaikuAdapter(AbstractAdapter):
             return None
 
         require_params(variables, "the Haiku transform")
-        in_shape = _in_shape(variables, input_shape, dtype)
+        if dtype is None:
+            dtype = jnp.result_type(jax.tree_util.tree_leaves(variables)[0])
+
+        def trace(shape, called):
+            def traced(p, fr, x, icpt):
+                def recording(name, method, nf, args, kw):
+                    a = args[0] if args else next(iter(kw.values()), None)
+                    called.add((name, tuple(getattr(a, "shape", (None,))[1:])))
+                    return icpt(name, method, nf, args, kw)
+
+                try:
+                    return run(p, fr, x, recording)
+                except Exception:
+                    called.add(None)
+                    raise
+
+            in_shape = jax.ShapeDtypeStruct(tuple(shape), dtype)
+            plan = discover(
+                traced, variables, state, in_shape, _owner, _leaf_keys, boundaries,
+                "the Haiku transform", refuse,
+            )
+            return plan, in_shape
+
+        if input_shape is not None:
+            plan, in_shape = trace(input_shape, set())
+        else:
+            plan, in_shape = _infer(
+                trace, _candidates(variables), lambda plan: owners_by_layer(plan, variables, _owner)
+            )
         if stateful:
             _check_state_frozen(f, variables, state, in_shape, with_rng, args, kwargs)
-        plan = discover(
-            run, variables, state, in_shape, _owner, _leaf_keys, boundaries,
-            "the Haiku transform", refuse,
-        )
         layers = tuple(ChainLayer(i, plan, state) for i in range(len(plan.names)))
         params = plan.slicer.params
         return PCModel(

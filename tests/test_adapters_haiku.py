@@ -146,8 +146,28 @@ def test_shared_module_is_refused():
 def test_input_shape_is_required_for_a_conv_first_model():
     f = _t(lambda x: hk.Linear(3)(hk.Flatten()(hk.Conv2D(2, 3)(x))))
     params = f.init(jax.random.key(0), jnp.ones((1, 8, 8, 1)))
-    with pytest.raises(ValueError, match=r"`input_shape`: cannot infer"):
+    with pytest.raises(ValueError, match=r"`input_shape`: cannot infer .* \[\(128,\)\], fits a "
+                                         r"first-called hk.Linear .*ConvND.* Pass it"):
         pccore.wrap(f, params)
+
+
+def _enc_dec(x):
+    """Named so that sorted keys ('decoder' < 'encoder') are not call order."""
+    return hk.Linear(3, name="decoder")(jnp.tanh(hk.Linear(6, name="encoder")(x)))
+
+
+def test_input_shape_is_inferred_from_call_order_not_dict_order():
+    f = _t(_enc_dec)
+    params = jax.tree_util.tree_map(lambda a: a, f.init(jax.random.key(1), _x()))
+    assert list(params) == ["decoder", "encoder"]  # as after a checkpoint restore
+    model = pccore.wrap(f, params)
+    assert model.in_shape.shape == (4,) and model.names == ("encoder", "decoder")
+    np.testing.assert_allclose(model(_x()), f.apply(params, _x()), rtol=1e-6)
+    # params of another model are still reported as such, not as a shape to pass
+    g = _t(lambda x: hk.Linear(3, name="decoder")(jnp.tanh(hk.Linear(5, name="encoder")(x))))
+    with pytest.raises(ValueError, match=r"params do not match the Haiku model \(in Haiku module "
+                                         r"'encoder'\)"):
+        pccore.wrap(g, params)
 
 
 def test_weight_specs_read_kernels_in_each_layout():
