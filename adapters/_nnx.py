@@ -87,6 +87,38 @@ def _check_modes(model) -> None:
             )
 
 
+_WATCHED = nnx.Any(nnx.BatchStat, nnx.RngState)
+
+
+def _watched(m) -> dict:
+    """BatchStat and RNG-stream variables of a merged module: path -> (type, value)."""
+    return {
+        path: (type(v).__name__, v.get_value())
+        for path, v in nnx.to_flat_state(nnx.state(m, _WATCHED))
+    }
+
+
+def _check_unchanged(m, before: dict, what: str) -> None:
+    """Refuse a forward pass that draws random numbers or updates batch statistics: a call
+    argument (`deterministic=not train`) overrides the modes that `_check_modes` reads.
+    Values are tracers here, so a variable written by the call holds a new object."""
+    changed = [
+        f"{kind} {_path_name(path)!r}"
+        for path, (kind, value) in _watched(m).items()
+        if path not in before or before[path][1] is not value
+    ]
+    if changed:
+        raise UnsupportedLayerError(
+            f"`model`: the forward pass of {what} changes {', '.join(changed)} although its "
+            "submodules are in eval mode: a call argument (e.g. `deterministic=not train` for "
+            "nnx.Dropout, `use_running_average=not train` for nnx.BatchNorm) selects training "
+            "mode. Predictive coding runs each layer many times per step, so random masks and "
+            "batch statistics would change at every inference step (and a pure merge-and-apply "
+            "loses the updates). Pass the call argument that selects inference mode, e.g. "
+            "`pccore.wrap(model, kwargs={'train': False})` or `args=(False,)`."
+        )
+
+
 class NNXAdapter(AbstractAdapter):
     """Flax NNX modules: `nnx.Sequential`, and custom modules holding layers in `nnx.List`,
     `nnx.Dict` or attributes.
@@ -101,7 +133,8 @@ class NNXAdapter(AbstractAdapter):
         `nnx.update` and returns it; by default it returns a new module.
 
     Only `nnx.Param`s train; other state (BatchNorm statistics) is frozen. Training-mode
-    BatchNorm or Dropout is refused: call `model.eval()` first.
+    BatchNorm or Dropout is refused: call `model.eval()` first, and pass the call argument that
+    selects inference mode (`kwargs={"train": False}`) where the model takes one.
     """
 
     name = "flax.nnx"
@@ -137,12 +170,16 @@ class NNXAdapter(AbstractAdapter):
         if dtype is None:
             dtype = jnp.result_type(leaves[0]) if leaves else jnp.float32
         classes = {type(m) for path, m in nnx.iter_modules(model) if path and callable(m)}
+        what = f"the NNX module {type(model).__name__}"
 
         def run(p, fr, x, icpt):
             m = nnx.merge(graphdef, p, fr)
             ids = {id(sub): _path_name(path) for path, sub in nnx.iter_modules(m) if path}
+            before = _watched(m)
             with _patched(classes, ids, icpt):
-                return m(x, *args, **kwargs)
+                out = m(x, *args, **kwargs)
+            _check_unchanged(m, before, what)
+            return out
 
         def refuse(e, where):
             msg = str(e)
@@ -153,7 +190,6 @@ class NNXAdapter(AbstractAdapter):
                 )
             return None
 
-        what = f"the NNX module {type(model).__name__}"
         if input_shape is not None:
             candidates = [tuple(input_shape)]
         else:  # iter_modules is sorted by name, not call order: try each nnx.Linear's fan-in

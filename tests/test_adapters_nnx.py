@@ -99,3 +99,38 @@ def test_inferred_input_shape_keeps_the_real_error():
             return self.conv(x)
     with pytest.raises(ValueError, match=r"cannot infer the per-sample input shape .* input_shape="):
         pccore.wrap(Conv(nnx.Rngs(0)))
+
+
+class _TrainArg(nnx.Module):
+    """The usual NNX pattern: the mode is a call argument, which overrides `.eval()`."""
+
+    def __init__(self, rngs, bn):
+        self.l1 = nnx.Linear(4, 8, rngs=rngs)
+        self.bn = nnx.BatchNorm(8, rngs=rngs) if bn else None
+        self.do = nnx.Dropout(0.5, rngs=rngs)
+        self.l2 = nnx.Linear(8, 3, rngs=rngs)
+
+    def __call__(self, x, train: bool = True):
+        h = self.l1(x)
+        if self.bn is not None:
+            h = self.bn(h, use_running_average=not train)
+        return self.l2(self.do(jnp.tanh(h), deterministic=not train))
+
+
+@pytest.mark.parametrize("bn", [False, True])
+def test_training_mode_chosen_by_a_call_argument_is_refused(bn):
+    m = _TrainArg(nnx.Rngs(0), bn)
+    m.eval()  # overridden by the call argument's default, train=True
+    changed = r"BatchStat 'bn/mean', BatchStat 'bn/var', RngCount" if bn else r"RngCount 'do/rngs/count'"
+    with pytest.raises(pccore.UnsupportedLayerError,
+                       match=rf"changes {changed}.*although its submodules are in eval mode.*"
+                             r"kwargs=\{'train': False\}"):
+        pccore.wrap(m)
+    if bn:
+        m.bn.mean[...] = jnp.arange(8.0) / 8
+        m.bn.var[...] = 1.0 + jnp.arange(8.0)
+    model = pccore.wrap(m, kwargs={"train": False})
+    np.testing.assert_allclose(model(_x()), m(_x(), train=False), rtol=1e-6)
+    optim = optax.sgd(0.1)
+    trained, _, _ = pccore.train_step(model, optim, optim.init(model.params), x=_x(), y=jnp.ones((5, 3)))
+    np.testing.assert_allclose(trained.unwrap()(_x(), train=False), trained(_x()), rtol=1e-6)
