@@ -2,13 +2,14 @@ r"""The one inference engine: gradient flow $\dot z = -\nabla_z \mathcal F$, or 
 
 Three routes, one contract (an [`pccore.InferenceSolution`][]):
 
-- a diffrax solver with `ConstantStepSize` and no saved trajectory: a compiled loop over
-  `solver.step` (no per-step bookkeeping beyond the solver's own);
-- a diffrax solver with an adaptive controller and no saved trajectory: the solver's own
+- Euler or an explicit Runge-Kutta solver with `ConstantStepSize` and no saved trajectory:
+  a compiled loop over `solver.step` (no per-step bookkeeping beyond the solver's own);
+- the same solvers with an adaptive controller and no saved trajectory: the solver's own
   `step` and the controller's `adapt_step_size` in a plain while loop, the steady-state test
   reading a vector field the Runge-Kutta step already evaluated;
-- a saved trajectory (`saveat`): `diffrax.diffeqsolve`, with a `diffrax.Event` on the
-  vector field for the steady state;
+- a saved trajectory (`saveat`), or any other diffrax solver (implicit ones take their root
+  finder's tolerances from the controller there): `diffrax.diffeqsolve`, with a
+  `diffrax.Event` on the vector field for the steady state;
 - an optax `GradientTransformation`: $z \leftarrow z + \mathrm{update}(\nabla_z \mathcal F)$,
   state re-initialised per solve; `optax.sgd(η)` is Euler with `dt0 = η`;
 - an optimistix minimiser (`optx.BFGS`, `optx.NonlinearCG`, ...): direct minimisation of
@@ -23,6 +24,7 @@ one evaluation per solve, not one per step.
 
 import functools as ft
 import math
+import numbers
 import sys
 from typing import Any, NamedTuple
 
@@ -35,7 +37,7 @@ import numpy as np
 import optax
 from jaxtyping import PRNGKeyArray
 
-from ._check import check_activities, check_data, check_hyper, thread_error
+from ._check import check_activities, check_data, check_hyper, is_concrete, thread_error
 from ._compiled import compiled
 from ._custom_types import Activities, BatchArray
 from ._energy import PC, AbstractEnergy
@@ -113,6 +115,33 @@ def erk_evals(solver: Any) -> tuple[int, int]:
     return -1, -1
 
 
+_SAVE_Y = diffrax.SaveAt(t1=True).subs.fn  # diffrax's default: save the state itself
+
+
+def _check_saveat(saveat) -> None:
+    if saveat is None:
+        return
+    if not isinstance(saveat, diffrax.SaveAt):
+        raise TypeError(
+            f"`saveat` must be a diffrax.SaveAt or None; got {type(saveat).__name__}. E.g. "
+            "saveat=diffrax.SaveAt(ts=jnp.linspace(0, 2, 11))."
+        )
+    if not isinstance(saveat.subs, diffrax.SubSaveAt) or saveat.subs.fn is not _SAVE_Y:
+        raise ValueError(
+            "`saveat`: pass one diffrax.SaveAt(ts=..., t0=..., t1=..., steps=...) saving the "
+            "activities themselves; several `subs` and a custom `fn` are not supported (the "
+            "solution records the activities and their energy)."
+        )
+    if saveat.dense:
+        raise ValueError(
+            "`saveat`: dense=True is not supported; the solution records the activities at "
+            "the save times. Pass the times you need as ts=..."
+        )
+    sub = saveat.subs
+    if sub.ts is None and not (sub.t0 or sub.t1 or sub.steps):
+        raise ValueError("`saveat` saves nothing; pass ts=..., t0=True, t1=True or steps=True.")
+
+
 def check_solver(solver, stepsize_controller, t1, dt0, max_steps, steady_state, saveat):
     """Validate the solver options once, at the entry point. Returns the step budget."""
     check_hyper(solver, stepsize_controller, t1, dt0, max_steps, steady_state)
@@ -121,15 +150,29 @@ def check_solver(solver, stepsize_controller, t1, dt0, max_steps, steady_state, 
             f"`steady_state` must be a pccore.SteadyState or None; got "
             f"{type(steady_state).__name__}. E.g. steady_state=pccore.SteadyState(1e-3, 1e-3)."
         )
-    if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
+    if max_steps is not None and (
+        isinstance(max_steps, bool) or not isinstance(max_steps, numbers.Integral) or max_steps < 1
+    ):
         raise ValueError(f"`max_steps` must be a positive int; got {max_steps!r}.")
+    max_steps = None if max_steps is None else int(max_steps)
+    _check_saveat(saveat)
     if is_optax(solver):
-        if saveat is not None and (saveat.subs.ts is None or saveat.subs.steps):
-            raise ValueError(
-                "`saveat`: with an optax solver, times are update counts: pass "
-                "diffrax.SaveAt(ts=jnp.array([0, 5, 10])) with integer step numbers."
-            )
-        return 20 if max_steps is None else max_steps
+        n = 20 if max_steps is None else max_steps
+        if saveat is not None:
+            sub = saveat.subs
+            if sub.ts is None or sub.steps or sub.t0 or sub.t1:
+                raise ValueError(
+                    "`saveat`: with an optax solver, times are update counts: pass "
+                    "diffrax.SaveAt(ts=jnp.array([0, 5, 10])) with integer step numbers "
+                    "(0 is the start; t0=, t1= and steps= have no meaning here)."
+                )
+            ts = np.asarray(sub.ts) if is_concrete(sub.ts) else None
+            if ts is not None and (np.any(ts != np.round(ts)) or np.any(ts < 0) or np.any(ts > n)):
+                raise ValueError(
+                    f"`saveat`: with an optax solver, save times are update counts 0..max_steps "
+                    f"= 0..{n}; got ts={ts.tolist()}. Pass whole numbers in that range."
+                )
+        return n
     if is_optimistix(solver):
         if saveat is not None:
             raise ValueError(
@@ -202,6 +245,10 @@ def _finish(energy, model, x, y, raw: Raw) -> InferenceSolution:
     energies = None
     if traj is not None:
         energies = jax.vmap(lambda zz: energy.per_sample(model, zz, x, y).sum())(traj)
+        # save times the solve did not reach hold inf states (diffrax's convention): inf
+        unreached = jnp.all(jtu.tree_leaves(traj)[0] == jnp.inf,
+                            axis=tuple(range(1, jtu.tree_leaves(traj)[0].ndim)))
+        energies = jnp.where(unreached, jnp.inf, energies)
     return InferenceSolution(
         activities=z,
         num_steps=jnp.asarray(raw.k, jnp.int32),
@@ -243,7 +290,9 @@ def _solve_optax(opt, energy, model, z0, x, y, n, steady, saveat):
             lambda b, a: jnp.where(hit.reshape((-1,) + (1,) * a.ndim), a[None], b), buf, z
         )
 
-    buf0 = None if ts is None else jtu.tree_map(lambda a: jnp.zeros((ts.size, *a.shape), a.dtype), z0)
+    # a save time the solve does not reach (after a steady-state stop) holds inf, as in diffrax
+    buf0 = None if ts is None else jtu.tree_map(
+        lambda a: jnp.full((ts.size, *a.shape), jnp.inf, a.dtype), z0)
     buf0 = save(buf0, z0, 0)
     check = (lambda g, z: jnp.array(False)) if steady is None else ft.partial(is_steady, steady)
 
@@ -518,10 +567,10 @@ def _solve_diffrax(solver, controller, energy, model, z0, x, y, t1, dt0, n, stea
             return is_steady(steady, activity_grad(energy, model, z, x, y), z)
 
         event = diffrax.Event(cond_fn)
-    if saveat is None:
-        save = diffrax.SaveAt(t1=True)
-    else:
-        save = diffrax.SaveAt(t1=True, ts=saveat.subs.ts, steps=saveat.subs.steps)
+    # The final state in a sub-save of its own: with a steady-state stop diffrax writes it
+    # into the next free slot of the user's save times and leaves the later ones inf.
+    final = diffrax.SubSaveAt(t1=True)
+    save = diffrax.SaveAt(subs=final if saveat is None else (final, saveat.subs))
     terms = diffrax.ODETerm(_vector_field)
     args = (energy, model, x, y)
     state = None
@@ -545,9 +594,10 @@ def _solve_diffrax(solver, controller, energy, model, z0, x, y, t1, dt0, n, stea
         throw=False,
         solver_state=state,
     )
-    z = jtu.tree_map(lambda a: a[-1], sol.ys)
-    traj = None if saveat is None else jtu.tree_map(lambda a: a[:-1], sol.ys)
-    ts = None if saveat is None else sol.ts[:-1]
+    ys, ts_ = (sol.ys, sol.ts) if saveat is None else (sol.ys[0], sol.ts[0])
+    z = jtu.tree_map(lambda a: a[-1], ys)
+    traj = None if saveat is None else sol.ys[1]
+    ts = None if saveat is None else sol.ts[1]
     hit = sol.result == diffrax.RESULTS.event_occurred
     ok = (sol.result == diffrax.RESULTS.successful) | hit
     if steady is None:
@@ -564,7 +614,7 @@ def _solve_diffrax(solver, controller, energy, model, z0, x, y, t1, dt0, n, stea
     else:
         # + 1 + k for the steady-state event (diffrax tests it at t0 and after each step)
         evals = at_init + k * per_step + (0 if steady is None else 1 + k)
-    return Raw(z, k, sol.ts[-1], result, evals, None, ts, traj)
+    return Raw(z, k, ts_[-1], result, evals, None, ts, traj)
 
 
 def solve_raw(model, z0, x, y, energy, solver, controller, t1, dt0, n, steady, saveat) -> Raw:
@@ -576,9 +626,12 @@ def solve_raw(model, z0, x, y, energy, solver, controller, t1, dt0, n, steady, s
 
         return solve_optimistix(solver, energy, model, z0, x, y, n, steady)
     adaptive = isinstance(controller, diffrax.AbstractAdaptiveStepSizeController)
-    if adaptive and saveat is None:
+    # pccore's own loops run explicit Runge-Kutta steps; anything else (implicit solvers,
+    # whose root finders take their tolerances from the controller) goes through diffrax.
+    own = saveat is None and isinstance(solver, diffrax.Euler | diffrax.AbstractERK)
+    if adaptive and own:
         return _solve_adaptive(solver, controller, energy, model, z0, x, y, t1, dt0, n, steady)
-    if adaptive or saveat is not None:
+    if adaptive or not own:
         return _solve_diffrax(solver, controller, energy, model, z0, x, y, t1, dt0, n, steady, saveat)
     return _solve_fixed(solver, energy, model, z0, x, y, t1, dt0, n, steady)
 
@@ -637,8 +690,11 @@ def infer(
         for adaptive diffrax solves, default 4096. No buffer of `max_steps` states is kept.
     - `steady_state`: a [`pccore.SteadyState`][] to stop early once the vector field meets
         its tolerance; `None` runs the whole budget.
-    - `saveat`: `diffrax.SaveAt(ts=...)` to record the activities and energy at some times
-        (update counts for optax solvers). Memory grows with `len(ts)` only.
+    - `saveat`: `diffrax.SaveAt(ts=..., t0=..., t1=..., steps=...)` to record the
+        activities and energy at some times (for optax solvers only `ts`, as update counts
+        0..max_steps). Memory grows with the number of save times only. Save times a solve
+        does not reach (after a steady-state stop, or unused `steps=True` slots) hold inf, as
+        in diffrax, and so does their energy.
     - `init`, `key`: the initialiser used when `activities` is None.
     - `throw`: raise if the solve diverged or ran out of `max_steps` (inside `jax.jit` too);
         with `False` check `solution.result` instead.

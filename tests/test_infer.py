@@ -170,6 +170,92 @@ def test_saved_trajectory_and_energies(getkey):
     np.testing.assert_allclose(opt.energies[2], opt.energy, rtol=1e-6)
 
 
+@pytest.mark.parametrize("route", ["euler", "tsit5-pid", "sgd"])
+def test_saved_trajectory_with_a_steady_state_stop(getkey, route):
+    """Saving does not change the solve: with a steady-state stop the final state, time,
+    steps and result are those of the same solve without `saveat`. A save time before the
+    stop holds the state there; one after it holds inf, and so does its energy."""
+    model = _tanh_mlp(getkey())
+    x = jax.random.normal(getkey(), (4, 6))
+    y = jax.random.normal(getkey(), (4, 3))
+    steady = pccore.SteadyState(0.0, 0.05)
+    if route == "sgd":
+        kw, ts, early = dict(solver=optax.sgd(0.2), max_steps=1000), [5, 990], dict(max_steps=5)
+    else:
+        kw = dict(dt0=0.2, t1=200.0, max_steps=2000)
+        if route == "tsit5-pid":
+            kw.update(solver=diffrax.Tsit5(), stepsize_controller=diffrax.PIDController(1e-4, 1e-4))
+        ts, early = [1.0, 190.0], dict(t1=1.0)
+    plain = pccore.infer(model, x=x, y=y, steady_state=steady, **kw)
+    saved = pccore.infer(model, x=x, y=y, steady_state=steady,
+                         saveat=diffrax.SaveAt(ts=jnp.array(ts)), **kw)
+    assert plain.result == saved.result == pccore.RESULTS.converged
+    assert int(saved.num_steps) == int(plain.num_steps) < 900
+    np.testing.assert_allclose(saved.t, plain.t, rtol=1e-6)
+    np.testing.assert_allclose(saved.energy, plain.energy, rtol=1e-6)
+    for a, b in zip(saved.activities, plain.activities):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    # the state at the first save time (adaptive: diffrax interpolates it, within tolerance)
+    ref = pccore.infer(model, x=x, y=y, **{**kw, **early})
+    tol = 1e-3 if route == "tsit5-pid" else 1e-6
+    for a, b in zip(saved.trajectory, ref.activities):
+        np.testing.assert_allclose(a[0], b, rtol=10 * tol, atol=tol)
+        assert bool(jnp.all(a[1] == jnp.inf))
+    np.testing.assert_allclose(saved.energies[0], ref.energy, rtol=10 * tol)
+    assert float(saved.energies[1]) == np.inf
+    assert float(saved.ts[1]) == (990.0 if route == "sgd" else np.inf)
+
+
+def test_saveat_t0_t1_and_steps(getkey):
+    """`SaveAt(t0=True)`, `t1=True` and `steps=True` are honoured, against the start, the
+    result, and shorter solves."""
+    model = _tanh_mlp(getkey())
+    x = jax.random.normal(getkey(), (4, 6))
+    y = jax.random.normal(getkey(), (4, 3))
+    kw = dict(x=x, y=y, dt0=0.3, t1=1.2)
+    sol = pccore.infer(model, **kw)
+    z0 = pccore.init_activities(model, x)
+    for save, times, states in [
+        (diffrax.SaveAt(t0=True), [0.0], [z0]),
+        (diffrax.SaveAt(t1=True), [1.2], [sol.activities]),
+        (diffrax.SaveAt(steps=True), [0.3, 0.6, 0.9, 1.2],
+         [pccore.infer(model, x=x, y=y, dt0=0.3, t1=0.3 * k).activities for k in (1, 2, 3, 4)]),
+    ]:
+        got = pccore.infer(model, **kw, saveat=save)
+        np.testing.assert_allclose(got.ts, times, rtol=1e-6)
+        for j, state in enumerate(states):
+            for a, b in zip(got.trajectory, state):
+                np.testing.assert_allclose(a[j], b, rtol=1e-5, atol=1e-6)
+        for a, b in zip(got.activities, sol.activities):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_saveat_errors(getkey):
+    model = _tanh_mlp(getkey())
+    x, y = jnp.ones((2, 6)), jnp.ones((2, 3))
+    opt = dict(x=x, y=y, solver=optax.sgd(0.1), max_steps=10)
+    with pytest.raises(ValueError, match=r"save times are update counts 0\.\.max_steps = 0\.\.10; "
+                                         r"got ts=\[0\.0, 2\.5\]"):
+        pccore.infer(model, **opt, saveat=diffrax.SaveAt(ts=jnp.array([0.0, 2.5])))
+    with pytest.raises(ValueError, match=r"got ts=\[0, 30\]"):
+        pccore.infer(model, **opt, saveat=diffrax.SaveAt(ts=jnp.array([0, 30])))
+    with pytest.raises(ValueError, match=r"t0=, t1= and steps= have no meaning here"):
+        pccore.infer(model, **opt, saveat=diffrax.SaveAt(t0=True, ts=jnp.array([5])))
+    sub = diffrax.SubSaveAt(ts=jnp.array([1.0]))
+    with pytest.raises(ValueError, match=r"several `subs` and a custom `fn` are not supported"):
+        pccore.infer(model, x=x, y=y, saveat=diffrax.SaveAt(subs=[sub, sub]))
+    with pytest.raises(ValueError, match=r"several `subs` and a custom `fn` are not supported"):
+        pccore.infer(model, x=x, y=y, saveat=diffrax.SaveAt(ts=jnp.array([1.0]),
+                                                            fn=lambda t, z, args: z[0]))
+    with pytest.raises(ValueError, match=r"dense=True is not supported"):
+        pccore.infer(model, x=x, y=y, saveat=diffrax.SaveAt(dense=True, t1=True))
+    with pytest.raises(TypeError, match=r"`saveat` must be a diffrax\.SaveAt or None; got list"):
+        pccore.infer(model, x=x, y=y, saveat=[1.0])
+    # a NumPy integer is a valid step budget
+    a = pccore.infer(model, **{**opt, "max_steps": np.int64(10)})
+    np.testing.assert_array_equal(a.energy, pccore.infer(model, **opt).energy)
+
+
 def test_divergence_is_reported(getkey):
     model = _tanh_mlp(getkey())
     x = jax.random.normal(getkey(), (4, 6))
@@ -199,8 +285,8 @@ def test_solver_errors(getkey):
 
 
 @pytest.mark.parametrize("solver", [diffrax.Heun(), diffrax.Tsit5(), diffrax.Bosh3(),
-                                    pccore.AdaptiveEuler()],
-                         ids=["heun", "tsit5", "bosh3", "adaptive-euler"])
+                                    pccore.AdaptiveEuler(), diffrax.ImplicitEuler()],
+                         ids=["heun", "tsit5", "bosh3", "adaptive-euler", "implicit-euler"])
 @pytest.mark.parametrize("stop", [False, True], ids=["to-t1", "steady-state"])
 def test_adaptive_loop_equals_diffeqsolve(x64, getkey, solver, stop):
     """The adaptive route (diffrax's step and controller in pccore's own loop) takes the
