@@ -432,3 +432,46 @@ def owners_by_layer(plan: Plan, params: Any, owner_of_leaf) -> list[tuple[str, i
     return [
         (owner_of_leaf(tuple(_key(k) for k in p)), l) for (p, _), l in zip(with_path, plan.slicer.layer)
     ]
+
+
+def infer_input_shape(trace, candidates, layer_owners, what: str, layer: str, how: str):
+    """Guess the per-sample input shape from the fan-ins of the model's `layer`s (an
+    hk.Linear, an nn.Dense): keep the first on which the model traces with such a layer in
+    layer 0. Params in dict order are usually in call order, but not after a `tree_map` or a
+    checkpoint restore (which sort the keys), so each candidate is tried.
+
+    `candidates`: `(input shape, module)` pairs; `trace(shape, called)` returns
+    `(plan, in_shape)` or raises, and collects `(module, per-sample input shape)` of the module
+    calls in `called` (`None` in it when the model itself failed, rather than being refused
+    after tracing); `layer_owners(plan)` gives `(module, layer)` pairs; `how` shows the call
+    with `input_shape=`.
+    """
+    if not candidates:
+        raise ValueError(
+            f"`input_shape`: cannot infer the per-sample input shape of {what} (it has no "
+            f"{layer} to read it from). Pass it, e.g. {how}."
+        )
+    shapes = list(dict.fromkeys(s for s, _ in candidates))
+    failure = None
+    for shape in shapes:
+        owners = {o for s, o in candidates if s == shape}
+        called: set = set()
+        try:
+            plan, in_shape = trace(shape, called)
+        except UnsupportedLayerError:
+            raise
+        except Exception as e:
+            if None not in called or any((o, shape) in called for o in owners):
+                raise  # refused after tracing, or such a layer got inputs of this shape
+            failure = failure or (shape, e.__cause__ or e)  # a wrong guess
+            continue
+        if any(o in owners and l == 0 for o, l in layer_owners(plan)):
+            return plan, in_shape
+    detail = ""
+    if failure is not None:
+        detail = f" (on {failure[0]}: {str(failure[1]).splitlines()[0]})"
+    raise ValueError(
+        f"`input_shape`: cannot infer the per-sample input shape of {what}: none of the input "
+        f"shapes read from its {layer} weights, {shapes}, fits a first-called {layer}{detail}. "
+        f"Pass it, e.g. {how}, or check that the parameters belong to this model."
+    )

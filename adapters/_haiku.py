@@ -12,7 +12,15 @@ import numpy as np
 from pccore._adapter import AbstractAdapter, UnsupportedLayerError
 from pccore._model import PCModel
 
-from ._chain import ChainLayer, discover, layer_names, owners_by_layer, require_params, weight_specs
+from ._chain import (
+    ChainLayer,
+    discover,
+    infer_input_shape,
+    layer_names,
+    owners_by_layer,
+    require_params,
+    weight_specs,
+)
 
 
 def _owner(keys: tuple) -> str:
@@ -34,43 +42,6 @@ def _candidates(params) -> list[tuple[tuple[int, ...], str]]:
         for name, d in params.items()
         if isinstance(d, dict) and np.ndim(d.get("w")) == 2
     ]
-
-
-def _infer(trace, candidates, layer_owners):
-    """Try each hk.Linear fan-in as the per-sample input shape; keep the first on which the
-    model traces with that Linear in layer 0. `trace(shape, called)` returns `(plan, in_shape)`
-    or raises; `called` collects `(module, per-sample input shape)` of the module calls, and
-    holds `None` when the model itself failed (rather than being refused after tracing)."""
-    how = "`pccore.wrap(f, params, input_shape=(8, 8, 1))`"
-    if not candidates:
-        raise ValueError(
-            "`input_shape`: cannot infer the per-sample input shape of this Haiku model (it "
-            f"has no hk.Linear to read it from). Pass it, e.g. {how}."
-        )
-    shapes = list(dict.fromkeys(s for s, _ in candidates))
-    failure = None
-    for shape in shapes:
-        linear = {o for s, o in candidates if s == shape}
-        called: set = set()
-        try:
-            plan, in_shape = trace(shape, called)
-        except UnsupportedLayerError:
-            raise
-        except Exception as e:
-            if None not in called or any((o, shape) in called for o in linear):
-                raise  # refused after tracing, or an hk.Linear got inputs of this shape: no guess
-            failure = failure or (shape, e.__cause__ or e)  # a wrong guess
-            continue
-        if any(o in linear and layer == 0 for o, layer in layer_owners(plan)):
-            return plan, in_shape
-    detail = ""
-    if failure is not None:
-        detail = f" (on {failure[0]}: {str(failure[1]).splitlines()[0]})"
-    raise ValueError(
-        "`input_shape`: cannot infer the per-sample input shape of this Haiku model: none of "
-        f"the input shapes read from its hk.Linear weights, {shapes}, fits a first-called "
-        f"hk.Linear{detail}. Pass it, e.g. {how}, or check that the params belong to this model."
-    )
 
 
 class HaikuAdapter(AbstractAdapter):
@@ -195,8 +166,9 @@ class HaikuAdapter(AbstractAdapter):
         if input_shape is not None:
             plan, in_shape = trace(input_shape, set())
         else:
-            plan, in_shape = _infer(
-                trace, _candidates(variables), lambda plan: owners_by_layer(plan, variables, _owner)
+            plan, in_shape = infer_input_shape(
+                trace, _candidates(variables), lambda plan: owners_by_layer(plan, variables, _owner),
+                "this Haiku model", "hk.Linear", "`pccore.wrap(f, params, input_shape=(8, 8, 1))`",
             )
         if stateful:
             _check_state_frozen(f, variables, state, in_shape, with_rng, args, kwargs)

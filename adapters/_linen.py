@@ -13,7 +13,15 @@ from flax.core import meta
 from pccore._adapter import AbstractAdapter, UnsupportedLayerError
 from pccore._model import PCModel
 
-from ._chain import ChainLayer, discover, layer_names, owners_by_layer, require_params, weight_specs
+from ._chain import (
+    ChainLayer,
+    discover,
+    infer_input_shape,
+    layer_names,
+    owners_by_layer,
+    require_params,
+    weight_specs,
+)
 
 
 def _key(k) -> Any:
@@ -74,43 +82,6 @@ def _candidates(params) -> list[tuple[tuple[int, ...], str]]:
         if keys and keys[-1] == "kernel" and np.ndim(leaf) == 2:
             out.append(((np.shape(leaf)[0],), "/".join(str(k) for k in keys[:-1])))
     return out
-
-
-def _infer(trace, candidates, layer_owners, what: str):
-    """Try each nn.Dense fan-in as the per-sample input shape; keep the first on which the
-    model traces with that Dense in layer 0. `trace(shape, called)` returns `(plan, in_shape)`
-    or raises; `called` collects `(module, per-sample input shape)` of the module calls, and
-    holds `None` when the model itself failed (rather than being refused after tracing)."""
-    how = "`pccore.wrap(module, variables, input_shape=(8, 8, 1))`"
-    if not candidates:
-        raise ValueError(
-            f"`input_shape`: cannot infer the per-sample input shape of {what} (it has no "
-            f"nn.Dense kernel to read it from). Pass it, e.g. {how}."
-        )
-    shapes = list(dict.fromkeys(s for s, _ in candidates))
-    failure = None
-    for shape in shapes:
-        dense = {o for s, o in candidates if s == shape}
-        called: set = set()
-        try:
-            plan, in_shape = trace(shape, called)
-        except UnsupportedLayerError:
-            raise
-        except Exception as e:
-            if None not in called or any((o, shape) in called for o in dense):
-                raise  # refused after tracing, or an nn.Dense got inputs of this shape: no guess
-            failure = failure or (shape, e.__cause__ or e)  # a wrong guess
-            continue
-        if any(o in dense and layer == 0 for o, layer in layer_owners(plan)):
-            return plan, in_shape
-    detail = ""
-    if failure is not None:
-        detail = f" (on {failure[0]}: {str(failure[1]).splitlines()[0]})"
-    raise ValueError(
-        f"`input_shape`: cannot infer the per-sample input shape of {what}: none of the input "
-        f"shapes read from its nn.Dense kernels, {shapes}, fits a first-called nn.Dense"
-        f"{detail}. Pass it, e.g. {how}, or check that the variables belong to this module."
-    )
 
 
 class LinenAdapter(AbstractAdapter):
@@ -224,8 +195,9 @@ class LinenAdapter(AbstractAdapter):
         if input_shape is not None:
             plan, in_shape = trace(input_shape, set())
         else:
-            plan, in_shape = _infer(
-                trace, _candidates(params), lambda plan: owners_by_layer(plan, params, _owner), what
+            plan, in_shape = infer_input_shape(
+                trace, _candidates(params), lambda plan: owners_by_layer(plan, params, _owner), what,
+                "nn.Dense", "`pccore.wrap(module, variables, input_shape=(8, 8, 1))`",
             )
         layers = tuple(ChainLayer(i, plan, frozen) for i in range(len(plan.names)))
         per_layer = plan.slicer.params
