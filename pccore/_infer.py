@@ -567,6 +567,12 @@ def _solve_diffrax(solver, controller, energy, model, z0, x, y, t1, dt0, n, stea
             return is_steady(steady, activity_grad(energy, model, z, x, y), z)
 
         event = diffrax.Event(cond_fn)
+    if isinstance(controller, diffrax.ConstantStepSize):
+        # The steps of pccore's own loop, min(k dt0, t1): diffrax's ConstantStepSize spreads a
+        # t1 that is not a whole number of steps differently, and saving must not change them.
+        grid = np.minimum(np.arange(n + 1) * dt0, t1)
+        grid[-1] = t1
+        controller, dt0 = diffrax.StepTo(ts=jnp.asarray(grid)), None
     # The final state in a sub-save of its own: with a steady-state stop diffrax writes it
     # into the next free slot of the user's save times and leaves the later ones inf.
     final = diffrax.SubSaveAt(t1=True)

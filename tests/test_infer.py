@@ -228,6 +228,12 @@ def test_saveat_t0_t1_and_steps(getkey):
                 np.testing.assert_allclose(a[j], b, rtol=1e-5, atol=1e-6)
         for a, b in zip(got.activities, sol.activities):
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    # t1 not a whole number of steps: saving keeps the steps min(k dt0, t1)
+    kw["t1"] = 1.0
+    got = pccore.infer(model, **kw, saveat=diffrax.SaveAt(steps=True))
+    np.testing.assert_allclose(got.ts, [0.3, 0.6, 0.9, 1.0], rtol=1e-6)
+    for a, b in zip(got.activities, pccore.infer(model, **kw).activities):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
 def test_saveat_errors(getkey):
