@@ -181,9 +181,12 @@ def _wrap_sequence(model, state=None, *, input_shape=None, dtype=None) -> PCMode
     for i, item in enumerate(items):
         if not callable(item):
             raise TypeError(f"`model`: {where}[{i}] is a {type(item).__name__}, not callable.")
+    # a parameterised layer starts a layer; parameter-free ones join the layer before (leading
+    # ones the first layer, as in the other adapters: a layer without parameters would add a
+    # latent that predictive coding cannot learn anything for)
     groups: list[list[int]] = []
     for i, layer in enumerate(items):
-        if _has_params(layer) or not groups:
+        if not groups or (_has_params(layer) and any(_has_params(items[j]) for j in groups[-1])):
             groups.append([i])
         else:
             groups[-1].append(i)

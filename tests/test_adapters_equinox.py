@@ -85,3 +85,20 @@ def test_training_mode_layers_nested_in_modules_are_refused():
     # in inference mode the same nested model is accepted and matches the native forward
     inf = eqx.nn.inference_mode(blocks)
     np.testing.assert_allclose(pccore.wrap(inf, input_shape=(4,))(_x()), jax.vmap(inf)(_x()), rtol=1e-6)
+
+
+def test_leading_parameter_free_elements_join_the_first_layer():
+    """[Lambda, Linear, Lambda, Linear] is two layers, as the same model is in the other
+    adapters: a layer without parameters would be a latent PC cannot learn anything for."""
+    k0, k1 = jax.random.split(jax.random.key(0))
+    seq = eqx.nn.Sequential([eqx.nn.Lambda(lambda v: 2.0 * v), eqx.nn.Linear(4, 5, key=k0),
+                             eqx.nn.Lambda(jnp.tanh), eqx.nn.Linear(5, 3, key=k1)])
+    model = pccore.wrap(seq, input_shape=(4,))
+    assert model.names == ("0:Lambda+1:Linear+2:Lambda", "3:Linear")
+    x = jax.random.normal(jax.random.key(1), (6, 4))
+    np.testing.assert_allclose(model(x), jax.vmap(seq)(x), rtol=1e-6, atol=1e-6)
+    z = pccore.init_activities(model, x)
+    np.testing.assert_allclose(z[0], jax.vmap(lambda v: jnp.tanh(seq.layers[1](2.0 * v)))(x),
+                               rtol=1e-6, atol=1e-6)
+    back = model.unwrap()
+    assert type(back) is eqx.nn.Sequential and len(back.layers) == 4
