@@ -475,3 +475,22 @@ def infer_input_shape(trace, candidates, layer_owners, what: str, layer: str, ho
         f"shapes read from its {layer} weights, {shapes}, fits a first-called {layer}{detail}. "
         f"Pass it, e.g. {how}, or check that the parameters belong to this model."
     )
+
+
+def recording(run: Run, called: set) -> Run:
+    """`run` that adds `(module, per-sample input shape)` of every module call to `called`, and
+    `None` when the model itself fails, for `infer_input_shape`."""
+
+    def traced(p, fr, x, icpt):
+        def rec(name, method, nf, args, kw):
+            a = args[0] if args else next(iter(kw.values()), None)
+            called.add((name, tuple(getattr(a, "shape", (None,))[1:])))
+            return icpt(name, method, nf, args, kw)
+
+        try:
+            return run(p, fr, x, rec)
+        except Exception:
+            called.add(None)
+            raise
+
+    return traced

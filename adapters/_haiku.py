@@ -18,6 +18,7 @@ from ._chain import (
     infer_input_shape,
     layer_names,
     owners_by_layer,
+    recording,
     require_params,
     weight_specs,
 )
@@ -144,21 +145,9 @@ class HaikuAdapter(AbstractAdapter):
             dtype = jnp.result_type(jax.tree_util.tree_leaves(variables)[0])
 
         def trace(shape, called):
-            def traced(p, fr, x, icpt):
-                def recording(name, method, nf, args, kw):
-                    a = args[0] if args else next(iter(kw.values()), None)
-                    called.add((name, tuple(getattr(a, "shape", (None,))[1:])))
-                    return icpt(name, method, nf, args, kw)
-
-                try:
-                    return run(p, fr, x, recording)
-                except Exception:
-                    called.add(None)
-                    raise
-
             in_shape = jax.ShapeDtypeStruct(tuple(shape), dtype)
             plan = discover(
-                traced, variables, state, in_shape, _owner, _leaf_keys, boundaries,
+                recording(run, called), variables, state, in_shape, _owner, _leaf_keys, boundaries,
                 "the Haiku transform", refuse,
             )
             return plan, in_shape

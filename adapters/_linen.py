@@ -19,6 +19,7 @@ from ._chain import (
     infer_input_shape,
     layer_names,
     owners_by_layer,
+    recording,
     require_params,
     weight_specs,
 )
@@ -175,21 +176,9 @@ class LinenAdapter(AbstractAdapter):
         _owner, _leaf_keys = _key_fns(params)
 
         def trace(shape, called):
-            def traced(p, fr, x, icpt):
-                def recording(name, method, nf, args, kw):
-                    a = args[0] if args else next(iter(kw.values()), None)
-                    called.add((name, tuple(getattr(a, "shape", (None,))[1:])))
-                    return icpt(name, method, nf, args, kw)
-
-                try:
-                    return run(p, fr, x, recording)
-                except Exception:
-                    called.add(None)
-                    raise
-
             in_shape = jax.ShapeDtypeStruct(tuple(shape), dtype)
-            plan = discover(traced, params, frozen, in_shape, _owner, _leaf_keys, boundaries, what,
-                            refuse)
+            plan = discover(recording(run, called), params, frozen, in_shape, _owner, _leaf_keys,
+                            boundaries, what, refuse)
             return plan, in_shape
 
         if input_shape is not None:
