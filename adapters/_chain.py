@@ -146,6 +146,7 @@ def discover(
     boundaries: Sequence[str] | None,
     what: str,
     refuse: Callable[[BaseException, str | None], BaseException | None],
+    probe: Run | None = None,
 ) -> Plan:
     """Trace the model once (abstractly) and cut it into layers.
 
@@ -161,7 +162,10 @@ def discover(
     - `what`: how to name the model in errors.
     - `refuse`: maps an exception raised by the model (and the innermost module name) to
         an error to raise instead (or `None` to re-raise it).
+    - `probe`: the run for discovery's own traces when they should do more than `run` (record
+        the calls, check the model's state); wrap time only: the plan keeps `run`.
     """
+    probe = run if probe is None else probe
     require_params(params, what)
     with_path = jtu.tree_flatten_with_path(params)[0]
     leaf_owner = [owner_of_leaf(tuple(_key(k) for k in p)) for p, _ in with_path]
@@ -215,7 +219,7 @@ def discover(
 
     x = jax.ShapeDtypeStruct((2, *in_shape.shape), in_shape.dtype)
     try:
-        out = jax.eval_shape(lambda p, s, x: run(p, s, x, icpt), params, frozen, x)
+        out = jax.eval_shape(lambda p, s, x: probe(p, s, x, icpt), params, frozen, x)
     except UnsupportedLayerError:
         raise
     except Exception as e:
@@ -271,7 +275,7 @@ def discover(
             f"({shared}); predictive coding layers cannot share parameters."
         )
     layer_of = [next(iter(seg[o])) for o in leaf_owner]
-    _check_chain(run, params, frozen, x, tuple(order), in_shapes, layer_of, what)
+    _check_chain(probe, params, frozen, x, tuple(order), in_shapes, layer_of, what)
     slicer = Slicer(params, leaf_keys, layer_of, len(order))
     shapes = [*in_shapes[1:], jax.ShapeDtypeStruct(out.shape[1:], out.dtype)]
     return Plan(run, tuple(order), tuple(shapes), tuple(b_out), in_shape, slicer)

@@ -147,8 +147,8 @@ class HaikuAdapter(AbstractAdapter):
         def trace(shape, called):
             in_shape = jax.ShapeDtypeStruct(tuple(shape), dtype)
             plan = discover(
-                recording(run, called), variables, state, in_shape, _owner, _leaf_keys, boundaries,
-                "the Haiku transform", refuse,
+                run, variables, state, in_shape, _owner, _leaf_keys, boundaries,
+                "the Haiku transform", refuse, probe=recording(run, called),
             )
             return plan, in_shape
 

@@ -15,6 +15,7 @@ from pccore._model import PCModel
 
 from ._chain import (
     ChainLayer,
+    _key,
     discover,
     infer_input_shape,
     layer_names,
@@ -23,10 +24,6 @@ from ._chain import (
     require_params,
     weight_specs,
 )
-
-
-def _key(k) -> Any:
-    return getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))
 
 
 def _is_box(node) -> bool:
@@ -177,8 +174,8 @@ class LinenAdapter(AbstractAdapter):
 
         def trace(shape, called):
             in_shape = jax.ShapeDtypeStruct(tuple(shape), dtype)
-            plan = discover(recording(run, called), params, frozen, in_shape, _owner, _leaf_keys,
-                            boundaries, what, refuse)
+            plan = discover(run, params, frozen, in_shape, _owner, _leaf_keys, boundaries, what,
+                            refuse, probe=recording(run, called))
             return plan, in_shape
 
         if input_shape is not None:

@@ -172,12 +172,18 @@ class NNXAdapter(AbstractAdapter):
         classes = {type(m) for path, m in nnx.iter_modules(model) if path and callable(m)}
         what = f"the NNX module {type(model).__name__}"
 
-        def run(p, fr, x, icpt):
-            m = nnx.merge(graphdef, p, fr)
+        def call(m, x, icpt):
             ids = {id(sub): _path_name(path) for path, sub in nnx.iter_modules(m) if path}
-            before = _watched(m)
             with _patched(classes, ids, icpt):
-                out = m(x, *args, **kwargs)
+                return m(x, *args, **kwargs)
+
+        def run(p, fr, x, icpt):
+            return call(nnx.merge(graphdef, p, fr), x, icpt)
+
+        def checked(p, fr, x, icpt):  # wrap time: no random draws, no statistics updates
+            m = nnx.merge(graphdef, p, fr)
+            before = _watched(m)
+            out = call(m, x, icpt)
             _check_unchanged(m, before, what)
             return out
 
@@ -200,7 +206,8 @@ class NNXAdapter(AbstractAdapter):
         for shape in candidates:
             in_shape = jax.ShapeDtypeStruct(shape, dtype)
             try:
-                plan = discover(run, params, rest, in_shape, _owner, _strip, boundaries, what, refuse)
+                plan = discover(run, params, rest, in_shape, _owner, _strip, boundaries, what, refuse,
+                                probe=checked)
             except _InputShapeError:
                 if input_shape is not None:
                     raise

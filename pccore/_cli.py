@@ -4,6 +4,7 @@ Run `pccore compare --help` or `python -m pccore train --help` for every option.
 """
 
 import argparse
+import json
 import math
 import pathlib
 import sys
@@ -11,7 +12,7 @@ import time
 from collections.abc import Sequence
 
 from ._builders import ACTIVATIONS, FRAMEWORK_EXTRAS, build_mlp, canonical_mlp, max_weight_difference
-from ._checkpoint import CheckpointError
+from ._checkpoint import CheckpointError, read_manifest
 from ._cli_options import (
     LOSSES,
     PARAMETERISATIONS,
@@ -204,10 +205,6 @@ _RESUMABLE = frozenset({"epochs", "out", "quiet", "no_plot", "checkpoint_dir", "
 
 def _check_resume(checkpoints, args) -> None:
     """A resumed run continues the saved one: the same settings, and not fewer epochs."""
-    import json
-
-    from ._checkpoint import read_manifest
-
     step = checkpoints.latest_step()
     if step is None:
         return
