@@ -222,6 +222,25 @@ def _labels(labels, source: str, num_classes: int) -> np.ndarray:
     return labels.astype(np.int64)
 
 
+def _check_finite(x: np.ndarray, file: str | pathlib.Path, array: str) -> None:
+    """A ValueError naming `file` and `array` (`x_train`, `x_test`) if `x` holds NaN or inf.
+
+    A non-finite pixel would make every training step on its batch diverge; a non-finite
+    test pixel would make the test accuracy meaningless.
+    """
+    if not np.issubdtype(x.dtype, np.inexact) or x.ndim < 2:
+        return  # integer pixels are always finite; a wrong shape is reported by _from_arrays
+    bad = ~np.isfinite(x)
+    count = int(bad.sum())
+    if count:
+        first = int(np.flatnonzero(bad.reshape(x.shape[0], -1).any(axis=1))[0])
+        raise ValueError(
+            f"{file}: `{array}` holds {count} non-finite value{'s' * (count != 1)} (NaN or "
+            f"inf) out of {x.size}, the first in sample {first}; expected finite pixel values. "
+            f"Replace them (e.g. numpy.nan_to_num) or drop those samples, and write {file} again."
+        )
+
+
 def _from_arrays(name, arrays, sources, num_classes=10) -> Dataset:
     """The data set from `(x_train, labels_train, x_test, labels_test)`; `sources` names where
     each array came from (a file, or a key of an archive) for the error messages."""
@@ -290,6 +309,9 @@ def _load_npz(path: pathlib.Path, name: str) -> Dataset:
             arrays = [f[k] for k in _NPZ_KEYS]
         except _NPZ_READ_ERRORS as e:
             raise ValueError(f"{path}: its arrays cannot be read ({e}); {fix}.") from e
+    for key, x in zip(_NPZ_KEYS, arrays):
+        if key.startswith("x_"):
+            _check_finite(np.asarray(x), path, key)
     return _from_arrays(name, arrays, [f"{path}[{k!r}]" for k in _NPZ_KEYS])
 
 
@@ -300,7 +322,11 @@ def _load_mnist_like(data_dir: str | pathlib.Path, name: str) -> Dataset:
     if path.is_dir():
         files = [_find_idx(path, stem) for stem in IDX_FILES]
         if all(f is not None for f in files):
-            return _from_arrays(name, [load_idx(f) for f in files], files)
+            arrays = [load_idx(f) for f in files]
+            for key, f, x in zip(_NPZ_KEYS, files, arrays):
+                if key.startswith("x_"):
+                    _check_finite(x, f, key)
+            return _from_arrays(name, arrays, files)
         if (path / _NPZ_NAMES[name]).is_file():
             return _load_npz(path / _NPZ_NAMES[name], name)
         missing = [stem for stem, f in zip(IDX_FILES, files) if f is None]
@@ -336,8 +362,9 @@ def load_mnist(data_dir: str | pathlib.Path) -> Dataset:
 
     **Raises:** `FileNotFoundError` when the files are not there; `ValueError`, naming the
     file or archive key, when they cannot be used: a damaged, truncated or non-IDX file, a
-    path that is neither a folder nor an `.npz`, images and labels of different counts, or
-    labels that are not class indices 0..9.
+    path that is neither a folder nor an `.npz`, images and labels of different counts,
+    labels that are not class indices 0..9, or images (`x_train` or `x_test`) holding NaN or
+    inf (the message gives the file, the array and how many).
     """
     return _load_mnist_like(data_dir, "mnist")
 
@@ -354,8 +381,19 @@ def load(
     name: str, *, data_dir: str | pathlib.Path | None = None, seed: int = 0,
     test_fraction: float = 0.2,
 ) -> Dataset:
-    """A data set by name: `"digits"`, `"mnist"` or `"fashion-mnist"` (the last two need `data_dir`)."""
+    """A data set by name: `"digits"`, `"mnist"` or `"fashion-mnist"` (the last two need `data_dir`).
+
+    `digits` is bundled with scikit-learn and reads no files: a `data_dir` with it is refused
+    (a ValueError) rather than ignored. `seed` and `test_fraction` fix the digits split; the
+    file-based sets keep the split of their files.
+    """
     if name == "digits":
+        if data_dir is not None:
+            raise ValueError(
+                f"`data_dir`: got {str(data_dir)!r} with the digits data set, which is bundled "
+                "with scikit-learn and reads no files; expected data_dir=None. Drop `data_dir`, "
+                "or load 'mnist' or 'fashion-mnist' to read the files there."
+            )
         return load_digits(seed, test_fraction)
     if name in _NPZ_NAMES:
         if data_dir is None:

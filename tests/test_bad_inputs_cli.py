@@ -1,0 +1,152 @@
+"""Issue 16, CLI / data / checkpoint part: every bad input gets a clear error (naming the
+option or file, got vs expected, and the fix), or a documented result.
+
+Each test drives the real code path; the CLI runs are tiny (digits, a few samples, one or
+two epochs, no figure).
+"""
+
+import json
+import re
+import shlex
+
+import equinox as eqx
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import pccore
+from pccore import _builders, _checkpoint, _cli, _cli_run, datasets
+from tests.test_datasets import fake_mnist, write_idx, write_mnist_dir
+
+SMALL = ["--hidden", "8", "--batch-size", "16", "--steps", "3", "--train-limit", "32",
+         "--test-limit", "16", "--no-plot"]
+
+
+def train_argv(out, *extra, epochs=1):
+    return ["train", *SMALL, "--epochs", str(epochs), "--out", str(out), *extra]
+
+
+def error_of(capsys) -> str:
+    """The CLI's stderr, checked to be one `pccore: ...` line and no traceback."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    return err
+
+
+def _no_training(monkeypatch):
+    """Record whether training starts (it must not, for inputs refused up front)."""
+    calls = []
+    monkeypatch.setattr(_cli_run, "train_pc", lambda *a, **k: calls.append(a) or 1 / 0)
+    return calls
+
+
+def _tiny_model():
+    model = _builders.build_mlp("equinox", _builders.canonical_mlp([4, 3, 2], 0), jnp.tanh)
+    return model, optax.adam(1e-2).init(model.params)
+
+
+# --- 1. non-finite data, skipped and never-made updates -------------------------------------
+
+
+def test_npz_nan_pixel_names_file_array_and_count(tmp_path):
+    x_tr, l_tr, x_te, l_te = fake_mnist(np.random.default_rng(0), n_train=20, n_test=8)
+    x_tr = x_tr.astype(np.float32) / 255
+    x_tr[3, 4, 5] = x_tr[7, 0, 0] = np.nan
+    np.savez(tmp_path / "m.npz", x_train=x_tr, y_train=l_tr, x_test=x_te, y_test=l_te)
+    with pytest.raises(ValueError, match=r"m\.npz: `x_train` holds 2 non-finite values \(NaN or "
+                                         r"inf\) out of 15680, the first in sample 3; expected "
+                                         r"finite pixel values\. Replace them"):
+        datasets.load_mnist(tmp_path / "m.npz")
+
+
+def test_idx_inf_in_test_images_names_x_test_and_file(tmp_path):
+    x_tr, l_tr, x_te, l_te = fake_mnist(np.random.default_rng(0), n_train=20, n_test=8)
+    x_te = x_te.astype(np.float32) / 255
+    x_te[5, 1, 1] = np.inf
+    write_mnist_dir(tmp_path, (x_tr, l_tr, x_te, l_te), gz=False)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", x_te, code=0x0D)  # float32 IDX
+    with pytest.raises(ValueError, match=r"t10k-images-idx3-ubyte: `x_test` holds 1 non-finite "
+                                         r"value \(NaN or inf\) out of 6272, the first in "
+                                         r"sample 5"):
+        datasets.load_fashion_mnist(tmp_path)
+    x_te[5, 1, 1] = 0.5  # a finite float IDX file loads, unscaled
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", x_te, code=0x0D)
+    np.testing.assert_array_equal(datasets.load_fashion_mnist(tmp_path).x_test,
+                                  x_te.reshape(8, -1))
+
+
+def _skip_first_update(monkeypatch):
+    """Report the first training step as skipped, as `train_step` does when inference
+    diverges (`TrainStats.updated` False)."""
+    real, calls = _cli_run._timed, []
+
+    def timed(fn, *args):
+        (model, opt_state, stats), ms = real(fn, *args)
+        calls.append(ms)
+        if len(calls) == 1:
+            stats = eqx.tree_at(lambda s: s.updated, stats, jnp.asarray(False))
+        return (model, opt_state, stats), ms
+
+    monkeypatch.setattr(_cli_run, "_timed", timed)
+
+
+# --- 2. --data-dir with the bundled digits --------------------------------------------------
+
+
+def test_load_digits_with_data_dir_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"`data_dir`: got '.*' with the digits data set, which "
+                                         r"is bundled with scikit-learn and reads no files; "
+                                         r"expected data_dir=None"):
+        datasets.load("digits", data_dir=tmp_path)
+    assert datasets.load("digits").name == "digits"  # without it: the bundled set
+
+
+# --- 3. unwritable output folders, refused before training -----------------------------------
+
+
+# --- 4. Ctrl-C -----------------------------------------------------------------------------
+
+
+def _interrupt_at_step(monkeypatch, n):
+    real, calls = _cli_run._timed, []
+
+    def timed(fn, *args):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real(fn, *args)
+
+    monkeypatch.setattr(_cli_run, "_timed", timed)
+
+
+# --- 5. --seed -------------------------------------------------------------------------------
+
+
+# --- 6. two writers in one checkpoint directory ----------------------------------------------
+
+
+def _during_write(monkeypatch, other_writer):
+    """Run `other_writer()` once, in the middle of the next save's write of its data file."""
+    real, done = _checkpoint._write_state, []
+
+    def write(path, tree):
+        if not done:
+            done.append(None)  # the other writer's own save writes normally
+            done[0] = other_writer()
+        return real(path, tree)
+
+    monkeypatch.setattr(_checkpoint, "_write_state", write)
+    return done
+
+
+
+
+
+
+
+
+
+
+
+
