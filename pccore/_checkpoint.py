@@ -24,10 +24,20 @@ the template has the same leaves (path, shape, dtype) as the checkpoint, before 
 read, so a truncated or corrupted file or a model of another architecture gets a
 [`pccore.CheckpointError`][] that says what is wrong.
 
+**One writer per directory.** A save holds an advisory lock (`flock`) on the directory it
+writes into, and [`pccore.CheckpointManager.hold`][] holds it for a whole run. A second
+writer, from another run or process, gets a [`pccore.CheckpointError`][] naming the
+directory instead of removing the first writer's temporary files; where no lock is
+available (a file system without `flock`, or Windows), a save that another writer overtook
+(its temporary directory removed, or its target written meanwhile) also ends in a
+`CheckpointError`, never a half-written checkpoint.
+
 One process writes (with several processes, `CheckpointManager` writes from process 0 only);
 use orbax-checkpoint for sharded, multi-host-parallel writes of very large states.
 """
 
+import contextlib
+import errno
 import hashlib
 import importlib.metadata
 import json
@@ -43,6 +53,11 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; one writer per directory is then on you
+    fcntl = None
 
 _FORMAT = "pccore-checkpoint"
 _FORMAT_VERSION = 1
@@ -197,6 +212,42 @@ def _recover(path: Path) -> None:
         _fsync_dir(path.parent)
 
 
+@contextlib.contextmanager
+def _writer_lock(directory: Path):
+    """Hold the advisory writer lock of `directory` (an `flock` on the directory itself, so
+    no lock file appears in it); a CheckpointError if another writer holds it."""
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CheckpointError(
+                f"Checkpoint directory {str(directory)!r} is held by another writer (another "
+                "run or process is saving checkpoints there); expected one writer per "
+                "directory. Give this run its own directory (e.g. --checkpoint-dir), or wait "
+                "for the other run to finish."
+            ) from None
+        except OSError:  # a file system without flock (some network mounts): no lock
+            pass
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _raced(error: BaseException, tmp: Path, renamed: bool) -> str | None:
+    """What another writer did if `error` comes from losing a race with it, else None."""
+    if renamed or not isinstance(error, OSError):
+        return None
+    if not tmp.is_dir():
+        return f"it removed this save's temporary directory {tmp.name}"
+    if error.errno in (errno.ENOTEMPTY, errno.EEXIST):
+        return "it wrote the same checkpoint meanwhile"
+    return None
+
+
 def _check_step(step: Any) -> None:
     if isinstance(step, bool) or not isinstance(step, int | np.integer) or step < 0:
         raise ValueError(f"`step` must be a non-negative int; got {step!r}.")
@@ -231,16 +282,31 @@ def save_checkpoint(
         leaves the previous checkpoint.
 
     **Returns:** the checkpoint's path.
+
+    **Raises:** [`pccore.CheckpointError`][] if another writer holds the directory (see
+    "One writer per directory" above) or overtook this save.
     """
     path = Path(path)
     _check_step(step)
+    config_json = _config_json(config)
+    _key_parts(key)  # a bad key is refused before anything is written
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _writer_lock(path.parent):
+        return _save(path, model, opt_state, step, key, config_json, overwrite)
+
+
+def _config_json(config: dict | None) -> dict:
     try:
-        config_json = json.loads(json.dumps({} if config is None else config))
+        return json.loads(json.dumps({} if config is None else config))
     except (TypeError, ValueError) as e:
         raise TypeError(
             f"`config` must be JSON-serialisable (dicts, lists, str, numbers, bools, None); "
             f"{e}. Convert such values first, e.g. `str(value)` or `float(value)`."
         ) from None
+
+
+def _save(path: Path, model, opt_state, step, key, config_json: dict, overwrite: bool) -> Path:
+    """The save itself, with the writer lock of `path.parent` held by the caller."""
     _recover(path)  # an earlier overwriting save, interrupted between its two renames
     if path.exists() and not overwrite:
         raise FileExistsError(
@@ -254,9 +320,9 @@ def save_checkpoint(
         + _leaf_specs(key_data, "key")
     )
     tree = _host(_keys_as_data({"model": model, "opt_state": opt_state, "key": key_data}))
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".tmp-{path.name}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
+    renamed = False
     try:
         _write_state(tmp / _STATE, tree)
         manifest = {
@@ -277,19 +343,35 @@ def save_checkpoint(
             f.flush()
             os.fsync(f.fileno())
         _fsync_dir(tmp)
+        if path.exists() and not overwrite:  # absent at the start: another writer put it there
+            raise _race_error(path, "it wrote the same checkpoint meanwhile")
         if path.exists():
             old = path.parent / f".old-{path.name}-{uuid.uuid4().hex[:8]}"
             os.replace(path, old)
             os.replace(tmp, path)
+            renamed = True
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
+            renamed = True
         _fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as e:
+        raced = _raced(e, tmp, renamed)
         shutil.rmtree(tmp, ignore_errors=True)
         _recover(path)  # interrupted between the two renames: put the old checkpoint back
-        raise
+        if raced is None:
+            raise
+        raise _race_error(path, f"{raced}: {e}") from e
     return path
+
+
+def _race_error(path: Path, what: str) -> CheckpointError:
+    return CheckpointError(
+        f"Checkpoint directory {str(path.parent)!r}: another writer saved into it while this "
+        f"save of {path.name} ran ({what}); expected one writer per directory. This save was "
+        "abandoned: give each run its own directory (e.g. --checkpoint-dir), or stop the other "
+        "run."
+    )
 
 
 def _is_int(x: Any) -> bool:
@@ -517,6 +599,34 @@ class CheckpointManager:
             raise ValueError(f"`keep` must be a positive int; got {keep!r}. E.g. keep=3.")
         self.directory = Path(directory)
         self.keep = keep
+        self._holding = False
+
+    @contextlib.contextmanager
+    def hold(self):
+        """Hold the directory's writer lock for a whole run (creating the directory).
+
+        ```python
+        with manager.hold():  # a second run into this directory is refused from here on
+            for epoch in ...:
+                manager.save(epoch + 1, model=model, opt_state=opt_state)
+        ```
+
+        Each `save` takes the lock for its own duration anyway; `hold` also refuses another
+        writer between saves. Re-entrant for this manager; a no-op on processes other than 0
+        (they do not write).
+
+        **Raises:** [`pccore.CheckpointError`][] if another writer holds the directory.
+        """
+        if self._holding or jax.process_index() != 0:
+            yield self
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with _writer_lock(self.directory):
+            self._holding = True
+            try:
+                yield self
+            finally:
+                self._holding = False
 
     def path(self, step: int) -> Path:
         """The directory of checkpoint `step`."""
@@ -568,12 +678,23 @@ class CheckpointManager:
 
         With several processes only process 0 writes (the state is replicated); the others
         return the path at once.
+
+        **Raises:** [`pccore.CheckpointError`][] if another writer holds the directory (another
+        manager's save or [`pccore.CheckpointManager.hold`][]) or overtook this save.
         """
         _check_step(step)
         path = self.path(step)
         if jax.process_index() != 0:
             return path
-        if self.directory.is_dir():  # leftovers of interrupted saves (single writer)
+        config_json = _config_json(config)
+        _key_parts(key)
+        with self.hold():
+            self._save_held(step, path, model, opt_state, key, config_json, overwrite)
+        return path
+
+    def _save_held(self, step, path, model, opt_state, key, config_json, overwrite) -> None:
+        """`save` with the writer lock held: clear leftovers, write, prune."""
+        if self.directory.is_dir():  # leftovers of interrupted saves (the lock is ours)
             for p in list(self.directory.iterdir()):
                 m = _OLD_DIR.match(p.name)
                 if m:  # set aside by an overwriting save interrupted between its renames
@@ -590,15 +711,10 @@ class CheckpointManager:
                     "or pass `overwrite=True` to write here anyway."
                 )
             overwrite = path.exists() and not self._valid(step)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        save_checkpoint(
-            path, model=model, opt_state=opt_state, step=step, key=key, config=config,
-            overwrite=overwrite,
-        )
+        _save(path, model, opt_state, step, key, config_json, overwrite)
         others = [s for s in self.steps() if s != step]
         for old in others[: max(len(others) - (self.keep - 1), 0)]:
             shutil.rmtree(self.path(old), ignore_errors=True)
-        return path
 
     def restore(self, step: int | None = None, *, model: Any, opt_state: Any) -> Checkpoint:
         """Restore checkpoint `step`, or the latest valid one (see [`pccore.restore_checkpoint`][]).

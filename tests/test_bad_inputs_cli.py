@@ -140,12 +140,72 @@ def _during_write(monkeypatch, other_writer):
     return done
 
 
+def test_second_writer_in_a_held_directory_gets_checkpoint_error(tmp_path, monkeypatch):
+    model, opt_state = _tiny_model()
+    first, second = pccore.CheckpointManager(tmp_path), pccore.CheckpointManager(tmp_path)
+
+    def other():
+        with pytest.raises(pccore.CheckpointError) as e:
+            second.save(2, model=model, opt_state=opt_state)
+        return str(e.value)
+
+    done = _during_write(monkeypatch, other)
+    first.save(1, model=model, opt_state=opt_state)
+    assert done == [
+        f"Checkpoint directory {str(tmp_path)!r} is held by another writer (another run or "
+        "process is saving checkpoints there); expected one writer per directory. Give this run "
+        "its own directory (e.g. --checkpoint-dir), or wait for the other run to finish."]
+    monkeypatch.undo()
+    assert first.steps() == [1] and first.latest_step() == 1  # the first writer's save is whole
+    second.save(2, model=model, opt_state=opt_state)  # once it is done, the second may write
+    assert second.steps() == [1, 2]
 
 
+def test_hold_refuses_another_writer_for_a_whole_run(tmp_path):
+    model, opt_state = _tiny_model()
+    run = pccore.CheckpointManager(tmp_path)
+    with run.hold():
+        run.save(1, model=model, opt_state=opt_state)  # re-entrant for the holder
+        with pytest.raises(pccore.CheckpointError, match="is held by another writer"):
+            pccore.save_checkpoint(tmp_path / "step_00000009", model=model,
+                                   opt_state=opt_state, step=9)
+    assert run.steps() == [1]
+    pccore.save_checkpoint(tmp_path / "step_00000009", model=model, opt_state=opt_state, step=9)
 
 
+def test_save_overtaken_without_a_lock_is_checkpoint_error(tmp_path, monkeypatch):
+    """Without flock (some network file systems), another manager's save removes this save's
+    temporary directory as a leftover: a CheckpointError, not a FileNotFoundError on it."""
+    monkeypatch.setattr(_checkpoint, "fcntl", None)
+    model, opt_state = _tiny_model()
+    loser, winner = pccore.CheckpointManager(tmp_path), pccore.CheckpointManager(tmp_path)
+    _during_write(monkeypatch, lambda: winner.save(1, model=model, opt_state=opt_state))
+    with pytest.raises(pccore.CheckpointError,
+                       match=rf"Checkpoint directory {re.escape(repr(str(tmp_path)))}: another "
+                             r"writer saved into it while this save of step_00000002 ran \(it "
+                             r"removed this save's temporary directory \.tmp-step_00000002-"
+                             r"[0-9a-f]{8}: .*\); expected one writer per directory\. This save "
+                             r"was abandoned"):
+        loser.save(2, model=model, opt_state=opt_state)
+    assert winner.latest_step() == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000001"]
 
 
+def test_same_checkpoint_written_meanwhile_is_checkpoint_error(tmp_path, monkeypatch):
+    """Without a lock, a writer that finds its target written by another one meanwhile gives
+    up with a CheckpointError and leaves the other's checkpoint in place."""
+    monkeypatch.setattr(_checkpoint, "fcntl", None)
+    model, opt_state = _tiny_model()
+    path = tmp_path / "step_00000001"
+    _during_write(monkeypatch, lambda: pccore.save_checkpoint(
+        path, model=model, opt_state=opt_state, step=1, config={"writer": "winner"}))
+    with pytest.raises(pccore.CheckpointError,
+                       match=r"another writer saved into it while this save of step_00000001 "
+                             r"ran \(it wrote the same checkpoint meanwhile\)"):
+        pccore.save_checkpoint(path, model=model, opt_state=opt_state, step=1,
+                               config={"writer": "loser"})
+    assert pccore.read_manifest(path)["config"] == {"writer": "winner"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000001"]
 
 
 
