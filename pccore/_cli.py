@@ -4,10 +4,13 @@ Run `pccore compare --help` or `python -m pccore train --help` for every option.
 """
 
 import argparse
+import contextlib
 import json
 import math
 import pathlib
+import shlex
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 
@@ -19,6 +22,7 @@ from ._cli_options import (
     SOLVERS,
     VARIANT_NAMES,
     CLIError,
+    TrainingFailed,
     make_parameterisation,
     make_solver,
     make_variant,
@@ -35,6 +39,27 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+SEED_MAX = 2**32 - 1
+"""The largest --seed (NumPy and JAX seeds are non-negative; a second network uses seed + 1)."""
+
+INTERRUPTED = 130
+"""Exit status after Ctrl-C (128 + SIGINT, as shells report it)."""
+
+
+def _seed(text: str) -> int:
+    """An integer 0..SEED_MAX (argparse names --seed in front of the message)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 <= value <= SEED_MAX:
+        got = repr(text) if value is None else value
+        raise argparse.ArgumentTypeError(
+            f"expected an integer from 0 to {SEED_MAX} (NumPy and JAX seeds are non-negative), "
+            f"got {got}; pass e.g. --seed 0")
     return value
 
 
@@ -84,13 +109,15 @@ def _common(p: argparse.ArgumentParser) -> None:
     t.add_argument("--batch-size", type=_positive_int, default=32, help="(default: 32)")
     t.add_argument("--lr", type=_positive_float, default=3e-3,
                    help="Adam learning rate of the parameters (default: 3e-3)")
-    t.add_argument("--seed", type=int, default=0,
-                   help="seeds the weights, the data split and the batch order (default: 0)")
+    t.add_argument("--seed", type=_seed, default=0,
+                   help=f"seeds the weights, the data split and the batch order, 0..{SEED_MAX} "
+                        "(default: 0)")
     d = p.add_argument_group("data")
     d.add_argument("--data", choices=DATASETS, default="digits",
                    help="digits (bundled with scikit-learn) or MNIST / Fashion-MNIST files")
     d.add_argument("--data-dir", type=pathlib.Path, default=None,
-                   help="folder with the MNIST-style IDX files (gzipped or not) or an .npz")
+                   help="mnist / fashion-mnist only: folder with the MNIST-style IDX files "
+                        "(gzipped or not) or an .npz")
     d.add_argument("--train-limit", type=_positive_int, default=None,
                    help="use only the first N training samples")
     d.add_argument("--test-limit", type=_positive_int, default=None,
@@ -151,6 +178,13 @@ def _load_data(args):
                 f"--data-parallel shards each batch over {n} devices, so --batch-size must be a "
                 f"multiple of {n}; got {args.batch_size}."
             )
+    if args.data == "digits" and args.data_dir is not None:
+        raise CLIError(
+            f"--data-dir {args.data_dir}: --data digits is bundled with scikit-learn and reads "
+            "no files, so --data-dir would be ignored; expected --data-dir only with --data "
+            f"{' or --data '.join(d for d in DATASETS if d != 'digits')}. Drop --data-dir, or "
+            "pass --data mnist (or fashion-mnist) to read the files there."
+        )
     if args.data != "digits" and args.data_dir is None:
         raise CLIError(
             f"--data {args.data} reads files from disk: pass --data-dir DIR, a folder holding "
@@ -168,6 +202,98 @@ def _load_data(args):
             f"({data.x_train.shape[0]} samples); lower --batch-size or raise --train-limit."
         )
     return data
+
+
+def _writable_folder(path: pathlib.Path, option: str) -> None:
+    """Create `path` and check that a file can be written there, before anything trains (the
+    results of a long run would otherwise be lost at the end)."""
+    blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        where = "is a file" if blocker == path else f"lies under {blocker}, which is a file"
+        raise CLIError(
+            f"{option} {path}: the path {where}, not a folder; expected a folder pccore can "
+            f"create and write into. Pass another {option}, or move that file away."
+        )
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise CLIError(
+            f"{option} {path}: cannot write there ({e.strerror or e}); expected a writable "
+            f"folder. Pass another {option}, or make it writable."
+        ) from e
+
+
+def _checkpoint_folder(args) -> pathlib.Path | None:
+    """Where `train` saves checkpoints, or None when it does not."""
+    if args.command != "train":
+        return None
+    if args.checkpoint_dir is None and not args.resume and args.keep is None:
+        return None
+    return args.checkpoint_dir or args.out / "checkpoints"
+
+
+def _open_checkpoints(args, stack: contextlib.ExitStack):
+    """The run's CheckpointManager, writable and held for the run (None without checkpoints);
+    refuses a folder of another run unless resuming it with the same settings."""
+    from ._checkpoint import CheckpointManager
+
+    folder = _checkpoint_folder(args)
+    if folder is None:
+        return None
+    _writable_folder(folder, "--checkpoint-dir")
+    checkpoints = CheckpointManager(folder, keep=args.keep or 3)
+    stack.enter_context(checkpoints.hold())  # a second run into this folder is refused
+    if not args.resume and checkpoints.steps():
+        raise CLIError(
+            f"--checkpoint-dir {folder} already holds checkpoints (steps "
+            f"{checkpoints.steps()}); pass --resume to continue that run, or choose an empty "
+            "folder (--checkpoint-dir or --out)."
+        )
+    if args.resume:
+        _check_resume(checkpoints, args)
+    return checkpoints
+
+
+def _check_updated(r, args) -> None:
+    """A run whose every update was skipped (inference diverged each time) is an error."""
+    if not r.never_updated:
+        return
+    adaptive = args.solver in ("tsit5", "adaptive-euler")
+    solver = ("tighten --rtol / --atol" if adaptive
+              else "use an adaptive solver (--solver tsit5 or adaptive-euler)")
+    raise TrainingFailed(
+        f"{r.framework}: inference diverged on every training step ({r.updates_skipped} of "
+        f"{r.training_steps} updates skipped: the energy at the inferred activities was NaN or "
+        "inf), so the weights never changed; expected at least one update. Lower --dt0 (got "
+        f"{args.dt0:g}) or {solver}; if the weights had blown up, lower --lr (got {args.lr:g})."
+    )
+
+
+def _skipped_note(r) -> str:
+    if not r.updates_skipped:
+        return ""
+    return (f"; {r.updates_skipped} of {r.training_steps} updates skipped (inference diverged: "
+            "lower --dt0 or use an adaptive solver)")
+
+
+def _interrupted(args, argv: Sequence[str]) -> str:
+    """The one line printed after Ctrl-C: what was saved, and how to resume from it."""
+    line = "pccore: interrupted (Ctrl-C)"
+    folder = _checkpoint_folder(args)
+    if folder is None:
+        return (f"{line}; no results were written (pccore train --checkpoint-dir DIR saves after "
+                "every epoch, to resume from).")
+    from ._checkpoint import CheckpointManager
+
+    manager = CheckpointManager(folder)
+    step = manager.latest_step()
+    if step is None:
+        return f"{line} before the first checkpoint in {folder}; rerun the command to start over."
+    command = shlex.join(["pccore", *argv, *([] if "--resume" in argv else ["--resume"])])
+    return (f"{line}; the latest checkpoint is {manager.path(step)} (epoch {step}/{args.epochs}). "
+            f"Resume with: {command}")
 
 
 def _build(framework: str, weights, activation):
@@ -260,14 +386,16 @@ def compare(args) -> int:
               for fw in args.frameworks}
     say = (lambda s: None) if args.quiet else print
     progress = not args.quiet
+    _writable_folder(args.out, "--out")
     say(f"pccore compare: {_describe(args, sizes, solver)}")
     results = []
     for fw, model in models.items():
         r = train_pc(fw, model, variant, solver, data, epochs=args.epochs,
                      batch_size=args.batch_size, lr=args.lr, seed=args.seed, progress=progress,
                      data_parallel=args.data_parallel)
+        _check_updated(r, args)
         say(f"{fw:>8}: test accuracy {100 * r.final_accuracy:.2f}% after {args.epochs} epochs "
-            f"({r.seconds:.1f} s)")
+            f"({r.seconds:.1f} s){_skipped_note(r)}")
         results.append(r)
     if not args.no_backprop and not variant.has_backprop_reference:
         say(f"backprop: no reference row for the {args.variant!r} variant")
@@ -281,7 +409,6 @@ def compare(args) -> int:
     for r in results:
         r.weight_difference = max_weight_difference(r.weights, reference.weights)
     print(table(results, reference.framework))
-    args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "compare.json", _config(args), results)
     written = [args.out / "compare.json"]
     if not args.no_plot:
@@ -302,31 +429,20 @@ def train(args) -> int:
     data = _load_data(args)
     sizes = variant.layer_sizes(data.num_features, args.hidden, data.num_classes)
     model = _make(variant, args.framework, sizes, args.seed, ACTIVATIONS[args.activation])
+    _writable_folder(args.out, "--out")
     if not args.quiet:
         print(f"pccore train ({args.framework}): {_describe(args, sizes, solver)}")
-    checkpoints = None
-    if args.checkpoint_dir is not None or args.resume or args.keep is not None:
-        from ._checkpoint import CheckpointManager
-
-        folder = args.checkpoint_dir or args.out / "checkpoints"
-        checkpoints = CheckpointManager(folder, keep=args.keep or 3)
-        if not args.resume and checkpoints.steps():
-            raise CLIError(
-                f"--checkpoint-dir {folder} already holds checkpoints (steps "
-                f"{checkpoints.steps()}); pass --resume to continue that run, or choose an empty "
-                "folder (--checkpoint-dir or --out)."
-            )
-        if args.resume:
-            _check_resume(checkpoints, args)
-    r = train_pc(args.framework, model, variant, solver, data, epochs=args.epochs,
-                 batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                 progress=not args.quiet, log=None if args.quiet else print,
-                 checkpoints=checkpoints, resume=args.resume, config=_config(args),
-                 data_parallel=args.data_parallel)
+    with contextlib.ExitStack() as stack:
+        checkpoints = _open_checkpoints(args, stack)
+        r = train_pc(args.framework, model, variant, solver, data, epochs=args.epochs,
+                     batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                     progress=not args.quiet, log=None if args.quiet else print,
+                     checkpoints=checkpoints, resume=args.resume, config=_config(args),
+                     data_parallel=args.data_parallel)
+    _check_updated(r, args)
     print(f"final test accuracy {100 * r.final_accuracy:.2f}%, energy {r.final_energy:.4f}, "
           f"{r.step_ms:.2f} ms per training step, {r.inference_steps:g} inference steps per "
-          f"training step")
-    args.out.mkdir(parents=True, exist_ok=True)
+          f"training step{_skipped_note(r)}")
     write_json(args.out / "train.json", _config(args), [r])
     if not args.no_plot:
         write_figure(args.out / "train.png", [r], _describe(args, sizes, solver), _time_axis(solver))
@@ -334,14 +450,23 @@ def train(args) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `pccore` console script and of `python -m pccore`."""
+    """Entry point of the `pccore` console script and of `python -m pccore`.
+
+    Exit status: 0 on success; 2 for a bad option value, unusable data or output folder, or a
+    checkpoint problem; 1 when inference diverged on every training step (nothing learnt);
+    130 after Ctrl-C (with the checkpoint and the command to resume from, if any).
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser().parse_args(argv)
     start = time.perf_counter()
     try:
         status = compare(args) if args.command == "compare" else train(args)
     except (CLIError, CheckpointError, ImportError, FileNotFoundError) as e:
         print(f"pccore: error: {e}", file=sys.stderr)
-        return 2
+        return e.status if isinstance(e, CLIError) else 2
+    except KeyboardInterrupt:
+        print(_interrupted(args, argv), file=sys.stderr)
+        return INTERRUPTED
     if not args.quiet:
         print(f"done in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return status

@@ -30,7 +30,15 @@ from ._solvers import AdaptiveEuler
 
 
 class CLIError(Exception):
-    """A bad command-line value: printed as `pccore: error: ...`, exit status 2."""
+    """A bad command-line value: printed as `pccore: error: ...`, exit status `status` (2)."""
+
+    status: int = 2
+
+
+class TrainingFailed(CLIError):
+    """The run went through but learnt nothing (every update skipped): exit status 1."""
+
+    status = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +55,8 @@ class SolverConfig:
     @property
     def kwargs(self) -> dict[str, Any]:
         return dict(
-            solver=self.solver, stepsize_controller=self.stepsize_controller, t1=self.t1,
+            solver=self.solver, stepsize_controller=self.stepsize_controller,
+            t1=None if self.is_optax else self.t1,  # an optax solver has no horizon
             dt0=self.dt0, max_steps=self.max_steps,
         )
 

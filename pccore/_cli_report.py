@@ -27,18 +27,24 @@ def require_matplotlib():
 
 
 def table(results: list[RunResult], reference: str) -> str:
-    """A Markdown table: one row per framework, then backprop."""
+    """A Markdown table: one row per framework, then backprop.
+
+    `skipped updates` counts the training steps whose update was skipped because inference
+    diverged, out of all training steps (backprop has none).
+    """
     head = (
         "| framework | test accuracy | final energy | ms / step | inference steps / step "
-        f"| max abs weight diff vs {reference} |"
+        f"| skipped updates | max abs weight diff vs {reference} |"
     )
-    rows = [head, "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    rows = [head, "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in results:
         diff = "-" if r.weight_difference is None else f"{r.weight_difference:.2e}"
-        steps = "-" if r.framework == "backprop" else f"{r.inference_steps:g}"
+        pc = r.framework != "backprop"
+        steps = f"{r.inference_steps:g}" if pc else "-"
+        skipped = f"{r.updates_skipped}/{r.training_steps}" if pc else "-"
         rows.append(
             f"| {r.framework} | {100 * r.final_accuracy:.2f}% | {r.final_energy:.4f} | "
-            f"{r.step_ms:.2f} | {steps} | {diff} |"
+            f"{r.step_ms:.2f} | {steps} | {skipped} | {diff} |"
         )
     return "\n".join(rows)
 

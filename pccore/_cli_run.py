@@ -30,7 +30,8 @@ class RunResult:
     `final_energy` is the batch-mean energy at the inferred activities, averaged over the last
     epoch's training steps (for backprop: the training loss). `energy_trace` is the batch-mean
     energy along one inference solve on the first test batch with the final weights, at
-    `trace_times`.
+    `trace_times`. `updates_skipped` of the `training_steps` run here left the weights
+    unchanged because inference diverged (`TrainStats.updated` False).
     """
 
     framework: str
@@ -45,6 +46,12 @@ class RunResult:
     energy_trace: list[float]
     weights: Weights = dataclasses.field(repr=False)
     weight_difference: float | None = None
+    training_steps: int = 0
+
+    @property
+    def never_updated(self) -> bool:
+        """Every training step of this run was skipped (inference diverged on each)."""
+        return self.training_steps > 0 and self.updates_skipped == self.training_steps
 
     @property
     def final_accuracy(self) -> float:
@@ -130,7 +137,7 @@ def train_pc(
     n_batches = data.x_train.shape[0] // batch_size
     with Progress((epochs - first) * n_batches, f"{framework:>8}", enabled=progress) as bar:
         for epoch in range(first, epochs):
-            epoch_loss, epoch_energy = [], []
+            epoch_loss, epoch_energy, epoch_skipped = [], [], 0
             for idx in batches(data.x_train.shape[0], batch_size, rng):
                 key, sub = jax.random.split(key)
                 x, y = jnp.asarray(data.x_train[idx]), jnp.asarray(data.y_train[idx])
@@ -141,15 +148,17 @@ def train_pc(
                 )
                 times.append(ms)
                 steps.append(int(stats.num_steps))
-                skipped += int(not stats.updated)
+                epoch_skipped += int(not stats.updated)
                 epoch_loss.append(float(stats.loss))
                 epoch_energy.append(float(stats.energy))
                 bar.update(1, f"epoch {epoch + 1}/{epochs} energy {epoch_energy[-1]:.4f}")
             accs.append(variant.accuracy(model, data.x_test, data.y_test))
             losses.append(float(np.mean(epoch_loss)))
             energies = epoch_energy
+            skipped += epoch_skipped
             if log is not None:
-                bar.write(log_line(framework, epoch, epochs, losses[-1], np.mean(energies), accs[-1]))
+                bar.write(log_line(framework, epoch, epochs, losses[-1], np.mean(energies), accs[-1],
+                                   skipped=epoch_skipped, steps=len(epoch_loss)))
             if checkpoints is not None:
                 checkpoints.save(epoch + 1, model=model, opt_state=opt_state, key=key,
                                  config=config)
@@ -169,12 +178,17 @@ def train_pc(
         trace_times=times_t,
         energy_trace=trace,
         weights=canonical_weights(variant.network(model)),
+        training_steps=len(times),
     )
 
 
-def log_line(name, epoch, epochs, loss, energy, acc) -> str:
-    return (f"{name} epoch {epoch + 1:>3}/{epochs}  loss {loss:.4f}  energy {energy:.4f}  "
+def log_line(name, epoch, epochs, loss, energy, acc, *, skipped: int = 0, steps: int = 0) -> str:
+    """One epoch's line; with skipped updates, how many of the epoch's `steps` and why."""
+    line = (f"{name} epoch {epoch + 1:>3}/{epochs}  loss {loss:.4f}  energy {energy:.4f}  "
             f"test accuracy {100 * acc:.2f}%")
+    if skipped:
+        line += f"  skipped updates {skipped}/{steps} (inference diverged)"
+    return line
 
 
 @eqx.filter_jit
@@ -235,4 +249,5 @@ def train_backprop(
         trace_times=[],
         energy_trace=[],
         weights=canonical_weights(model),
+        training_steps=len(times),
     )

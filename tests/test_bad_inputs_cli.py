@@ -76,6 +76,34 @@ def test_idx_inf_in_test_images_names_x_test_and_file(tmp_path):
                                   x_te.reshape(8, -1))
 
 
+def test_cli_refuses_data_with_a_nan_pixel(tmp_path, monkeypatch, capsys):
+    calls = _no_training(monkeypatch)
+    x_tr, l_tr, x_te, l_te = fake_mnist(np.random.default_rng(0), n_train=40, n_test=12)
+    x_tr = x_tr.astype(np.float32) / 255
+    x_tr[0, 0, 0] = np.nan
+    np.savez(tmp_path / "m.npz", x_train=x_tr, y_train=l_tr, x_test=x_te, y_test=l_te)
+    argv = ["train", "--data", "mnist", "--data-dir", str(tmp_path / "m.npz"), *SMALL,
+            "--out", str(tmp_path / "out")]
+    assert _cli.main(argv) == 2
+    err = error_of(capsys)
+    assert re.fullmatch(r"pccore: error: .*m\.npz: `x_train` holds 1 non-finite value \(NaN or "
+                        r"inf\) out of 31360, the first in sample 0; .*\n", err), err
+    assert not calls and not (tmp_path / "out").exists()
+
+
+def test_cli_run_that_never_updated_exits_1(tmp_path, capsys):
+    """--dt0 1e30: inference diverges on every step, so no update is ever made."""
+    assert _cli.main(train_argv(tmp_path, "--dt0", "1e30")) == 1
+    err = error_of(capsys)
+    assert re.fullmatch(
+        r"pccore: error: equinox: inference diverged on every training step \(2 of 2 updates "
+        r"skipped: the energy at the inferred activities was NaN or inf\), so the weights never "
+        r"changed; expected at least one update\. Lower --dt0 \(got 1e\+30\) or use an adaptive "
+        r"solver \(--solver tsit5 or adaptive-euler\); if the weights had blown up, lower --lr "
+        r"\(got 0\.003\)\.\n", err), err
+    assert not (tmp_path / "train.json").exists()
+
+
 def _skip_first_update(monkeypatch):
     """Report the first training step as skipped, as `train_step` does when inference
     diverges (`TrainStats.updated` False)."""
@@ -91,7 +119,50 @@ def _skip_first_update(monkeypatch):
     monkeypatch.setattr(_cli_run, "_timed", timed)
 
 
+def test_cli_reports_skipped_updates(tmp_path, monkeypatch, capsys):
+    _skip_first_update(monkeypatch)
+    assert _cli.main(train_argv(tmp_path)) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"equinox epoch   1/1  loss \S+  energy \S+  test accuracy \S+%  skipped "
+                     r"updates 1/2 \(inference diverged\)\n", out), out
+    assert re.search(r"final test accuracy .* inference steps per training step; 1 of 2 updates "
+                     r"skipped \(inference diverged: lower --dt0 or use an adaptive solver\)\n",
+                     out), out
+    result = json.loads((tmp_path / "train.json").read_text())["results"][0]
+    assert (result["updates_skipped"], result["training_steps"]) == (1, 2)  # the record too
+
+
+def test_compare_table_has_a_skipped_updates_column(tmp_path, monkeypatch, capsys):
+    _skip_first_update(monkeypatch)
+    argv = ["compare", "--frameworks", "equinox", *SMALL, "--epochs", "1", "--out",
+            str(tmp_path), "--quiet"]
+    assert _cli.main(argv) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].startswith("| framework | test accuracy | final energy | ms / step | "
+                               "inference steps / step | skipped updates | max abs weight")
+    assert table[2].startswith("| equinox |") and "| 1/2 |" in table[2], table
+    assert table[3].startswith("| backprop |") and "| - | - |" in table[3], table
+
+
+def test_cli_clean_run_reports_no_skipped_updates(tmp_path, capsys):
+    assert _cli.main(train_argv(tmp_path)) == 0
+    out = capsys.readouterr().out
+    assert "skipped" not in out and out.count("epoch   1/1") == 1
+
+
 # --- 2. --data-dir with the bundled digits --------------------------------------------------
+
+
+def test_digits_with_data_dir_is_refused(tmp_path, monkeypatch, capsys):
+    calls = _no_training(monkeypatch)
+    assert _cli.main(train_argv(tmp_path / "out", "--data", "digits", "--data-dir",
+                                str(tmp_path))) == 2
+    assert error_of(capsys) == (
+        f"pccore: error: --data-dir {tmp_path}: --data digits is bundled with scikit-learn and "
+        "reads no files, so --data-dir would be ignored; expected --data-dir only with --data "
+        "mnist or --data fashion-mnist. Drop --data-dir, or pass --data mnist (or "
+        "fashion-mnist) to read the files there.\n")
+    assert not calls
 
 
 def test_load_digits_with_data_dir_is_refused(tmp_path):
@@ -103,6 +174,58 @@ def test_load_digits_with_data_dir_is_refused(tmp_path):
 
 
 # --- 3. unwritable output folders, refused before training -----------------------------------
+
+
+@pytest.mark.parametrize("command", ["train", "compare"])
+def test_out_under_a_regular_file_is_refused_before_training(command, tmp_path, monkeypatch,
+                                                             capsys):
+    calls = _no_training(monkeypatch)
+    (tmp_path / "file").write_text("not a folder")
+    out = tmp_path / "file" / "sub"
+    argv = [command, *SMALL, "--epochs", "1", "--out", str(out)]
+    assert _cli.main(argv) == 2
+    assert error_of(capsys) == (
+        f"pccore: error: --out {out}: the path lies under {tmp_path / 'file'}, which is a file, "
+        "not a folder; expected a folder pccore can create and write into. Pass another --out, "
+        "or move that file away.\n")
+    assert not calls
+
+
+def test_out_that_is_a_file_is_refused(tmp_path, monkeypatch, capsys):
+    calls = _no_training(monkeypatch)
+    (tmp_path / "file").write_text("not a folder")
+    assert _cli.main(train_argv(tmp_path / "file")) == 2
+    assert "--out " + str(tmp_path / "file") + ": the path is a file, not a folder" in \
+        error_of(capsys)
+    assert not calls
+
+
+def test_checkpoint_dir_under_a_regular_file_is_refused_before_training(tmp_path, monkeypatch,
+                                                                         capsys):
+    calls = _no_training(monkeypatch)
+    (tmp_path / "file").write_text("not a folder")
+    ck = tmp_path / "file" / "ck"
+    assert _cli.main(train_argv(tmp_path / "out", "--checkpoint-dir", str(ck))) == 2
+    assert error_of(capsys) == (
+        f"pccore: error: --checkpoint-dir {ck}: the path lies under {tmp_path / 'file'}, which "
+        "is a file, not a folder; expected a folder pccore can create and write into. Pass "
+        "another --checkpoint-dir, or move that file away.\n")
+    assert not calls
+
+
+def test_unwritable_folder_is_refused(tmp_path, monkeypatch):
+    """A folder the file system refuses to write into (as for a read-only mount; root passes
+    permission checks, so the refusal is simulated at the write itself)."""
+    import tempfile
+
+    def refuse(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
+    with pytest.raises(_cli.CLIError, match=r"--out .*ro: cannot write there \(Permission "
+                                            r"denied\); expected a writable folder\. Pass "
+                                            r"another --out, or make it writable\."):
+        _cli._writable_folder(tmp_path / "ro", "--out")
 
 
 # --- 4. Ctrl-C -----------------------------------------------------------------------------
@@ -120,7 +243,59 @@ def _interrupt_at_step(monkeypatch, n):
     monkeypatch.setattr(_cli_run, "_timed", timed)
 
 
+def test_ctrl_c_ends_with_one_line_and_the_resume_command(tmp_path, monkeypatch, capsys):
+    """Interrupted in epoch 2 (2 steps per epoch): status 130, one line naming the epoch-1
+    checkpoint and the command that resumes it; that command then finishes the run."""
+    _interrupt_at_step(monkeypatch, 3)
+    ck = tmp_path / "ck"
+    argv = train_argv(tmp_path / "out", "--checkpoint-dir", str(ck), "--quiet", epochs=2)
+    assert _cli.main(argv) == 130
+    err = error_of(capsys)
+    command = shlex.join(["pccore", *argv, "--resume"])
+    assert err == (f"pccore: interrupted (Ctrl-C); the latest checkpoint is {ck / 'step_00000001'} "
+                   f"(epoch 1/2). Resume with: {command}\n")
+    monkeypatch.undo()
+    assert _cli.main(shlex.split(command)[1:]) == 0
+    assert pccore.CheckpointManager(ck).latest_step() == 2
+    assert (tmp_path / "out" / "train.json").is_file()
+
+
+def test_ctrl_c_without_checkpoints(tmp_path, monkeypatch, capsys):
+    _interrupt_at_step(monkeypatch, 1)
+    argv = ["compare", "--frameworks", "equinox", *SMALL, "--epochs", "1", "--out",
+            str(tmp_path), "--quiet"]
+    assert _cli.main(argv) == 130
+    assert error_of(capsys) == (
+        "pccore: interrupted (Ctrl-C); no results were written (pccore train --checkpoint-dir "
+        "DIR saves after every epoch, to resume from).\n")
+    assert not (tmp_path / "compare.json").exists()
+
+
+def test_ctrl_c_before_the_first_checkpoint(tmp_path, monkeypatch, capsys):
+    _interrupt_at_step(monkeypatch, 1)
+    ck = tmp_path / "ck"
+    assert _cli.main(train_argv(tmp_path / "out", "--checkpoint-dir", str(ck))) == 130
+    assert error_of(capsys) == (f"pccore: interrupted (Ctrl-C) before the first checkpoint in "
+                                f"{ck}; rerun the command to start over.\n")
+
+
 # --- 5. --seed -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value, got", [("-1", "-1"), ("4294967296", "4294967296"),
+                                        ("1.5", "'1.5'")])
+def test_bad_seed_names_seed(value, got, capsys):
+    for command in ("train", "compare"):
+        with pytest.raises(SystemExit) as e:
+            _cli.main([command, "--seed", value])
+        assert e.value.code == 2
+        assert (f"argument --seed: expected an integer from 0 to 4294967295 (NumPy and JAX seeds "
+                f"are non-negative), got {got}; pass e.g. --seed 0") in capsys.readouterr().err
+
+
+def test_seed_range_is_accepted():
+    for seed in ("0", "4294967295"):
+        assert _cli.parser().parse_args(["train", "--seed", seed]).seed == int(seed)
 
 
 # --- 6. two writers in one checkpoint directory ----------------------------------------------
@@ -208,5 +383,14 @@ def test_same_checkpoint_written_meanwhile_is_checkpoint_error(tmp_path, monkeyp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000001"]
 
 
-
-
+def test_cli_second_run_into_a_held_checkpoint_dir(tmp_path, monkeypatch, capsys):
+    calls = _no_training(monkeypatch)
+    ck = tmp_path / "ck"
+    with pccore.CheckpointManager(ck).hold():  # another run is writing there
+        assert _cli.main(train_argv(tmp_path / "out", "--checkpoint-dir", str(ck))) == 2
+    assert error_of(capsys) == (
+        f"pccore: error: Checkpoint directory {str(ck)!r} is held by another writer (another "
+        "run or process is saving checkpoints there); expected one writer per directory. Give "
+        "this run its own directory (e.g. --checkpoint-dir), or wait for the other run to "
+        "finish.\n")
+    assert not calls
