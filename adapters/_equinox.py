@@ -104,12 +104,67 @@ def _run_group(group, x, state=None):
     return x
 
 
-def _shapes(layers, params, in_shape) -> tuple[jax.ShapeDtypeStruct, ...]:
+def _check_float_arrays(items: Sequence[Any], where: str) -> None:
+    """Refuse integer/boolean JAX arrays inside layers: Equinox would hold them fixed (only
+    floating arrays are parameters), so an integer weight would silently never train."""
+    for i, item in enumerate(items):
+        leaves = jtu.tree_flatten_with_path(item)[0]
+        for path, a in leaves:
+            if isinstance(a, jax.Array) and not jnp.issubdtype(a.dtype, jnp.inexact):
+                raise TypeError(
+                    f"`model`: {where}[{i}]{jtu.keystr(path)} is an array of dtype {a.dtype}; expected "
+                    "float32 or float64 parameters (Equinox trains floating arrays only, so "
+                    "this one would silently stay fixed). Cast it, e.g. `.astype(jnp.float32)`; "
+                    "a constant that must stay integer belongs in a NumPy array or a static "
+                    "field (`eqx.field(static=True)`)."
+                )
+
+
+def _expects(group: Any) -> str:
+    """What the first Linear/Conv of a layer takes per sample, in words ('' if unknown)."""
+    first = group[0] if isinstance(group, tuple | list) and group else group
+    if isinstance(first, tuple | list):  # an MLP block (linear, activation)
+        first = first[0]
+    if isinstance(first, eqx.nn.Linear):
+        n = first.in_features
+        return "a scalar, shape ()" if n == "scalar" else f"shape ({n},) (its in_features)"
+    if isinstance(first, eqx.nn.Conv | eqx.nn.ConvTranspose):
+        dims = ", ".join(["H", "W", "D"][: first.num_spatial_dims])
+        return (f"shape ({first.in_channels}, {dims}): channels first, "
+                f"{first.in_channels} channel(s) (its in_channels)")
+    return ""
+
+
+def _shapes(layers, params, in_shape, names=None) -> tuple[jax.ShapeDtypeStruct, ...]:
     out, x = [], jax.ShapeDtypeStruct((1, *in_shape.shape), in_shape.dtype)
-    for fn, p in zip(layers, params):
-        x = jax.eval_shape(fn, p, x)
+    for l, (fn, p) in enumerate(zip(layers, params)):
+        try:
+            x = jax.eval_shape(fn, p, x)
+        except (TypeError, ValueError) as e:
+            raise _shape_error(l, fn, p, x.shape[1:], names, e) from e
         out.append(jax.ShapeDtypeStruct(x.shape[1:], x.dtype))
     return tuple(out)
+
+
+def _shape_error(l, fn, p, got, names, e) -> ValueError:
+    name = f"layer {l}" + (f" ({names[l]!r})" if names else "")
+    source = "the model input (`input_shape`)" if l == 0 else f"layer {l - 1}'s output"
+    expects = _expects(eqx.combine(p, fn.static))
+    want = f"; it expects per-sample {expects}" if expects else ""
+    hint = ""
+    if len(got) >= 3 and "channels first" in expects:
+        hint = (f" Equinox convolutions are channels-first: for images of shape {got} "
+                f"(channels last) pass input_shape={(got[-1], *got[:-1])} and transpose x "
+                "to (batch, C, H, W).")
+    fix = ("Pass the per-sample input shape, without the batch axis, as `input_shape=`."
+           if l == 0 else f"Make layer {l - 1}'s output size match layer {l}'s input.")
+    said = ""
+    if not expects:  # no Linear/Conv to name what it wants: say what failed
+        said = f" (the layer raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    return ValueError(
+        f"`model`: {name} gets per-sample shape {tuple(got)} from {source}{want}.{hint} {fix}"
+        f"{said}"
+    )
 
 
 def _in_shape(first: Any, input_shape: Sequence[int] | None, dtype) -> jax.ShapeDtypeStruct:
@@ -146,12 +201,13 @@ class EquinoxAdapter(AbstractAdapter):
     def matches(self, model: Any) -> bool:
         return isinstance(model, eqx.nn.MLP | eqx.nn.Sequential)
 
-    def wrap(self, model: Any, variables: Any = None, **options: Any) -> PCModel:
+    def wrap(self, model: Any, variables: Any = None, *, input_shape: Sequence[int] | None = None,
+             dtype: Any = None) -> PCModel:
         if isinstance(model, eqx.nn.MLP):
             if variables is not None:
                 raise ValueError("`variables`: an eqx.nn.MLP has no state; pass none.")
-            return _wrap_mlp(model, **options)
-        return _wrap_sequence(model, variables, **options)
+            return _wrap_mlp(model, input_shape=input_shape, dtype=dtype)
+        return _wrap_sequence(model, variables, input_shape=input_shape, dtype=dtype)
 
 
 class EquinoxSequenceAdapter(AbstractAdapter):
@@ -164,8 +220,9 @@ class EquinoxSequenceAdapter(AbstractAdapter):
     def matches(self, model: Any) -> bool:
         return type(model) in (list, tuple) and any(isinstance(m, eqx.Module) for m in model)
 
-    def wrap(self, model: Any, variables: Any = None, **options: Any) -> PCModel:
-        return _wrap_sequence(model, variables, **options)
+    def wrap(self, model: Any, variables: Any = None, *, input_shape: Sequence[int] | None = None,
+             dtype: Any = None) -> PCModel:
+        return _wrap_sequence(model, variables, input_shape=input_shape, dtype=dtype)
 
 
 def _wrap_sequence(model, state=None, *, input_shape=None, dtype=None) -> PCModel:
@@ -177,10 +234,16 @@ def _wrap_sequence(model, state=None, *, input_shape=None, dtype=None) -> PCMode
             f"`variables`: for an Equinox model this is its eqx.nn.State; got "
             f"{type(state).__name__}."
         )
+    if not items:
+        raise ValueError(
+            f"`model` is an empty eqx.nn.Sequential; expected at least one layer with "
+            "parameters, e.g. `eqx.nn.Sequential([eqx.nn.Linear(4, 3, key=key)])`."
+        )
     _check_stateless(items, where, state)
     for i, item in enumerate(items):
         if not callable(item):
             raise TypeError(f"`model`: {where}[{i}] is a {type(item).__name__}, not callable.")
+    _check_float_arrays(items, where)
     # a parameterised layer starts a layer; parameter-free ones join the layer before (leading
     # ones the first layer, as in the other adapters: a layer without parameters would add a
     # latent that predictive coding cannot learn anything for)
@@ -214,7 +277,7 @@ def _wrap_sequence(model, state=None, *, input_shape=None, dtype=None) -> PCMode
         layers=layers,
         params=params,
         in_shape=in_shape,
-        out_shapes=_shapes(layers, params, in_shape),
+        out_shapes=_shapes(layers, params, in_shape, names),
         names=names,
         weights=tuple(_weight_specs(p) for p in params),
         skips=(False,) * len(layers),
@@ -273,12 +336,13 @@ def _wrap_mlp(mlp: eqx.nn.MLP, *, input_shape=None, dtype=None) -> PCModel:
             (new_layers, activation, nb[-1][1]),
         )
 
+    names = tuple(f"layers[{i}]" for i in range(L))
     return PCModel(
         layers=layers,
         params=params,
         in_shape=in_shape,
-        out_shapes=_shapes(layers, params, in_shape),
-        names=tuple(f"layers[{i}]" for i in range(L)),
+        out_shapes=_shapes(layers, params, in_shape, names),
+        names=names,
         weights=tuple(_weight_specs(p) for p in params),
         skips=(False,) * L,
         framework="equinox",

@@ -1,7 +1,12 @@
 """`pccore.wrap`: any supported model to a [`pccore.PCModel`][]."""
 
+import inspect
 from typing import Any
 
+import equinox as eqx
+import jax.tree_util as jtu
+
+from ._check import check_params
 from ._custom_types import Model
 from ._model import PCModel
 
@@ -18,10 +23,14 @@ def wrap(model: Model, variables: Any = None, *, skips: bool = False, **options:
         variables; Equinox `eqx.nn.State` of frozen BatchNorm layers).
     - `skips`: add identity residual skips on hidden-to-hidden layers
         (see [`pccore.PCModel.with_skips`][]).
-    - `**options`: adapter options, e.g. `input_shape=(1, 8, 8)`.
+    - `**options`: adapter options, e.g. `input_shape=(1, 8, 8)`; an option the adapter does
+        not take is refused with the list of those it does.
 
     Parameter-free work between parameterised layers (activations, reshapes, pooling) folds
     into the layer before it, so the latents are post-activation.
+
+    A model without layers or without trainable parameters, and parameters that are not
+    float32/float64, are refused here, at wrap time.
 
     **Returns:** a [`pccore.PCModel`][]; `unwrap()` gives back the native object.
     """
@@ -29,7 +38,46 @@ def wrap(model: Model, variables: Any = None, *, skips: bool = False, **options:
         if variables is not None or options:
             raise ValueError("`model` is already a PCModel; `variables` and options do not apply.")
         return model.with_skips(skips) if skips else model
+    if type(model) in (list, tuple) and len(model) == 0:
+        raise ValueError(
+            f"`model` is an empty {type(model).__name__}; expected at least one layer with "
+            "parameters, e.g. `pccore.wrap([eqx.nn.Linear(4, 3, key=key)])`."
+        )
     from pccore.adapters import get_adapter
 
-    out = get_adapter(model).wrap(model, variables, **options)
+    adapter = get_adapter(model)
+    _check_options(adapter, options)
+    out = adapter.wrap(model, variables, **options)
+    _check_wrapped(out)
     return out.with_skips(skips) if skips else out
+
+
+def _check_options(adapter: Any, options: dict[str, Any]) -> None:
+    """Refuse options the adapter's `wrap` does not declare (unless it takes `**options`)."""
+    params = inspect.signature(adapter.wrap).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return
+    valid = [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise TypeError(
+            f"`pccore.wrap`: unknown option(s) {', '.join(map(repr, unknown))} for the "
+            f"{adapter.name!r} adapter; valid options: "
+            f"{', '.join(map(repr, ['skips', *valid]))}."
+        )
+
+
+def _check_wrapped(model: PCModel) -> None:
+    """What every adapter's result must be: layers, trainable parameters, real floats."""
+    if model.num_layers == 0:
+        raise ValueError(
+            "`model` has no layers; expected at least one layer with parameters, e.g. "
+            "`pccore.wrap([eqx.nn.Linear(4, 3, key=key)])`."
+        )
+    if not any(eqx.is_inexact_array(a) for a in jtu.tree_leaves(model.params)):
+        raise ValueError(
+            f"`model` has no trainable parameters (layers {list(model.names)}), so there is "
+            "nothing for predictive coding to learn. Wrap a model with at least one "
+            "parameterised layer (e.g. eqx.nn.Linear)."
+        )
+    check_params(model.params)
