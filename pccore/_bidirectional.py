@@ -16,7 +16,7 @@ network's own output term).
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float
 
-from ._check import check_option
+from ._check import check_energy_parts, check_option
 from ._custom_types import Params
 from ._energy import AbstractEnergy, _sq, add_activity_decay
 from ._loss import MSE
@@ -103,6 +103,7 @@ class BPC(AbstractEnergy):
     def __check_init__(self):
         for name in ("alpha_f", "alpha_b", "activity_decay"):
             check_option("BPC", name, getattr(self, name))
+        check_energy_parts("BPC", self)
 
     def _model(self, model):
         if not isinstance(model, Bidirectional):

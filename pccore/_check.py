@@ -17,6 +17,7 @@ asynchronous dispatch at every step. There non-finite data shows up as
 host callback is inserted.
 """
 
+import dataclasses
 import math
 import numbers
 from typing import Any
@@ -144,20 +145,48 @@ def check_model(model: Any, energy: Any) -> None:
             f"`energy` must be a pccore.AbstractEnergy such as pccore.PC(); got "
             f"{type(energy).__name__}."
         )
-    for leaf in jtu.tree_leaves(model.params):  # fast path: no key paths unless needed
-        if eqx.is_inexact_array(leaf) and leaf.dtype.itemsize < 4:
-            for path, bad in jtu.tree_leaves_with_path(model.params):
-                if eqx.is_inexact_array(bad) and bad.dtype.itemsize < 4:
-                    check_dtype(f"model.params{jtu.keystr(path)}", bad.dtype)
+    check_params(model.params)
 
 
-def check_data(model: PCModel, energy, x, y, *, scan_device: bool = False):
-    """Validate `x` and `y` against `model` and `energy`; returns them as arrays."""
+def check_params(params: Any) -> None:
+    """Every parameter array is float32 or float64."""
+    for leaf in jtu.tree_leaves(params):  # fast path: no key paths unless needed
+        if _bad_param(leaf):
+            for path, bad in jtu.tree_leaves_with_path(params):
+                if _bad_param(bad):
+                    raise TypeError(
+                        f"`model.params{jtu.keystr(path)}` has dtype {bad.dtype}; expected "
+                        "float32 or float64 (predictive coding descends a real energy: integer "
+                        "and complex parameters have no gradient step, half precision "
+                        "overflows). Cast the model's parameters before wrapping, e.g. "
+                        "`jax.tree.map(lambda a: a.astype(jnp.float32), params)`."
+                    )
+
+
+def _bad_param(leaf: Any) -> bool:
+    """A parameter array that is not float32/float64 (half precision, complex, integer)."""
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is None or not hasattr(leaf, "shape"):
+        return False
+    return not _is_float(dtype) or dtype.itemsize < 4
+
+
+def check_data(model: PCModel, energy, x, y, *, scan_device: bool = False,
+               scan_targets: bool = False):
+    """Validate `x` and `y` against `model` and `energy`; returns them as arrays.
+
+    The values of `y` are checked against the energy's loss (`energy.check_target`, e.g.
+    CrossEntropy targets must be distributions) on host data, and on device data when
+    `scan_device` or `scan_targets` (a one-time scan, as on `train_step`'s first call).
+    """
     check_model(model, energy)
     x_shape, y_shape = energy.data_shapes(model)
     x = as_batch("x", x, x_shape, scan_device=scan_device)
     batch = None if x is None else x.shape[0]
+    host = not isinstance(y, jax.Array)
     y = as_batch("y", y, y_shape, batch, scan_device=scan_device)
+    if y is not None and is_concrete(y) and (host or scan_device or scan_targets):
+        energy.check_target("y", y)
     return x, y
 
 
@@ -270,3 +299,155 @@ def check_option(owner: str, name: str, value: Any, *, strict: bool = False) -> 
     bound = "> 0" if strict else ">= 0"
     if not (math.isfinite(value) and (value > 0 if strict else value >= 0)):
         raise ValueError(f"`{owner}`: `{name}` must be finite and {bound}; got {value!r}.")
+
+
+def check_part(owner: str, name: str, value: Any, base: type, examples: str) -> None:
+    """`value` must be an instance of `base` (a pccore object, not a string or a class).
+
+    `examples` lists instances to suggest, e.g. `"pccore.MSE(), pccore.CrossEntropy()"`.
+    """
+    if isinstance(value, base):
+        return
+    if isinstance(value, type) and issubclass(value, base):
+        raise TypeError(
+            f"`{owner}`: `{name}` must be an instance of pccore.{base.__name__}; got the class "
+            f"{value.__name__} itself. Call it: `{name}={value.__name__}()`."
+        )
+    got = f"the string {value!r}" if isinstance(value, str) else f"a {type(value).__name__}"
+    where = f"`{name}`" if owner == name else f"`{owner}`: `{name}`"
+    raise TypeError(
+        f"{where} must be an instance of pccore.{base.__name__}; got {got}. Pass "
+        f"an object, one of: {examples}."
+    )
+
+
+def check_init(init: Any, key: Any) -> None:
+    """`init` is an AbstractInit and `key`, if given, a JAX PRNG key."""
+    from ._init import AbstractInit
+
+    check_part("init", "init", init, AbstractInit,
+               "pccore.FeedForward(), pccore.RandomNormal(), pccore.Zeros()")
+    if key is None:
+        return
+    dtype = getattr(key, "dtype", None)
+    typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+    raw = dtype == jnp.uint32 and np.shape(key)[-1:] == (2,)
+    if not (typed or raw):
+        got = f"{type(key).__name__} {key!r}" if dtype is None else f"an array of dtype {dtype}"
+        raise TypeError(
+            f"`key` must be a JAX PRNG key; got {got}. Make one with `key=jax.random.key(0)`."
+        )
+
+
+def as_number(name: str, value: Any) -> Any:
+    """A concrete 0-d array (NumPy or JAX) as a Python float; anything else unchanged.
+
+    Horizons and step sizes fix the number of steps at compile time, so they must be
+    concrete: a traced `t1` is refused with the reason.
+    """
+    if isinstance(value, jax.Array | np.ndarray | np.generic):
+        if not is_concrete(value):
+            raise TypeError(
+                f"`{name}` is a traced array; it must be a concrete number, because the "
+                "number of inference steps is fixed when the step is compiled. Pass a "
+                f"Python float, e.g. `{name}=2.0` (not a value computed inside `jax.jit`)."
+            )
+        if np.ndim(value) != 0:
+            raise ValueError(
+                f"`{name}` must be a number; got an array of shape {np.shape(value)}. Pass a "
+                f"Python float, e.g. `{name}=2.0`."
+            )
+        if not np.issubdtype(np.asarray(value).dtype, np.number):
+            return value
+        return float(value)
+    return value
+
+
+def check_devices(model: Any, x: Any, y: Any) -> None:
+    """Data and parameters on the same devices (a mesh mismatch is named, not left to jit).
+
+    Only arrays committed to devices are compared (an uncommitted array follows the others).
+    """
+    committed = lambda a: isinstance(a, jax.Array) and is_concrete(a) and a.committed
+    leaves = [a for a in jtu.tree_leaves(model.params) if committed(a)]
+    if not leaves:
+        return
+    params = leaves[0].sharding.device_set
+    for name, a in (("x", x), ("y", y)):
+        if committed(a) and a.sharding.device_set != params:
+            raise ValueError(
+                f"`{name}` lives on devices {_devices(a.sharding.device_set)} but the model's "
+                f"parameters on {_devices(params)}; expected the same devices (one mesh). "
+                "Place both on one mesh: `mesh, model, opt_state = pccore.data_parallel(model, "
+                "opt_state)` and `x, y = pccore.shard_batch((x, y), mesh)`."
+            )
+
+
+def _devices(ds: Any) -> str:
+    return "[" + ", ".join(str(d) for d in sorted(ds, key=lambda d: d.id)) + "]"
+
+
+def check_energy_parts(owner: str, energy: Any) -> None:
+    """The `loss`, `parameterisation` and `regularisers` a variant holds are pccore objects."""
+    from ._loss import AbstractLoss
+    from ._parameterisation import AbstractParameterisation
+    from ._regularise import AbstractRegulariser
+
+    fields = {f.name for f in dataclasses.fields(energy)}
+    if "loss" in fields:
+        check_part(owner, "loss", energy.loss, AbstractLoss,
+                   "pccore.MSE(), pccore.CrossEntropy()")
+    if "parameterisation" in fields:
+        check_part(owner, "parameterisation", energy.parameterisation, AbstractParameterisation,
+                   "pccore.SP(), pccore.NTP(), pccore.MuPC()")
+    if "regularisers" in fields:
+        regs = energy.regularisers
+        if not isinstance(regs, tuple):
+            raise TypeError(
+                f"`{owner}`: `regularisers` must be a tuple of pccore regularisers; got "
+                f"{type(regs).__name__}. E.g. `regularisers=(pccore.WeightDecay(1e-4),)`."
+            )
+        for i, r in enumerate(regs):
+            check_part(owner, f"regularisers[{i}]", r, AbstractRegulariser,
+                       "pccore.WeightDecay(1e-4), pccore.SpectralPenalty(1e-3)")
+
+
+def _describe_state(state: Any) -> str:
+    if isinstance(state, tuple) and not hasattr(state, "_fields"):
+        return "(" + ", ".join(type(s).__name__ for s in state) + ")"
+    return type(state).__name__
+
+
+def check_opt_state(optim: Any, opt_state: Any, params: Any, name: str = "opt_state") -> None:
+    """`opt_state` is `optim`'s state for `params`: the structure, shapes and dtypes that
+    `optim.init(params)` gives (compared abstractly, without running `init`)."""
+    if opt_state is None:
+        raise TypeError(
+            f"`{name}` is None; expected the optimiser's state for this model. Start it with "
+            f"`{name} = optim.init(model.params)` and pass back the state each call returns."
+        )
+    try:
+        expected = jax.eval_shape(optim.init, params)
+    except Exception:  # an optimiser that cannot init abstractly: nothing to compare with
+        return
+    fix = (f"Pass `{name} = optim.init(model.params)` made with this optimiser for this model "
+           "(a state from another optimiser or another model does not fit).")
+    exp_paths, exp_def = jtu.tree_flatten_with_path(expected)
+    got_paths, got_def = jtu.tree_flatten_with_path(opt_state)
+    if exp_def != got_def:
+        got, want = _describe_state(opt_state), _describe_state(expected)
+        what = (f"a state of {got} with {len(got_paths)} leaves; expected {want} with "
+                f"{len(exp_paths)} leaves" if got != want or len(got_paths) != len(exp_paths)
+                else f"a state of {got} whose parameter structure differs from "
+                "`model.params` (a state made for another model)")
+        raise ValueError(
+            f"`{name}` does not match its optimiser and model: got {what} (compared "
+            f"with `optim.init(model.params)`). {fix}"
+        )
+    for (path, e), (_, g) in zip(exp_paths, got_paths):
+        g_shape, g_dtype = np.shape(g), getattr(g, "dtype", None)
+        if g_shape != e.shape or (g_dtype is not None and g_dtype != e.dtype):
+            raise ValueError(
+                f"`{name}{jtu.keystr(path)}` has shape {g_shape} and dtype {g_dtype}; "
+                f"expected {e.shape} and {e.dtype} (from `optim.init(model.params)`). {fix}"
+            )

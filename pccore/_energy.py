@@ -13,9 +13,10 @@ import abc
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
-from ._check import check_activities, check_data, check_option
+from ._check import check_activities, check_data, check_energy_parts, check_option
 from ._custom_types import Activities, BatchArray, Scalar
 from ._init import AbstractInit, FeedForward
 from ._loss import MSE, AbstractLoss
@@ -114,6 +115,11 @@ class AbstractEnergy(eqx.Module):
         """Parameter regulariser $R(\\theta)$, added once to the batch-mean objective."""
         return jnp.zeros(())
 
+    def check_target(self, name: str, y: Array) -> None:
+        """Raise a clear error if the values of a concrete clamped top `y` are invalid for this
+        variant's output loss (e.g. CrossEntropy rows that are not distributions). Called at
+        the entry points; by default every finite value is valid."""
+
     def activities(self, model: PCModel, variables: Activities, x: Array | None) -> Activities:
         """The free activities (as [`pccore.PC`][] orders them) that the inference variables
         stand for: the variables themselves, unless a variant reparameterises them
@@ -154,6 +160,7 @@ class PC(AbstractEnergy):
 
     def __check_init__(self):
         check_option("PC", "activity_decay", self.activity_decay)
+        check_energy_parts("PC", self)
 
     def variable_shapes(self, model, x_clamped):
         return chain_variable_shapes(model, x_clamped)
@@ -187,6 +194,9 @@ class PC(AbstractEnergy):
 
     def output_loss(self, prediction, y):
         return self.loss(prediction, y)
+
+    def check_target(self, name, y):
+        self.loss.check_target(name, np.asarray(y))
 
 
 def energy(

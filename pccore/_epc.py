@@ -15,9 +15,10 @@ PC share their equilibria, equilibrium energies and (envelope theorem) parameter
 """
 
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, ArrayLike
 
-from ._check import check_option
+from ._check import check_energy_parts, check_option
 from ._custom_types import Activities
 from ._energy import (
     AbstractEnergy,
@@ -54,6 +55,7 @@ class EPC(AbstractEnergy):
 
     def __check_init__(self):
         check_option("EPC", "activity_decay", self.activity_decay)
+        check_energy_parts("EPC", self)
 
     def variable_shapes(self, model, x_clamped):
         return chain_variable_shapes(model, x_clamped)
@@ -114,3 +116,6 @@ class EPC(AbstractEnergy):
 
     def output_loss(self, prediction, y):
         return self.loss(prediction, y)
+
+    def check_target(self, name, y):
+        self.loss.check_target(name, np.asarray(y))

@@ -18,9 +18,10 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, ArrayLike, Float, PyTree
 
-from ._check import check_option
+from ._check import check_energy_parts, check_option
 from ._energy import AbstractEnergy, _sq, add_activity_decay, output_term
 from ._init import FeedForward
 from ._loss import MSE, AbstractLoss
@@ -212,6 +213,7 @@ class GraphPC(AbstractEnergy):
     def __check_init__(self):
         check_option("GraphPC", "output_precision", self.output_precision)
         check_option("GraphPC", "activity_decay", self.activity_decay)
+        check_energy_parts("GraphPC", self)
 
     def _model(self, model):
         if not isinstance(model, GraphModel):
@@ -253,3 +255,6 @@ class GraphPC(AbstractEnergy):
 
     def output_loss(self, prediction, y):
         return self.loss(prediction, y)
+
+    def check_target(self, name, y):
+        self.loss.check_target(name, np.asarray(y))

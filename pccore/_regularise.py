@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, ArrayLike, Float
 
+from ._check import check_option
 from ._custom_types import Scalar
 
 
@@ -63,6 +64,9 @@ class WeightDecay(AbstractRegulariser):
 
     coef: float | ArrayLike
 
+    def __check_init__(self):
+        check_option("WeightDecay", "coef", self.coef)
+
     def matrix_penalty(self, W):
         return 0.5 * self.coef * jnp.sum(jnp.square(W))
 
@@ -80,6 +84,9 @@ class SpectralPenalty(AbstractRegulariser):
     """
 
     coef: float | ArrayLike
+
+    def __check_init__(self):
+        check_option("SpectralPenalty", "coef", self.coef)
 
     def matrix_penalty(self, W):
         G = W.T @ W - jnp.eye(W.shape[1], dtype=W.dtype)
