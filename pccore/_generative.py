@@ -38,7 +38,7 @@ def generative_evaluate(
     energy: AbstractEnergy = PC(),
     solver: Any = diffrax.Euler(),
     stepsize_controller: diffrax.AbstractStepSizeController = diffrax.ConstantStepSize(),
-    t1: float = 20.0,
+    t1: float | None = None,
     dt0: float | None = 0.1,
     max_steps: int | None = None,
     steady_state: SteadyState | None = None,
@@ -56,12 +56,16 @@ def generative_evaluate(
     - `model`: the generative model (bottom = label, top = data).
     - `y`: observations, `(batch, *data_shape)`; `labels`: one-hot labels `(batch, classes)`.
     - `energy`, `solver`, `stepsize_controller`, `t1`, `dt0`, `max_steps`, `steady_state`,
-        `init`, `key`: as in [`pccore.infer`][] (inference with `x=None`).
+        `init`, `key`: as in [`pccore.infer`][] (inference with `x=None`); `t1` defaults to
+        20.0 with a diffrax solver (a random start needs a longer horizon than a
+        feed-forward one).
 
     **Returns:** a [`pccore.GenerativeEvaluation`][].
     """
     x_shape, _ = energy.data_shapes(model)
     labels = as_batch("labels", labels, x_shape)
+    if t1 is None and isinstance(solver, diffrax.AbstractSolver):
+        t1 = 20.0
     sol = infer(
         model, x=None, y=y, energy=energy, solver=solver, stepsize_controller=stepsize_controller,
         t1=t1, dt0=dt0, max_steps=max_steps, steady_state=steady_state, init=init, key=key,

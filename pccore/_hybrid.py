@@ -27,13 +27,13 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ._check import as_batch, check_data
+from ._check import as_batch, check_data, check_opt_state
 from ._custom_types import Activities, BatchArray, Scalar
 from ._energy import PC, AbstractEnergy, _sq
 from ._generative import generative_evaluate
 from ._infer import check_solver
 from ._init import AbstractInit, RandomNormal
-from ._learn import update
+from ._learn import guarded_update, update
 from ._model import PCModel
 from ._solution import SteadyState, TrainStats
 
@@ -147,9 +147,11 @@ def _hybrid_step(gen, amort, optim, opt_state, a_optim, a_state, x, y, energy, s
         return _amortiser_per_sample(amort.with_params(params), z, x, y).mean()
 
     a_loss, grads = jax.value_and_grad(loss)(amort.params)
-    updates, a_state = a_optim.update(grads, a_state, amort.params)
-    amort = amort.with_params(optax.apply_updates(amort.params, updates))
-    return new_gen, opt_state, amort, a_state, HybridStats(stats, a_loss)
+    # the amortiser's update is guarded as the generator's: skipped when the generator's
+    # inference diverged (its targets are then not finite) or the update would overflow
+    params, a_state, _ = guarded_update(a_optim, grads, a_state, amort.params,
+                                        stats.updated & jnp.isfinite(a_loss))
+    return new_gen, opt_state, amort.with_params(params), a_state, HybridStats(stats, a_loss)
 
 
 def hybrid_train_step(
@@ -165,7 +167,7 @@ def hybrid_train_step(
     energy: AbstractEnergy = PC(),
     solver: Any = diffrax.Euler(),
     stepsize_controller: diffrax.AbstractStepSizeController = diffrax.ConstantStepSize(),
-    t1: float = 2.0,
+    t1: float | None = None,
     dt0: float | None = 0.1,
     max_steps: int | None = None,
     steady_state: SteadyState | None = None,
@@ -186,13 +188,25 @@ def hybrid_train_step(
     shapes = (x_shape, *(s.shape for s in energy.variable_shapes(generator, True)),
               energy.data_shapes(generator)[1])
     _check_amortiser(amortiser, shapes)
-    n = check_solver(solver, stepsize_controller, t1, dt0, max_steps, steady_state, None)
+    n, t1, dt0 = check_solver(solver, stepsize_controller, t1, dt0, max_steps, steady_state,
+                              None)
     for name, o in (("optim", optim), ("amortiser_optim", amortiser_optim)):
         if not isinstance(o, optax.GradientTransformation):
             raise TypeError(f"`{name}` must be an optax GradientTransformation (e.g. "
                             f"optax.adam(1e-3)); got {type(o).__name__}.")
-    return _hybrid_step(generator, amortiser, optim, opt_state, amortiser_optim, amortiser_state,
-                        x, y, energy, solver, stepsize_controller, t1, dt0, n, steady_state)
+    states = (("opt_state", optim, opt_state, generator),
+              ("amortiser_state", amortiser_optim, amortiser_state, amortiser))
+    for name, o, state, m in states:
+        if state is None:
+            check_opt_state(o, None, m.params, name)
+    try:
+        return _hybrid_step(generator, amortiser, optim, opt_state, amortiser_optim,
+                            amortiser_state, x, y, energy, solver, stepsize_controller, t1, dt0, n,
+                            steady_state)
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError):
+        for name, o, state, m in states:  # a state of another optimiser or model: name it
+            check_opt_state(o, state, m.params, name)
+        raise
 
 
 class HybridEvaluation(eqx.Module):

@@ -37,7 +37,15 @@ import numpy as np
 import optax
 from jaxtyping import PRNGKeyArray
 
-from ._check import check_activities, check_data, check_hyper, is_concrete, thread_error
+from ._check import (
+    as_number,
+    check_activities,
+    check_data,
+    check_hyper,
+    check_init,
+    is_concrete,
+    thread_error,
+)
 from ._compiled import compiled
 from ._custom_types import Activities, BatchArray
 from ._energy import PC, AbstractEnergy
@@ -84,7 +92,7 @@ def field_norm(g):
     return jnp.max(jnp.stack([jnp.max(jnp.abs(a)) for a in leaves]))
 
 
-def _all_finite(tree):
+def all_finite(tree):
     leaves = jtu.tree_leaves(tree)
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in leaves])) if leaves else True
 
@@ -142,8 +150,55 @@ def _check_saveat(saveat) -> None:
         raise ValueError("`saveat` saves nothing; pass ts=..., t0=True, t1=True or steps=True.")
 
 
-def check_solver(solver, stepsize_controller, t1, dt0, max_steps, steady_state, saveat):
-    """Validate the solver options once, at the entry point. Returns the step budget."""
+def check_solver(solver, stepsize_controller, t1, dt0, max_steps, steady_state, saveat,
+                 default_t1: float = 2.0):
+    """Validate the solver options once, at the entry point.
+
+    **Returns:** `(n, t1, dt0)`: the step budget, and the horizon and step size as numbers
+    (`t1=None` is `default_t1` for a diffrax solver; it stays None for the other families,
+    which have no time axis).
+    """
+    t1, dt0 = as_number("t1", t1), as_number("dt0", dt0)
+    ode = isinstance(solver, diffrax.AbstractSolver)
+    if not (ode or is_optax(solver) or is_optimistix(solver)):
+        raise TypeError(f"`solver` must be {_FAMILIES}; got {type(solver).__name__}.")
+    if ode:
+        t1 = default_t1 if t1 is None else t1
+        _check_ode_solver(solver)
+    else:
+        family = "optax optimiser" if is_optax(solver) else "optimistix minimiser"
+        if t1 is not None:
+            raise ValueError(
+                f"`t1={t1!r}`: `solver` is an {family}, which has no time horizon (`t1` is the "
+                "horizon of a diffrax ODE solver). Drop `t1`; set the number of steps with "
+                "`max_steps=`."
+            )
+        if not isinstance(stepsize_controller, diffrax.ConstantStepSize):
+            raise ValueError(
+                f"`stepsize_controller={type(stepsize_controller).__name__}(...)`: `solver` is an "
+                f"{family}, which takes no step-size controller (it would be ignored). Drop "
+                "`stepsize_controller`, or use a diffrax solver (e.g. diffrax.Tsit5()) for "
+                "adaptive steps."
+            )
+    return _check_budget(solver, stepsize_controller, t1, dt0, max_steps, steady_state,
+                         saveat), t1, dt0
+
+
+def _check_ode_solver(solver) -> None:
+    """A diffrax solver the engine can run: one ODE term (no SDE or split solvers)."""
+    ts = solver.term_structure
+    if not (isinstance(ts, type) and issubclass(diffrax.ODETerm, ts)):
+        raise TypeError(
+            f"`solver={type(solver).__name__}()` solves an equation with several terms (a "
+            "stochastic or split solver); inference is one ODE, "
+            "dz/dt = -dF/dz. Use an ODE solver: diffrax.Euler(), diffrax.Heun(), "
+            "diffrax.Tsit5(), pccore.AdaptiveEuler() or an implicit one such as "
+            "diffrax.Kvaerno5()."
+        )
+
+
+def _check_budget(solver, stepsize_controller, t1, dt0, max_steps, steady_state, saveat):
+    """The step budget of a validated family (see `check_solver`)."""
     check_hyper(solver, stepsize_controller, t1, dt0, max_steps, steady_state)
     if steady_state is not None and not isinstance(steady_state, SteadyState):
         raise TypeError(
@@ -180,8 +235,6 @@ def check_solver(solver, stepsize_controller, t1, dt0, max_steps, steady_state, 
                 "use a diffrax or optax solver to record a trajectory, or pass saveat=None."
             )
         return 256 if max_steps is None else max_steps
-    if not isinstance(solver, diffrax.AbstractSolver):
-        raise TypeError(f"`solver` must be {_FAMILIES}; got {type(solver).__name__}.")
     if not (isinstance(t1, int | float) and t1 > 0):
         raise ValueError(f"`t1` must be a positive number; got {t1!r}.")
     adaptive = isinstance(stepsize_controller, diffrax.AbstractAdaptiveStepSizeController)
@@ -240,10 +293,12 @@ def _finish(energy, model, x, y, raw: Raw) -> InferenceSolution:
     if g is None:
         g = activity_grad(energy, model, z, x, y)
     e = energy.per_sample(model, z, x, y).sum()
-    finite = _all_finite(z) & jnp.isfinite(e)
+    finite = all_finite(z) & jnp.isfinite(e)
     result = RESULTS.where(finite, raw.result, RESULTS.diverged)
     energies = None
-    if traj is not None:
+    if traj is not None and not jtu.tree_leaves(traj):  # no variables: the energy is constant
+        energies = jnp.where(jnp.isinf(raw.ts), jnp.inf, e)
+    elif traj is not None:
         energies = jax.vmap(lambda zz: energy.per_sample(model, zz, x, y).sum())(traj)
         # save times the solve did not reach hold inf states (diffrax's convention): inf
         unreached = jnp.all(jtu.tree_leaves(traj)[0] == jnp.inf,
@@ -623,8 +678,31 @@ def _solve_diffrax(solver, controller, energy, model, z0, x, y, t1, dt0, n, stea
     return Raw(z, k, ts_[-1], result, evals, None, ts, traj)
 
 
+def _no_variables(z0, saveat, optax_times: bool, n: int) -> Raw:
+    """A solve with no inference variables (e.g. a one-layer model with `x` and `y` clamped):
+    the start is the equilibrium, reached in 0 steps and 0 gradient evaluations. Save times
+    after the start are not reached and hold inf, as after any steady-state stop."""
+    ts = None
+    if saveat is not None:
+        sub = saveat.subs
+        parts = []
+        if not optax_times and sub.t0:
+            parts.append(jnp.zeros((1,)))
+        if sub.ts is not None:
+            times = jnp.asarray(sub.ts, float)
+            parts.append(jnp.where(times <= 0, times, jnp.inf))
+        if not optax_times and sub.steps:
+            parts.append(jnp.full((n,), jnp.inf))
+        if not optax_times and sub.t1:
+            parts.append(jnp.zeros((1,)))
+        ts = jnp.concatenate(parts)
+    return Raw(z0, 0, 0.0, RESULTS.converged, 0, g=z0, ts=ts, traj=None if ts is None else ())
+
+
 def solve_raw(model, z0, x, y, energy, solver, controller, t1, dt0, n, steady, saveat) -> Raw:
     """Run the route for `solver` on a prepared model (traceable); unpackaged."""
+    if not jtu.tree_leaves(z0):
+        return _no_variables(z0, saveat, is_optax(solver), n)
     if is_optax(solver):
         return _solve_optax(solver, energy, model, z0, x, y, n, steady, saveat)
     if is_optimistix(solver):
@@ -663,7 +741,7 @@ def infer(
     energy: AbstractEnergy = PC(),
     solver: Any = diffrax.Euler(),
     stepsize_controller: diffrax.AbstractStepSizeController = diffrax.ConstantStepSize(),
-    t1: float = 2.0,
+    t1: float | None = None,
     dt0: float | None = 0.1,
     max_steps: int | None = None,
     steady_state: SteadyState | None = None,
@@ -690,7 +768,11 @@ def infer(
         others (L-BFGS, NonlinearCG, ...) on the whole batch at once.
     - `stepsize_controller`: `diffrax.ConstantStepSize()` (with `dt0`) or an adaptive one such
         as `diffrax.PIDController(rtol=1e-3, atol=1e-3)` (needs a solver with an error estimate).
-    - `t1`: the time horizon (diffrax solvers); the integration starts at 0.
+        Diffrax solvers only: an adaptive controller with an optax or optimistix solver is
+        refused.
+    - `t1`: the time horizon of a diffrax solver (default 2.0); the integration starts at 0.
+        A number or a concrete 0-d array. Optax and optimistix solvers have no horizon:
+        passing `t1` to them is refused (set `max_steps`).
     - `dt0`: the (initial) step size; required with `ConstantStepSize`.
     - `max_steps`: the step budget. For an optax solver, the number of steps (default 20);
         for adaptive diffrax solves, default 4096. No buffer of `max_steps` states is kept.
@@ -708,7 +790,9 @@ def infer(
     **Returns:** an [`pccore.InferenceSolution`][].
     """
     x, y = check_data(model, energy, x, y)
-    n = check_solver(solver, stepsize_controller, t1, dt0, max_steps, steady_state, saveat)
+    n, t1, dt0 = check_solver(solver, stepsize_controller, t1, dt0, max_steps, steady_state,
+                              saveat)
+    check_init(init, key)
     if x is None and y is None:
         raise ValueError("`x` and `y` are both None; pass at least one clamped value.")
     prepared = energy.prepare(model)

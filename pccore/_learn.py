@@ -14,11 +14,12 @@ import jax.tree_util as jtu
 import optax
 from jaxtyping import PRNGKeyArray
 
-from ._check import check_activities, check_data, check_model
+from ._check import check_activities, check_data, check_devices, check_init, check_model
+from ._check import as_number, check_opt_state
 from ._compiled import compiled
 from ._custom_types import Activities, BatchArray, Params, Scalar
 from ._energy import PC, AbstractEnergy
-from ._infer import check_solver, solve_raw
+from ._infer import all_finite, check_solver, solve_raw
 from ._init import AbstractInit, FeedForward
 from ._model import PCModel
 from ._results import RESULTS
@@ -88,7 +89,7 @@ def update(model, optim, opt_state, x, y, energy, solver, controller, t1, dt0, n
     # variable enters the energy through its own error, so a NaN/inf anywhere shows here).
     result = RESULTS.where(jnp.isfinite(e), raw.result, RESULTS.diverged)
     ok = (result != RESULTS.diverged) & jnp.isfinite(value)
-    params, opt_state = _guarded_update(optim, grads, opt_state, model.params, ok)
+    params, opt_state, ok = guarded_update(optim, grads, opt_state, model.params, ok)
     stats = TrainStats(
         loss=e0 / (x if x is not None else y).shape[0],
         energy=e,
@@ -100,16 +101,20 @@ def update(model, optim, opt_state, x, y, energy, solver, controller, t1, dt0, n
     return model.with_params(params), opt_state, stats, z
 
 
-def _guarded_update(optim, grads, opt_state, params, ok):
-    """One optax update if `ok`, else parameters and optimiser state unchanged.
+def guarded_update(optim, grads, opt_state, params, ok):
+    """One optax update if `ok` and the new parameters are finite, else parameters and
+    optimiser state unchanged. Also returns whether the update was applied.
 
     An elementwise select that XLA fuses into the optimiser's own pass over each parameter:
-    no extra pass, no branch, and no copy of the parameters and optimiser state (a
+    no branch, and no copy of the parameters and optimiser state (a
     `lax.cond` returning its unchanged operands makes XLA copy every output buffer).
     """
     new_params, new_state = _update(optim, grads, opt_state, params)
+    # An update can overflow even from finite gradients (a huge learning rate): test the new
+    # parameters too (a reduction over them; the select still fuses into the update).
+    ok = ok & all_finite(new_params)
     keep = lambda new, old: jnp.where(ok, new, old) if eqx.is_array(new) else new
-    return jtu.tree_map(keep, new_params, params), jtu.tree_map(keep, new_state, opt_state)
+    return jtu.tree_map(keep, new_params, params), jtu.tree_map(keep, new_state, opt_state), ok
 
 
 def _train_step_impl(*args):
@@ -317,15 +322,16 @@ def _make_step(skel: _Skeleton, optim, energy, solver, controller, t1, dt0, n, s
     return _train_step
 
 
-def _plan(skel, config: tuple, nums: tuple, n, x, y, params, opt_state):
+def _plan(skel, config: tuple, nums: tuple, checked: tuple, x, y, params, opt_state):
     """The plan for this configuration, or None if it cannot have one (array leaves in the
-    configuration, or non-array leaves in the parameters or optimiser state)."""
+    configuration, or non-array leaves in the parameters or optimiser state). `nums` are the
+    numbers as given, `checked` as validated: `(t1, dt0, n)`."""
     optim, energy, solver, controller, steady, init = config
     if any(eqx.is_array(a) for a in jtu.tree_leaves(config)):
         return None
     if not all(eqx.is_array(a) for a in jtu.tree_leaves((params, opt_state))):
         return None
-    t1, dt0, _ = nums
+    t1, dt0, n = checked
     by_value = (skel, *config, t1, dt0, n)
     try:
         steps = _PLANS_BY_VALUE.get(by_value)
@@ -376,7 +382,7 @@ def train_step(
     energy: AbstractEnergy = PC(),
     solver: Any = diffrax.Euler(),
     stepsize_controller: diffrax.AbstractStepSizeController = diffrax.ConstantStepSize(),
-    t1: float = 2.0,
+    t1: float | None = None,
     dt0: float | None = 0.1,
     max_steps: int | None = None,
     steady_state: SteadyState | None = None,
@@ -393,8 +399,9 @@ def train_step(
     `opt_state = optim.init(model.params)` starts the optimiser; thread the returned state
     into the next call. Calling again with new data of the same shapes does not recompile
     (hyper-parameters given as Python numbers are compile-time constants: changing one
-    recompiles). If inference diverges or the objective is non-finite, the parameters and the
-    optimiser state are returned unchanged and `stats.updated` is False.
+    recompiles). If inference diverges, the objective is non-finite, or the update would make
+    a parameter non-finite (an overflow), the parameters and the optimiser state are returned
+    unchanged and `stats.updated` is False.
 
     Passing back exactly the model and optimiser state a call returned (a training loop
     does) skips reading their pytrees again. For that the last few returned pairs are
@@ -406,6 +413,23 @@ def train_step(
 
     **Returns:** `(model, opt_state, stats)` with a [`pccore.TrainStats`][].
     """
+    if opt_state is None:  # refused with the fix (the state is otherwise checked on failure)
+        check_opt_state(optim, None, None)
+    try:
+        return _dispatch(model, optim, opt_state, x, y, energy, solver, stepsize_controller, t1,
+                         dt0, max_steps, steady_state, init, key)
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError):
+        # An optimiser state from another optimiser or model fails inside the optimiser's
+        # update (at trace time); name it instead. Costs nothing when the step succeeds.
+        if isinstance(model, PCModel) and isinstance(optim, optax.GradientTransformation):
+            check_opt_state(optim, opt_state, model.params)
+        raise
+
+
+def _dispatch(model, optim, opt_state, x, y, energy, solver, stepsize_controller, t1, dt0,
+              max_steps, steady_state, init, key):
+    """`train_step`: the remembered fast paths, else the checked path that makes a plan."""
+    t1, dt0 = as_number("t1", t1), as_number("dt0", dt0)
     config = (optim, energy, solver, stepsize_controller, steady_state, init)
     nums = (t1, dt0, max_steps)
     last = _LAST.get(id(model))
@@ -431,17 +455,20 @@ def train_step(
         ):
             # The same configuration objects and data shapes as a checked call: validated.
             return _run_planned(plan, model, opt_state, x, y, key)
-    x, y = check_data(model, energy, x, y)
-    n = check_solver(solver, stepsize_controller, t1, dt0, max_steps, steady_state, None)
+    x, y = check_data(model, energy, x, y, scan_targets=True)
+    n, t1_, dt0_ = check_solver(solver, stepsize_controller, t1, dt0, max_steps, steady_state,
+                                None)
+    check_init(init, key)
+    check_devices(model, x, y)
     if not isinstance(optim, optax.GradientTransformation):
         raise TypeError(
             f"`optim` must be an optax GradientTransformation (e.g. optax.adam(1e-3)); got "
             f"{type(optim).__name__}."
         )
     if skel is not None:
-        plan = _plan(skel, config, nums, n, x, y, model.params, opt_state)
+        plan = _plan(skel, config, nums, (t1_, dt0_, n), x, y, model.params, opt_state)
         if plan is not None and ident is not None:
             _remember(_PLANS, ident, plan)
             return _run_planned(plan, model, opt_state, x, y, key)
-    return _train_step(model, optim, opt_state, x, y, energy, solver, stepsize_controller, t1,
-                       dt0, n, steady_state, init, key)
+    return _train_step(model, optim, opt_state, x, y, energy, solver, stepsize_controller, t1_,
+                       dt0_, n, steady_state, init, key)
