@@ -39,7 +39,21 @@ def data_parallel_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
 
     **Returns:** a `jax.sharding.Mesh` of shape `(len(devices),)`.
     """
+    if isinstance(devices, str | bytes) or (
+        devices is not None and not isinstance(devices, Sequence | np.ndarray)
+    ):
+        raise TypeError(
+            f"`devices` must be a sequence of jax.Device or None; got {type(devices).__name__} "
+            f"{devices!r}. E.g. `jax.devices()` or `jax.devices('cpu')` (a platform name is "
+            "not a device list)."
+        )
     devices = jax.devices() if devices is None else list(devices)
+    bad = [d for d in devices if not isinstance(d, jax.Device)]
+    if bad:
+        raise TypeError(
+            f"`devices` must hold jax.Device objects; got {type(bad[0]).__name__} "
+            f"{bad[0]!r}. Pass e.g. `jax.devices()`."
+        )
     if len(devices) == 0:
         raise ValueError("`devices` is empty; pass at least one device, e.g. `jax.devices()`.")
     return Mesh(np.asarray(devices), (BATCH_AXIS,))

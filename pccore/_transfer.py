@@ -85,6 +85,13 @@ def transfer_weights(src: PCModel, dst: PCModel) -> PCModel:
     **Raises:** `ValueError` naming the first layer whose number or shapes of parameters
     differ.
     """
+    for name, m in (("src", src), ("dst", dst)):
+        if not isinstance(m, PCModel):
+            raise TypeError(
+                f"`{name}` must be a pccore.PCModel; got {type(m).__name__}. Wrap the model "
+                f"first: `transfer_weights(pccore.wrap(a), pccore.wrap(b))`, then `unwrap()` "
+                "the result."
+            )
     if src.num_layers != dst.num_layers:
         raise ValueError(
             f"`dst` has {dst.num_layers} layers ({list(dst.names)}) but `src` has "
