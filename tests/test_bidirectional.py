@@ -43,6 +43,7 @@ def _random_state(sizes, key):
     return [jax.random.normal(k, (B, n)) for k, n in zip(keys, sizes)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("hidden", [1, 2, 3, 4])
 def test_energy_matches_hand_written(getkey, hidden):
     sizes = [4] + [5] * hidden + [3]

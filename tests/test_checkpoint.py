@@ -77,6 +77,7 @@ def trained():
     return train_epochs(model, opt_state, jax.random.key(7), 2)
 
 
+@pytest.mark.slow
 def test_resume_in_new_process_equals_uninterrupted(tmp_path, trained):
     model, opt_state, key = trained
     manager = pccore.CheckpointManager(tmp_path, keep=2)

@@ -66,6 +66,7 @@ def train_by_hand(data, frameworks_weights, steps=5, lr=3e-3, batch=16, seed=1):
     return model, float(acc)
 
 
+@pytest.mark.slow
 def test_compare_mnist_from_idx_files(mnist_dir, mnist_run, capsys):
     out, frameworks = mnist_run
     record = json.loads((out / "compare.json").read_text())
@@ -364,6 +365,7 @@ def test_generative_accuracy_is_the_least_squares_label():
     assert variant.roles("image", "label") == ("label", "image")
 
 
+@pytest.mark.slow
 def test_compare_bidirectional_backprop_row_trains_the_forward_network(mnist_dir, tmp_path):
     """The backprop row of `--variant bidirectional` is backprop on its forward network (the
     classifier): the same run as the backprop row of `--variant pc --loss mse`."""
@@ -429,6 +431,7 @@ def test_training_compiles_once(caplog):
     assert len(r.test_accuracy) == 2 and r.inference_steps == 3  # 3 batches x 2 epochs, 52 % 16 dropped
 
 
+@pytest.mark.slow
 def test_train_resume_equals_uninterrupted_and_refuses_other_settings(mnist_dir, tmp_path,
                                                                       capsys):
     """`pccore train --resume` after one epoch ends in the same checkpoint, byte for byte, as

@@ -103,6 +103,7 @@ def _compare(framework, kind, dtype, rtol):
     return ref
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("framework", cases.FRAMEWORKS)
 def test_conformance_float64(framework, kind, x64):
@@ -112,6 +113,7 @@ def test_conformance_float64(framework, kind, x64):
         assert losses[-1] < 0.9 * losses[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("framework", cases.FRAMEWORKS)
 def test_conformance_float32(framework):
     _compare(framework, "mlp", jnp.float32, 1e-5)

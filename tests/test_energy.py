@@ -35,6 +35,7 @@ def _hand_energy(seq, zs, x, y, loss):
     return total
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["mse", "ce"])
 @pytest.mark.parametrize("free_bottom", [False, True])
 def test_energy_and_gradients_match_hand_written(x64, getkey, loss, free_bottom):

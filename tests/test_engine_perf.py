@@ -76,6 +76,7 @@ PID = diffrax.PIDController(rtol=1e-4, atol=1e-4)
 PID6 = diffrax.PIDController(rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "kw, final",
     [

@@ -21,6 +21,7 @@ def _data(key, dtype=jnp.float32):
             jax.random.normal(ky, (B, SIZES[-1]), dtype))
 
 
+@pytest.mark.slow
 def test_hessian_in_errors_is_identity_plus_output_term(x64, getkey):
     """(a) Linear MSE network: Hessian of F_ePC in epsilon = I + J^T lambda J >= I."""
     lam = 2.0

@@ -16,6 +16,7 @@ def test_every_example_is_listed():
                        "wrap_each_framework.py"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_example_runs(script, monkeypatch, capsys):
     pytest.importorskip("sklearn")

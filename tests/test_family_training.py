@@ -61,6 +61,7 @@ def _test_accuracy(model, energy):
     return float(pccore.evaluate(model, xt, yt, energy=energy).accuracy)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("solver", list(SOLVERS))
 @pytest.mark.parametrize("framework", cases.FRAMEWORKS)
 @pytest.mark.parametrize(
@@ -83,6 +84,7 @@ def test_discriminative_variants_train(energy, framework, solver, getkey):
     assert after > 0.6 and after > before + 0.3, (before, after)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("solver", list(SOLVERS))
 @pytest.mark.parametrize("framework", cases.FRAMEWORKS)
 def test_bidirectional_trains(framework, solver, getkey):
@@ -115,6 +117,7 @@ GEN_SOLVERS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("solver", list(GEN_SOLVERS))
 @pytest.mark.parametrize("framework", cases.FRAMEWORKS)
 def test_supervised_generative_and_hybrid(framework, solver, getkey):
@@ -134,6 +137,7 @@ def test_supervised_generative_and_hybrid(framework, solver, getkey):
     assert float(ev.amortised_inference) > 0.4, ev
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("solver", list(GEN_SOLVERS))
 def test_unsupervised_energy_decreases(solver, getkey):
     model = _mlp("equinox", [8, 32, 64], getkey())

@@ -38,6 +38,7 @@ def _hand_amort(wa, z, x, y):
     return sum(0.5 * jnp.sum((t[L - k] - _layer(wa, k - 1, a[L - k + 1])) ** 2) for k in range(1, L + 1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("clamped", [True, False])
 def test_amortiser_energy_matches_hand_written(getkey, clamped):
     gen, amort, wa = _models(getkey())
@@ -94,6 +95,7 @@ def test_inference_from_the_equilibrium_does_not_move(getkey):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["PC", "EPC"])
 def test_hybrid_step_updates(getkey, variant):
     """The generator update is the variant's own from the amortised init; the amortiser's is

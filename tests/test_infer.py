@@ -23,6 +23,7 @@ def _tanh_mlp(key, sizes=(6, 8, 8, 3)):
 CONVERGE = dict(solver=diffrax.Euler(), dt0=0.2, t1=2000.0, max_steps=10000)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("depth", [2, 3, 4, 5, 6])
 def test_linear_network_reaches_closed_form_equilibrium(x64, depth):
     key = jax.random.key(depth)
@@ -62,6 +63,7 @@ def test_optax_sgd_equals_euler(x64, getkey):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.slow
 def test_steady_state_stops_early_and_reports_limits(x64, getkey):
     model = _linear(getkey(), [4, 6, 6, 3])
     x = jax.random.normal(getkey(), (8, 4))
@@ -117,6 +119,7 @@ def test_large_output_error_at_feedforward_start_is_not_steady(getkey):
     assert int(sol.num_steps) == 3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("solver", ["euler", "heun_fixed", "adam"])
 def test_batch_invariance_fixed_steps(x64, getkey, solver):
     # float64: Adam normalises gradients, so float32 rounding noise on an exactly-zero
@@ -150,6 +153,7 @@ def test_batch_invariance_adaptive_equilibrium(x64, getkey):
             np.testing.assert_allclose(a[i:i + 1], b, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_saved_trajectory_and_energies(getkey):
     model = _tanh_mlp(getkey())
     x = jax.random.normal(getkey(), (4, 6))
@@ -170,6 +174,7 @@ def test_saved_trajectory_and_energies(getkey):
     np.testing.assert_allclose(opt.energies[2], opt.energy, rtol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("route", ["euler", "tsit5-pid", "sgd"])
 def test_saved_trajectory_with_a_steady_state_stop(getkey, route):
     """Saving does not change the solve: with a steady-state stop the final state, time,
@@ -206,6 +211,7 @@ def test_saved_trajectory_with_a_steady_state_stop(getkey, route):
     assert float(saved.ts[1]) == (990.0 if route == "sgd" else np.inf)
 
 
+@pytest.mark.slow
 def test_saveat_t0_t1_and_steps(getkey):
     """`SaveAt(t0=True)`, `t1=True` and `steps=True` are honoured, against the start, the
     result, and shorter solves."""
@@ -290,6 +296,7 @@ def test_solver_errors(getkey):
         pccore.wrap({"not": "a model"})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("solver", [diffrax.Heun(), diffrax.Tsit5(), diffrax.Bosh3(),
                                     pccore.AdaptiveEuler(), diffrax.ImplicitEuler()],
                          ids=["heun", "tsit5", "bosh3", "adaptive-euler", "implicit-euler"])

@@ -27,6 +27,7 @@ def _data(key, model, B=8):
             jax.random.normal(ky, (B, n_out), jnp.float64))
 
 
+@pytest.mark.slow
 def test_reaches_closed_form_in_far_fewer_gradients(x64, getkey):
     model = _linear(getkey())
     x, y = _data(getkey(), model)
@@ -83,6 +84,7 @@ class _ArmijoDescent(optx.AbstractGradientDescent):
     search: optx.BacktrackingArmijo = optx.BacktrackingArmijo()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "energy",
     [
@@ -113,6 +115,7 @@ def test_every_minimiser_finds_the_gradient_flow_equilibrium(x64, getkey, energy
             np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_own_tolerance_step_budget_and_batch_independence(x64, getkey):
     model = _linear(getkey())
     x, y = _data(getkey(), model)
@@ -138,6 +141,7 @@ def test_unknown_family_and_saveat_errors(getkey):
                      saveat=diffrax.SaveAt(ts=jnp.array([0.0, 1.0])))
 
 
+@pytest.mark.slow
 def test_digits_training_matches_gradient_flow():
     from sklearn.datasets import load_digits
 

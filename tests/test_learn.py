@@ -14,6 +14,7 @@ def _model(key):
     return pccore.wrap(eqx.nn.MLP(5, 3, 7, 2, activation=jnp.tanh, key=key))
 
 
+@pytest.mark.slow
 def test_train_step_equals_manual_infer_grad_update(getkey):
     model = _model(getkey())
     x = jax.random.normal(getkey(), (8, 5))
@@ -138,6 +139,7 @@ def _assert_same(a, b):
         np.testing.assert_array_equal(u, v)
 
 
+@pytest.mark.slow
 def test_passing_back_the_returned_objects_equals_passing_copies(getkey):
     """A loop that passes back what `train_step` returned reuses its leaves; any other
     combination (a fresh optimiser state, another optimiser, new data shapes) must read the
@@ -167,6 +169,7 @@ def test_passing_back_the_returned_objects_equals_passing_copies(getkey):
         pccore.train_step(m1, optim, s1, x=jnp.ones((8, 6)), y=y)
 
 
+@pytest.mark.slow
 def test_remembered_state_does_not_outlive_its_model(getkey):
     """What a call remembers (to skip re-reading the pytrees next time) is released with the
     model it returned, and at most a few entries are kept."""
@@ -192,6 +195,7 @@ def test_remembered_state_does_not_outlive_its_model(getkey):
     assert len(_learn._LAST) <= _learn._MAX_LAST and len(kept) == 3 * _learn._MAX_LAST
 
 
+@pytest.mark.slow
 def test_release_callback_survives_interpreter_exit():
     """The callback that releases a remembered entry with its model must not read module
     globals: at interpreter exit they may already be cleared when the model dies (here an

@@ -26,6 +26,7 @@ def _data(key, loss="MSE"):
     return x, (jax.nn.softmax(y) if loss == "CE" else y)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("framework", cases.FRAMEWORKS)
 def test_r1_feedforward_init_energy_is_output_loss(framework, getkey):
     base = cases.build_mlp(framework, cases.canonical_mlp(SIZES, getkey()))
@@ -44,6 +45,7 @@ def test_r1_feedforward_init_energy_is_output_loss(framework, getkey):
                                            le[-1], rtol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", list(LOSSES))
 def test_r2_matching_or_free_output_is_stationary(loss, getkey):
     model = cases.build_mlp("equinox", cases.canonical_mlp(SIZES, getkey())).with_skips(True)
@@ -123,6 +125,7 @@ def test_r4_modes_share_the_scalings(pname, getkey):
     np.testing.assert_allclose(le_free, le, rtol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("solver", ["euler", "adam"])
 def test_r5_sample_trajectory_is_batch_independent(solver, getkey):
     model = cases.build_mlp("equinox", cases.canonical_mlp(SIZES, getkey()))
@@ -180,6 +183,7 @@ def test_recorded_energies_along_a_trajectory(route, getkey):
     assert np.all(np.diff(np.asarray(sol.energies)) < 0)  # gradient flow decreases the energy
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("framework", cases.FRAMEWORKS)
 def test_errors_travel_one_layer_per_euler_step(framework, getkey):
     # From the feed-forward start every hidden error is exactly zero (R1), and the gradient

@@ -58,6 +58,7 @@ def _energy_oracle(weights, x, y, zs):
     return total
 
 
+@pytest.mark.slow
 @given(case=mlps())
 @settings(max_examples=6, **SETTINGS)
 def test_mse_energy_is_nonnegative_and_matches_oracle(case):
@@ -73,6 +74,7 @@ def test_mse_energy_is_nonnegative_and_matches_oracle(case):
         np.testing.assert_allclose(float(terms.sum()), float(e), rtol=tol, atol=tol)
 
 
+@pytest.mark.slow
 @given(case=mlps(dtypes=("float64",)))
 @settings(max_examples=5, **SETTINGS)
 def test_param_grads_match_finite_differences(case):

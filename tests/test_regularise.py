@@ -63,6 +63,7 @@ def _check_delta(model, x, y, z, wd, sp):
     np.testing.assert_allclose(R, expected, rtol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("framework", cases.FRAMEWORKS)
 def test_weight_regularisers_change_gradients_analytically(framework, getkey):
     model = cases.build_mlp(framework, cases.canonical_mlp(SIZES, getkey()))
@@ -105,6 +106,7 @@ def test_in_out_layout_is_transposed(getkey):
         np.testing.assert_allclose(g[l]["w"], g_ref[l][0].weight.T, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_conv_kernels_are_matricised(getkey):
     conv = eqx.nn.Conv2d(2, 3, kernel_size=3, padding=1, key=getkey())
     seq = eqx.nn.Sequential([conv, eqx.nn.Lambda(jnp.tanh), eqx.nn.Lambda(jnp.ravel),

@@ -61,6 +61,7 @@ def _converge(model, x, y, energy):
                         steady_state=pccore.SteadyState(rtol=0.0, atol=1e-8))
 
 
+@pytest.mark.slow
 def test_adaptive_solve_stops_at_the_steady_state(x64, getkey):
     """R6 (a): the event on the vector field stops an adaptive solve early, at the closed form."""
     param = pccore.MuPC(gamma=0.5, output_precision=2.0)
@@ -79,6 +80,7 @@ def test_adaptive_solve_stops_at_the_steady_state(x64, getkey):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("L,param,skips", CONVERGED, ids=lambda v: repr(v)[:40])
 def test_converged_inference_matches_closed_form(x64, getkey, L, param, skips):
     model = linear_model(L, param, skips, getkey())
@@ -100,6 +102,7 @@ def _check_converged_against_closed_form(model, x, y, energy):
     return F_star
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("decay", [0.3, "array"])
 def test_closed_form_with_activity_decay(x64, getkey, decay):
     """With an activity decay F* is c - b.z*/2: it matches a converged solve and its envelope
@@ -124,6 +127,7 @@ HESSIAN = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("L,param,skips", HESSIAN, ids=lambda v: repr(v)[:40])
 def test_activity_hessian_matches_autodiff(x64, getkey, L, param, skips):
     model = linear_model(L, param, skips, getkey())
