@@ -17,12 +17,13 @@ import pccore
 
 
 def measure(model, x, y, solver, controller, max_steps, n_save, dt0=0.05):
-    ts = jnp.linspace(0.0, 2.0, n_save) if not isinstance(solver, optax.GradientTransformation) \
-        else jnp.arange(n_save) * (max_steps // n_save)
+    is_optax = isinstance(solver, optax.GradientTransformation)
+    ts = jnp.arange(n_save) * (max_steps // n_save) if is_optax else jnp.linspace(0.0, 2.0, n_save)
 
     def run(model, x, y):
         return pccore.infer(
-            model, x=x, y=y, solver=solver, stepsize_controller=controller, t1=2.0, dt0=dt0,
+            model, x=x, y=y, solver=solver, stepsize_controller=controller,
+            t1=None if is_optax else 2.0, dt0=dt0,
             max_steps=max_steps, saveat=diffrax.SaveAt(ts=ts), throw=False,
         )
 

@@ -169,14 +169,15 @@ def check_solver(solver, stepsize_controller, t1, dt0, max_steps, steady_state, 
         family = "optax optimiser" if is_optax(solver) else "optimistix minimiser"
         if t1 is not None:
             raise ValueError(
-                f"`t1={t1!r}`: `solver` is an {family}, which has no time horizon (`t1` is the "
-                "horizon of a diffrax ODE solver). Drop `t1`; set the number of steps with "
-                "`max_steps=`."
+                f"`t1={t1!r}`: `solver` is an {family}, which has no time horizon; expected "
+                "t1=None (`t1` is the horizon of a diffrax ODE solver). Drop `t1`; set the "
+                "number of steps with `max_steps=`."
             )
         if not isinstance(stepsize_controller, diffrax.ConstantStepSize):
             raise ValueError(
                 f"`stepsize_controller={type(stepsize_controller).__name__}(...)`: `solver` is an "
-                f"{family}, which takes no step-size controller (it would be ignored). Drop "
+                f"{family}, which takes no step-size controller (it would be ignored); expected "
+                "the default diffrax.ConstantStepSize(). Drop "
                 "`stepsize_controller`, or use a diffrax solver (e.g. diffrax.Tsit5()) for "
                 "adaptive steps."
             )

@@ -413,16 +413,18 @@ def train_step(
 
     **Returns:** `(model, opt_state, stats)` with a [`pccore.TrainStats`][].
     """
-    if opt_state is None:  # refused with the fix (the state is otherwise checked on failure)
-        check_opt_state(optim, None, None)
+    return _dispatch(model, optim, opt_state, x, y, energy, solver, stepsize_controller, t1,
+                     dt0, max_steps, steady_state, init, key)
+
+
+def _execute(optim, opt_state, params, fn, *args):
+    """`fn(*args)`, a compiled step; an optimiser state from another optimiser or model fails
+    inside the optimiser's update (at trace time), and is named instead (costs nothing when
+    the step succeeds)."""
     try:
-        return _dispatch(model, optim, opt_state, x, y, energy, solver, stepsize_controller, t1,
-                         dt0, max_steps, steady_state, init, key)
+        return fn(*args)
     except (TypeError, ValueError, AttributeError, KeyError, IndexError):
-        # An optimiser state from another optimiser or model fails inside the optimiser's
-        # update (at trace time); name it instead. Costs nothing when the step succeeds.
-        if isinstance(model, PCModel) and isinstance(optim, optax.GradientTransformation):
-            check_opt_state(optim, opt_state, model.params)
+        check_opt_state(optim, opt_state, params)
         raise
 
 
@@ -454,7 +456,8 @@ def _dispatch(model, optim, opt_state, x, y, energy, solver, stepsize_controller
             and plan.matches(config, nums, x, y)
         ):
             # The same configuration objects and data shapes as a checked call: validated.
-            return _run_planned(plan, model, opt_state, x, y, key)
+            return _execute(optim, opt_state, model.params, _run_planned, plan, model,
+                            opt_state, x, y, key)
     x, y = check_data(model, energy, x, y, scan_targets=True)
     n, t1_, dt0_ = check_solver(solver, stepsize_controller, t1, dt0, max_steps, steady_state,
                                 None)
@@ -465,10 +468,13 @@ def _dispatch(model, optim, opt_state, x, y, energy, solver, stepsize_controller
             f"`optim` must be an optax GradientTransformation (e.g. optax.adam(1e-3)); got "
             f"{type(optim).__name__}."
         )
+    if opt_state is None:  # refused with the fix (a state is otherwise checked on failure)
+        check_opt_state(optim, None, model.params)
     if skel is not None:
         plan = _plan(skel, config, nums, (t1_, dt0_, n), x, y, model.params, opt_state)
         if plan is not None and ident is not None:
             _remember(_PLANS, ident, plan)
-            return _run_planned(plan, model, opt_state, x, y, key)
-    return _train_step(model, optim, opt_state, x, y, energy, solver, stepsize_controller, t1_,
-                       dt0_, n, steady_state, init, key)
+            return _execute(optim, opt_state, model.params, _run_planned, plan, model,
+                            opt_state, x, y, key)
+    return _execute(optim, opt_state, model.params, _train_step, model, optim, opt_state, x, y,
+                    energy, solver, stepsize_controller, t1_, dt0_, n, steady_state, init, key)

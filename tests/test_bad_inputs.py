@@ -1,6 +1,8 @@
 """Bad inputs to the public API: each gets a clear error (the argument, got vs expected, the
 fix) or a correct, documented result. The CLI's cases are in `test_bad_inputs_cli.py`."""
 
+import re
+
 import diffrax
 import equinox as eqx
 import jax
@@ -278,3 +280,38 @@ def test_data_parallel_mesh_refuses_a_string():
     with pytest.raises(TypeError, match=r"`devices` must hold jax\.Device objects; got int"):
         pccore.data_parallel_mesh([0])
     assert pccore.data_parallel_mesh(jax.devices()).shape == {"batch": len(jax.devices())}
+
+
+_MESHES = r"""
+import jax, jax.numpy as jnp, equinox as eqx, optax, pccore
+mlp = pccore.wrap(eqx.nn.MLP(4, 3, 8, 1, key=jax.random.key(0)))
+optim = optax.sgd(0.1)
+devs = jax.devices()
+mesh_a, mesh_b = pccore.data_parallel_mesh(devs[:2]), pccore.data_parallel_mesh(devs[2:])
+_, model, state = pccore.data_parallel(mlp, optim.init(mlp.params), mesh_a)
+x, y = pccore.shard_batch((jnp.ones((8, 4)), jnp.ones((8, 3))), mesh_b)
+try:
+    pccore.train_step(model, optim, state, x=x, y=y)
+except ValueError as e:
+    print(e)
+x, y = pccore.shard_batch((jnp.ones((8, 4)), jnp.ones((8, 3))), mesh_a)
+print(bool(pccore.train_step(model, optim, state, x=x, y=y)[2].updated))
+"""
+
+
+def test_data_and_parameters_on_different_meshes_are_named():
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", _MESHES], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    message, same_mesh = proc.stdout.strip().splitlines()
+    assert re.fullmatch(
+        r"`x` lives on devices \[\S*2, \S*3\] but the model's parameters on "
+        r"\[\S*0, \S*1\]; expected the same devices \(one mesh\)\. Place both on one "
+        r"mesh: .*pccore\.shard_batch\(\(x, y\), mesh\)`\.", message)
+    assert same_mesh == "True"

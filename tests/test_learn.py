@@ -101,8 +101,13 @@ def test_cached_step_still_validates_every_call(getkey):
     bad[0, 0] = np.nan
     with pytest.raises(ValueError, match=r"`x` contains 1 non-finite value"):
         pccore.train_step(model, optim, state, x=bad, y=y)
-    with pytest.raises(ValueError, match=r"`t1` must be a finite positive number; got Array"):
-        pccore.train_step(model, optim, state, x=x, y=y, t1=jnp.asarray(2.0))  # unhashable
+    with pytest.raises(ValueError, match=r"`t1` must be a finite positive number; got -2\.0"):
+        pccore.train_step(model, optim, state, x=x, y=y, t1=jnp.asarray(-2.0))  # unhashable
+    # a concrete 0-d array is read as the number it holds: the same step as the float
+    as_array = pccore.train_step(model, optim, state, x=x, y=y, t1=jnp.asarray(1.0))
+    as_float = pccore.train_step(model, optim, state, x=x, y=y, t1=1.0)
+    for a, b in zip(jax.tree.leaves(as_array[0].params), jax.tree.leaves(as_float[0].params)):
+        np.testing.assert_array_equal(a, b)
     half = jax.tree_util.tree_map(lambda a: a.astype(jnp.float16), model)  # same layers
     with pytest.raises(TypeError, match=r"has dtype float16; expected float32 or float64"):
         pccore.train_step(half, optim, optim.init(half.params), x=x, y=y)

@@ -149,7 +149,7 @@ def test_public_api_never_returns_nan_silently(batch, t1, dt0, corrupt_data, opt
     x = corrupt(rng.standard_normal((batch, 2)).astype(np.float32))
     y = corrupt(rng.standard_normal((batch, 2)).astype(np.float32))
     opts = dict(
-        t1=t1,
+        t1=None if optax_solver else t1,  # an optax solver has no horizon (t1 is refused)
         dt0=dt0,
         steady_state=pccore.SteadyState() if steady else None,
         solver=optax.sgd(0.1 if dt0 is None or not dt0 > 0 else dt0) if optax_solver else diffrax.Euler(),
@@ -167,8 +167,9 @@ def test_public_api_never_returns_nan_silently(batch, t1, dt0, corrupt_data, opt
         assert all(bool(jnp.all(jnp.isfinite(a))) for a in jax.tree.leaves(new.params))
         assert bool(jnp.isfinite(stats.energy))
     else:  # reported, and nothing was changed
-        event("train_step skipped a diverged update")
-        assert stats.result == pccore.RESULTS.diverged
+        event("train_step skipped a diverged or overflowing update")
+        # inference diverged, or it did not and the update itself overflowed
+        assert stats.result == pccore.RESULTS.diverged or bool(jnp.isfinite(stats.energy))
         for a, b in zip(jax.tree.leaves(model.params), jax.tree.leaves(new.params)):
             np.testing.assert_array_equal(a, b)
     try:

@@ -161,5 +161,11 @@ def test_unidentified_weights_raise(getkey):
 
 def test_bad_regulariser_is_rejected(getkey):
     model = cases.build_mlp("equinox", cases.canonical_mlp(SIZES, getkey()))
+    with pytest.raises(TypeError, match=r"`PC`: `regularisers\[0\]` must be an instance of "
+                                        r"pccore\.AbstractRegulariser; got a float"):
+        pccore.PC(regularisers=(0.1,))
+    # a regulariser smuggled past the constructor is still refused where it is used
+    smuggled = pccore.PC()
+    object.__setattr__(smuggled, "regularisers", (0.1,))
     with pytest.raises(TypeError, match="`regularisers` must hold pccore regularisers"):
-        pccore.PC(regularisers=(0.1,)).penalty(model)
+        smuggled.penalty(model)
