@@ -207,7 +207,10 @@ def test_bad_options_and_objects(setup):
         TypeError, match=r"`energy` must be a pccore\.AbstractEnergy such as pccore\.PC\(\); got MSE"
     ):
         pccore.evaluate(model, x, y, energy=pccore.MSE())
-    half = jax.tree.map(lambda a: a.astype(jnp.float16) if eqx.is_inexact_array(a) else a, model)
+    # cast on the host: XLA's CPU float16 conversion needs F16C, which an SSE4.2-only CPU
+    # (XLA_FLAGS=--xla_cpu_max_isa=SSE4_2) lacks
+    half = jax.tree.map(lambda a: jnp.asarray(np.asarray(a, np.float16))
+                        if eqx.is_inexact_array(a) else a, model)
     with pytest.raises(
         TypeError, match=r"`model\.params\[0\]\[0\]\.weight` has dtype float16; expected float32"
     ):

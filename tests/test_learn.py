@@ -108,7 +108,9 @@ def test_cached_step_still_validates_every_call(getkey):
     as_float = pccore.train_step(model, optim, state, x=x, y=y, t1=1.0)
     for a, b in zip(jax.tree.leaves(as_array[0].params), jax.tree.leaves(as_float[0].params)):
         np.testing.assert_array_equal(a, b)
-    half = jax.tree_util.tree_map(lambda a: a.astype(jnp.float16), model)  # same layers
+    # same layers; cast on the host (XLA's CPU float16 conversion needs F16C, absent with
+    # XLA_FLAGS=--xla_cpu_max_isa=SSE4_2)
+    half = jax.tree_util.tree_map(lambda a: jnp.asarray(np.asarray(a, np.float16)), model)
     with pytest.raises(TypeError, match=r"has dtype float16; expected float32 or float64"):
         pccore.train_step(half, optim, optim.init(half.params), x=x, y=y)
 
