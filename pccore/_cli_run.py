@@ -18,6 +18,7 @@ from ._evaluate import evaluate
 from ._infer import infer
 from ._model import PCModel
 from ._progress import Progress
+from ._results import RESULTS
 from ._sharding import data_parallel as _data_parallel
 from ._sharding import shard_batch as _shard_batch
 from .datasets import Dataset
@@ -137,7 +138,7 @@ def train_pc(
     n_batches = data.x_train.shape[0] // batch_size
     with Progress((epochs - first) * n_batches, f"{framework:>8}", enabled=progress) as bar:
         for epoch in range(first, epochs):
-            epoch_loss, epoch_energy, epoch_skipped = [], [], 0
+            epoch_loss, epoch_energy, epoch_skipped, epoch_raised = [], [], 0, 0
             for idx in batches(data.x_train.shape[0], batch_size, rng):
                 key, sub = jax.random.split(key)
                 x, y = jnp.asarray(data.x_train[idx]), jnp.asarray(data.y_train[idx])
@@ -149,6 +150,7 @@ def train_pc(
                 times.append(ms)
                 steps.append(int(stats.num_steps))
                 epoch_skipped += int(not stats.updated)
+                epoch_raised += int(stats.result == RESULTS.energy_increased)
                 epoch_loss.append(float(stats.loss))
                 epoch_energy.append(float(stats.energy))
                 bar.update(1, f"epoch {epoch + 1}/{epochs} energy {epoch_energy[-1]:.4f}")
@@ -158,7 +160,8 @@ def train_pc(
             skipped += epoch_skipped
             if log is not None:
                 bar.write(log_line(framework, epoch, epochs, losses[-1], np.mean(energies), accs[-1],
-                                   skipped=epoch_skipped, steps=len(epoch_loss)))
+                                   skipped=epoch_skipped, steps=len(epoch_loss),
+                                   raised=epoch_raised))
             if checkpoints is not None:
                 checkpoints.save(epoch + 1, model=model, opt_state=opt_state, key=key,
                                  config=config)
@@ -182,12 +185,17 @@ def train_pc(
     )
 
 
-def log_line(name, epoch, epochs, loss, energy, acc, *, skipped: int = 0, steps: int = 0) -> str:
-    """One epoch's line; with skipped updates, how many of the epoch's `steps` and why."""
+def log_line(name, epoch, epochs, loss, energy, acc, *, skipped: int = 0, steps: int = 0,
+             raised: int = 0) -> str:
+    """One epoch's line; with skipped updates, how many of the epoch's `steps` and why; with
+    steps whose inference raised the energy (an unstable step size), how many and the fix."""
     line = (f"{name} epoch {epoch + 1:>3}/{epochs}  loss {loss:.4f}  energy {energy:.4f}  "
             f"test accuracy {100 * acc:.2f}%")
     if skipped:
         line += f"  skipped updates {skipped}/{steps} (inference diverged)"
+    if raised:
+        line += (f"  inference raised the energy on {raised}/{steps} steps (unstable: lower "
+                 "--dt0 or use an adaptive solver)")
     return line
 
 

@@ -287,15 +287,31 @@ class Raw(NamedTuple):
     e0: Any = None  # the energy at the start, where the loop's first evaluation gives it
 
 
-def _finish(energy, model, x, y, raw: Raw) -> InferenceSolution:
+def raised(e, e0):
+    r"""Whether the final energy `e` exceeds the starting energy `e0` beyond rounding: by more
+    than $\sqrt{\epsilon}\,|F_0|$ of the dtype (a sum's rounding is far below that; a real
+    instability raises the energy by orders of magnitude more)."""
+    tol = jnp.sqrt(jnp.finfo(jnp.result_type(e)).eps)
+    return jnp.isfinite(e) & (e > e0 + tol * jnp.abs(e0))
+
+
+def with_stability(result, e, e0):
+    """`result`, or `energy_increased` if the solve raised the energy (and did not diverge)."""
+    bad = raised(e, e0) & (result != RESULTS.diverged)
+    return RESULTS.where(bad, RESULTS.energy_increased, result)
+
+
+def _finish(energy, model, z0, x, y, raw: Raw) -> InferenceSolution:
     """Package a solve. `raw.g` is the gradient at `raw.z` if the loop has it (else one more
-    evaluation, which `jit` removes when `vector_field_norm` is not used)."""
+    evaluation, which `jit` removes when `vector_field_norm` is not used); `raw.e0` the
+    energy at the start `z0` if the loop has it (else one more energy evaluation)."""
     z, g, traj = raw.z, raw.g, raw.traj
     if g is None:
         g = activity_grad(energy, model, z, x, y)
     e = energy.per_sample(model, z, x, y).sum()
+    e0 = raw.e0 if raw.e0 is not None else energy.per_sample(model, z0, x, y).sum()
     finite = all_finite(z) & jnp.isfinite(e)
-    result = RESULTS.where(finite, raw.result, RESULTS.diverged)
+    result = with_stability(RESULTS.where(finite, raw.result, RESULTS.diverged), e, e0)
     energies = None
     if traj is not None and not jtu.tree_leaves(traj):  # no variables: the energy is constant
         energies = jnp.where(jnp.isinf(raw.ts), jnp.inf, e)
@@ -723,7 +739,7 @@ def solve_raw(model, z0, x, y, energy, solver, controller, t1, dt0, n, steady, s
 
 def _solve(model, z0, x, y, energy, solver, controller, t1, dt0, n, steady, saveat):
     raw = solve_raw(model, z0, x, y, energy, solver, controller, t1, dt0, n, steady, saveat)
-    return _finish(energy, model, x, y, raw)
+    return _finish(energy, model, z0, x, y, raw)
 
 
 solve = compiled(_solve)
@@ -785,8 +801,9 @@ def infer(
         does not reach (after a steady-state stop, or unused `steps=True` slots) hold inf, as
         in diffrax, and so does their energy.
     - `init`, `key`: the initialiser used when `activities` is None.
-    - `throw`: raise if the solve diverged or ran out of `max_steps` (inside `jax.jit` too);
-        with `False` check `solution.result` instead.
+    - `throw`: raise if the solve diverged, raised the energy above its start (an unstable
+        step size: `RESULTS.energy_increased`, whose message names the remedies) or ran out
+        of `max_steps` (inside `jax.jit` too); with `False` check `solution.result` instead.
 
     **Returns:** an [`pccore.InferenceSolution`][].
     """
@@ -806,6 +823,7 @@ def infer(
         steady_state, saveat,
     )
     if throw:
-        bad = (sol.result == RESULTS.diverged) | (sol.result == RESULTS.max_steps_reached)
+        bad = ((sol.result == RESULTS.diverged) | (sol.result == RESULTS.max_steps_reached)
+               | (sol.result == RESULTS.energy_increased))
         sol = eqx.tree_at(lambda s: s.activities, sol, thread_error(sol.result, sol.activities, bad))
     return sol

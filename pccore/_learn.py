@@ -19,7 +19,7 @@ from ._check import as_number, check_opt_state
 from ._compiled import compiled
 from ._custom_types import Activities, BatchArray, Params, Scalar
 from ._energy import PC, AbstractEnergy
-from ._infer import all_finite, check_solver, solve_raw
+from ._infer import all_finite, check_solver, solve_raw, with_stability
 from ._init import AbstractInit, FeedForward
 from ._model import PCModel
 from ._results import RESULTS
@@ -88,10 +88,14 @@ def update(model, optim, opt_state, x, y, energy, solver, controller, t1, dt0, n
     # A non-finite energy at the inferred activities means inference diverged (every
     # variable enters the energy through its own error, so a NaN/inf anywhere shows here).
     result = RESULTS.where(jnp.isfinite(e), raw.result, RESULTS.diverged)
+    B = (x if x is not None else y).shape[0]
+    # Inference that raised the energy (an unstable step size) is said in the result code,
+    # whose message names the remedies; the update is still applied (its gradient is finite).
+    result = with_stability(result, e * B, e0)
     ok = (result != RESULTS.diverged) & jnp.isfinite(value)
     params, opt_state, ok = guarded_update(optim, grads, opt_state, model.params, ok)
     stats = TrainStats(
-        loss=e0 / (x if x is not None else y).shape[0],
+        loss=e0 / B,
         energy=e,
         num_steps=jnp.asarray(raw.k, jnp.int32),
         result=result,

@@ -12,6 +12,11 @@ class RESULTS(eqx.Enumeration):
     - `not_converged`: a steady-state test was asked for, and `t1` came first.
     - `max_steps_reached`: the step budget ran out before `t1` or before convergence.
     - `diverged`: the activities or the energy became non-finite (NaN/inf).
+    - `minimiser_failed`: an optimistix minimiser reported a failure.
+    - `energy_increased`: the solve ended with a higher energy than it started from (beyond
+        rounding): the steps are too large for the model's stiffest direction, so the
+        discretised flow is unstable (normalisation layers such as LayerNorm make the energy
+        stiff). Gradient flow never raises the energy.
     """
 
     completed = ""
@@ -33,4 +38,12 @@ class RESULTS(eqx.Enumeration):
         "The optimistix minimiser reported a failure (e.g. its line search found no decrease, "
         "or a non-finite value). Check `solution.result`; try another minimiser "
         "(optx.NonlinearCG, optx.BFGS) or looser tolerances."
+    )
+    energy_increased = (
+        "Inference raised the energy above its starting value: the steps are too large for "
+        "this model (stiff layers such as LayerNorm or BatchNorm make the energy stiff), so the "
+        "discretised flow is unstable. Use a smaller `dt0` (or optax learning rate), an adaptive "
+        "solver (`solver=pccore.AdaptiveEuler()` with "
+        "`stepsize_controller=diffrax.PIDController(rtol=1e-3, atol=1e-3)`), or the muPC "
+        "parameterisation (`pccore.PC(parameterisation=pccore.MuPC())`)."
     )

@@ -341,3 +341,33 @@ def test_adaptive_loop_equals_diffeqsolve(x64, getkey, solver, stop):
     assert sol.result == expected
     if stop:  # and it is really a steady state
         assert bool(steady_fn(None, sol.activities, None))
+
+
+def test_unstable_step_is_reported_as_energy_increased(x64, getkey):
+    """Euler on a deep linear network is stable iff dt0 < 2 / lambda_max(H) (H the constant
+    activity Hessian, from pccore.theory): below it the energy never rises; above it the
+    top eigen-direction grows and the solve must say so, naming the remedies."""
+    model = cases.linear_network(getkey(), [4, 6, 6, 3])
+    x = jax.random.normal(getkey(), (5, 4), jnp.float64)
+    y = jax.random.normal(getkey(), (5, 3), jnp.float64)
+    lam_max = float(jnp.linalg.eigvalsh(pccore.theory.linear_activity_hessian(model))[-1])
+    start = float(pccore.energy(model, pccore.init_activities(model, x), x=x, y=y))
+    stable = 1.8 / lam_max
+    sol = pccore.infer(model, x=x, y=y, t1=60 * stable, dt0=stable)
+    assert sol.result == pccore.RESULTS.completed and float(sol.energy) < start
+    unstable = 2.2 / lam_max
+    sol = pccore.infer(model, x=x, y=y, t1=60 * unstable, dt0=unstable, throw=False)
+    assert sol.result == pccore.RESULTS.energy_increased
+    assert float(pccore.energy(model, sol.activities, x=x, y=y)) > start  # independently
+    with pytest.raises(Exception, match=r"Inference raised the energy above its starting value"
+                                        r".*smaller `dt0`.*AdaptiveEuler.*MuPC"):
+        jax.block_until_ready(pccore.infer(model, x=x, y=y, t1=60 * unstable,
+                                           dt0=unstable).activities)
+    optim = optax.sgd(1e-3)
+    _, _, stats = pccore.train_step(model, optim, optim.init(model.params), x=x, y=y,
+                                    t1=60 * unstable, dt0=unstable)
+    assert stats.result == pccore.RESULTS.energy_increased
+    assert bool(stats.updated)  # finite: the update is applied, the result says what happened
+    _, _, stats = pccore.train_step(model, optim, optim.init(model.params), x=x, y=y,
+                                    t1=60 * stable, dt0=stable)
+    assert stats.result == pccore.RESULTS.completed
