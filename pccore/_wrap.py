@@ -1,6 +1,7 @@
 """`pccore.wrap`: any supported model to a [`pccore.PCModel`][]."""
 
 import inspect
+import warnings
 from typing import Any
 
 import equinox as eqx
@@ -81,3 +82,20 @@ def _check_wrapped(model: PCModel) -> None:
             "parameterised layer (e.g. eqx.nn.Linear)."
         )
     check_params(model.params)
+    _warn_single_layer(model)
+
+
+def _warn_single_layer(model: PCModel) -> None:
+    """A model wrapped as one layer that holds several weight matrices has no latent: PC on
+    it is backprop. Usually the adapter found one parameterised submodule around the others
+    (a transformer's top-level module); say so and how to place latents."""
+    if model.num_layers != 1 or len(model.weights[0]) < 2:
+        return
+    warnings.warn(
+        f"`pccore.wrap`: the model became ONE layer ({model.names[0]!r}) holding "
+        f"{len(model.weights[0])} weight matrices, so predictive coding has no latent to infer "
+        "(training it is plain backprop). Name the submodules whose outputs should be latents "
+        "with `boundaries=` (see the adapters docs), or wrap a list of its layers.",
+        UserWarning,
+        stacklevel=4,  # the caller of pccore.wrap
+    )

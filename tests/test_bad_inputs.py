@@ -315,3 +315,15 @@ def test_data_and_parameters_on_different_meshes_are_named():
         r"\[\S*0, \S*1\]; expected the same devices \(one mesh\)\. Place both on one "
         r"mesh: .*pccore\.shard_batch\(\(x, y\), mesh\)`\.", message)
     assert same_mesh == "True"
+
+
+def test_a_model_wrapped_as_one_layer_with_several_weights_warns(getkey):
+    """One parameterised submodule around the others (a transformer's top module) gives one
+    layer: no latent. The wrap says so, and how to place latents."""
+    inner = eqx.nn.Sequential([eqx.nn.Linear(3, 4, key=getkey()), eqx.nn.Lambda(jnp.tanh),
+                               eqx.nn.Linear(4, 2, key=getkey())])
+    with pytest.warns(UserWarning, match=r"the model became ONE layer \('0:Sequential'\) holding "
+                                         r"2 weight matrices, so predictive coding has no "
+                                         r"latent.*`boundaries=`"):
+        pccore.wrap([inner], input_shape=(3,))
+    pccore.wrap(list(inner.layers))  # its layers: three latents' worth, no warning
