@@ -5,6 +5,8 @@ import warnings
 from typing import Any
 
 import equinox as eqx
+import jax
+import jax.numpy as jnp
 import jax.tree_util as jtu
 
 from ._check import check_params
@@ -82,7 +84,51 @@ def _check_wrapped(model: PCModel) -> None:
             "parameterised layer (e.g. eqx.nn.Linear)."
         )
     check_params(model.params)
+    if model.framework not in _PURE_FRAMEWORKS:
+        _trial_step(model)
     _warn_single_layer(model)
+
+
+_PURE_FRAMEWORKS = ("equinox",)
+"""Adapters whose layer functions are pure pytrees by construction (no framework state to
+mutate, no transform of its own): the trial step is skipped for them (it costs a trace of a
+whole training step at wrap time)."""
+
+
+def _trial_step(model: PCModel) -> None:
+    """Trace one training step of the model abstractly (`train_step`'s own update: the
+    feed-forward initialisation, two Euler steps of inference, the parameter gradient and an
+    SGD update, under `jax.jit`), so that a forward that cannot be trained fails here, at
+    wrap time, not in the first `train_step`."""
+    import diffrax
+    import optax
+
+    from ._energy import PC
+    from ._init import FeedForward
+    from ._learn import update
+
+    x = jnp.zeros((1, *model.in_shape.shape), model.in_shape.dtype)
+    y = jnp.zeros((1, *model.out_shapes[-1].shape), model.out_shapes[-1].dtype)
+    optim = optax.sgd(0.0)
+
+    def step(model, x, y):
+        return update(model, optim, optim.init(model.params), x, y, PC(), diffrax.Euler(),
+                      diffrax.ConstantStepSize(), 0.2, 0.1, 2, None, FeedForward(), None)[2]
+
+    try:  # the model is an argument, as in train_step (its arrays are traced)
+        eqx.filter_eval_shape(eqx.filter_jit(step), model, x, y)
+    except Exception as e:  # any framework's error: say what it means for PC, keep the cause
+        said = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(
+            f"`model`: a trial training step failed at wrap time ({type(e).__name__}: {said}). "
+            "predictive coding differentiates every layer as a pure function of its "
+            "parameters and its input, under jax.jit; expected a forward without side "
+            "effects. Typical causes: a forward that updates state (an NNX Variable or "
+            "counter, a Haiku state, a BatchNorm in training mode) or runs framework modules "
+            "inside its own loop transform (hk.dynamic_unroll, nnx.scan). Move the state "
+            "update out of the forward (or run the model in inference mode), or make the "
+            "looping part one layer with `boundaries=` (see the adapters docs)."
+        ) from e
 
 
 def _warn_single_layer(model: PCModel) -> None:

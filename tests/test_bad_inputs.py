@@ -327,3 +327,23 @@ def test_a_model_wrapped_as_one_layer_with_several_weights_warns(getkey):
                                          r"latent.*`boundaries=`"):
         pccore.wrap([inner], input_shape=(3,))
     pccore.wrap(list(inner.layers))  # its layers: three latents' worth, no warning
+
+
+def test_a_forward_that_mutates_state_is_refused_at_wrap_time():
+    """An NNX model counting its calls in a Variable wrapped and evaluated, then crashed in
+    the first train_step; the wrap-time trial step refuses it, naming the cause."""
+    nnx = pytest.importorskip("flax.nnx")
+
+    class Counter(nnx.Module):
+        def __init__(self, rngs):
+            self.l1, self.l2 = nnx.Linear(4, 8, rngs=rngs), nnx.Linear(8, 3, rngs=rngs)
+            self.calls = nnx.Variable(jnp.zeros((), jnp.int32))
+
+        def __call__(self, x):
+            self.calls[...] += 1
+            return self.l2(jnp.tanh(self.l1(x)))
+
+    with pytest.raises(ValueError, match=r"`model`: a trial training step failed at wrap time "
+                                         r"\(TraceContextError: Cannot mutate Variable.*Move the "
+                                         r"state update out of the forward"):
+        pccore.wrap(Counter(nnx.Rngs(0)))
