@@ -18,7 +18,7 @@ from jaxtyping import Array, ArrayLike, Float
 
 from ._check import check_energy_parts, check_option
 from ._custom_types import Params
-from ._energy import AbstractEnergy, _sq, add_activity_decay
+from ._energy import AbstractEnergy, _sq, add_activity_decay, check_free_bottom
 from ._loss import MSE
 from ._model import AbstractPCModel, PCModel
 from ._parameterisation import SP, AbstractParameterisation
@@ -116,6 +116,8 @@ class BPC(AbstractEnergy):
     def variable_shapes(self, model, x_clamped):
         f = self._model(model).forward
         shapes = (f.in_shape, *f.out_shapes[:-1])
+        if not x_clamped:
+            check_free_bottom(f)
         return shapes[1:] if x_clamped else shapes
 
     def data_shapes(self, model):
@@ -137,9 +139,9 @@ class BPC(AbstractEnergy):
         z = (*((x,) if x is not None else ()), *variables, y)  # z_0 .. z_L
         L = f.num_layers
         lam = self.parameterisation.output_precision
-        fwd = [_sq(z[l] - f.predict_layer(l - 1, z[l - 1])) for l in range(1, L)]
-        fwd.append(lam * _sq(y - f.predict_layer(L - 1, z[L - 1])))
-        bwd = [_sq(z[l] - g.predict_layer(L - 1 - l, z[l + 1])) for l in range(L)]
+        fwd = [_sq(z[l] - f.predict_layer(l - 1, z[l - 1], x=x)) for l in range(1, L)]
+        fwd.append(lam * _sq(y - f.predict_layer(L - 1, z[L - 1], x=x)))
+        bwd = [_sq(z[l] - g.predict_layer(L - 1 - l, z[l + 1], x=y)) for l in range(L)]
         bwd[0] = lam * bwd[0]
         terms = [self.alpha_f * t for t in fwd] + [self.alpha_b * t for t in bwd]
         return jnp.stack(terms, axis=1)

@@ -7,6 +7,11 @@ and small updates vanish below the 3-digit mantissa, so a solve silently stalls 
 into inf. Keep the model and the data in float32 (bfloat16 matmuls inside a layer, with
 float32 parameters and activities, are the layer's own business).
 
+**Integer inputs.** A clamped input `x` is never differentiated, so a model whose
+`in_shape.dtype` is an integer (token ids for a first embedding layer; wrap it with
+`dtype=jnp.int32`) takes integer `x`, and a float model float `x`; a mismatch is refused,
+naming both dtypes. Targets `y`, activities and parameters stay float.
+
 **NaN/inf.** Data on the host (NumPy arrays, lists) is scanned at every entry point: that
 costs one pass over host memory and no device synchronisation. Arrays already on a device
 are scanned by the utilities ([`pccore.energy`][], [`pccore.evaluate`][], ...), but not by the
@@ -70,6 +75,31 @@ def check_dtype(name: str, dtype: Any) -> None:
         )
 
 
+def check_input_dtype(name: str, dtype: Any, expected: Any) -> None:
+    """A clamped input's `dtype` against the model's input dtype `expected` (its
+    `in_shape.dtype`): integer (or bool) inputs for an integer (bool) model, float32/float64
+    for a float model (see the module docstring)."""
+    expected = jnp.dtype(expected)
+    if _is_float(expected):
+        if jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.bool_):
+            raise TypeError(
+                f"`{name}` has dtype {dtype}; expected float32 or float64. Cast it first, e.g. "
+                f"`{name}.astype(jnp.float32)`: this model takes {expected} inputs (its "
+                f"`in_shape.dtype`). If `{name}` holds token ids for an embedding layer, wrap the "
+                "model with `dtype=jnp.int32` (and its `input_shape=`)."
+            )
+        check_dtype(name, dtype)
+        return
+    kind = jnp.bool_ if expected == jnp.bool_ else jnp.integer
+    if not jnp.issubdtype(dtype, kind):
+        what = "boolean" if kind is jnp.bool_ else "integer (token ids)"
+        raise TypeError(
+            f"`{name}` has dtype {dtype}; expected {expected}: this model takes {what} inputs "
+            f"(its `in_shape.dtype` is {expected}). Pass `{name}` as {expected}, e.g. "
+            f"`{name}.astype(jnp.{expected.name})`, or wrap a model that takes {dtype} inputs."
+        )
+
+
 def check_finite(name: str, a: Any, scan_device: bool) -> None:
     """Raise if a concrete `a` holds NaN/inf (host data always, device arrays if asked)."""
     if isinstance(a, jax.Array):
@@ -91,9 +121,12 @@ def check_finite(name: str, a: Any, scan_device: bool) -> None:
 
 def as_batch(
     name: str, a: Any, per_sample: tuple[int, ...], batch: int | None = None,
-    scan_device: bool = False,
+    scan_device: bool = False, dtype_of_model: Any = None,
 ):
-    """`a` as a float array of shape `(batch, *per_sample)`, or a clear error."""
+    """`a` as a float array of shape `(batch, *per_sample)`, or a clear error.
+
+    `dtype_of_model`: for a clamped input, the model's input dtype (an integer dtype admits
+    integer data, see `check_input_dtype`); None: float data only."""
     if a is None:
         return None
     if isinstance(a, jax.ShapeDtypeStruct):
@@ -108,7 +141,10 @@ def as_batch(
                 f"NumPy cannot read as one ({e}). Pass a NumPy or JAX array."
             ) from None
         dtype = a.dtype
-    check_dtype(name, dtype)
+    if dtype_of_model is None:
+        check_dtype(name, dtype)
+    else:
+        check_input_dtype(name, dtype, dtype_of_model)
     shape = _shape_of(a)
     dims = ("batch" if batch is None else str(batch), *map(str, per_sample))
     expected_txt = "(" + ", ".join(dims) + ("," if len(dims) == 1 else "") + ")"
@@ -181,13 +217,21 @@ def check_data(model: PCModel, energy, x, y, *, scan_device: bool = False,
     """
     check_model(model, energy)
     x_shape, y_shape = energy.data_shapes(model)
-    x = as_batch("x", x, x_shape, scan_device=scan_device)
+    x = as_batch("x", x, x_shape, scan_device=scan_device, dtype_of_model=_input_dtype(model))
     batch = None if x is None else x.shape[0]
     host = not isinstance(y, jax.Array)
     y = as_batch("y", y, y_shape, batch, scan_device=scan_device)
     if y is not None and is_concrete(y) and (host or scan_device or scan_targets):
         energy.check_target("y", y)
     return x, y
+
+
+def _input_dtype(model: Any) -> Any:
+    """The dtype of the model's clamped input (its `in_shape`, or its forward chain's)."""
+    in_shape = getattr(model, "in_shape", None)
+    if in_shape is None:
+        in_shape = getattr(getattr(model, "forward", None), "in_shape", None)
+    return getattr(in_shape, "dtype", None)
 
 
 def batch_size(x, y) -> int:

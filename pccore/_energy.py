@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
-from ._check import check_activities, check_data, check_energy_parts, check_option
+from ._check import _is_float, check_activities, check_data, check_energy_parts, check_option
 from ._custom_types import Activities, BatchArray, Scalar
 from ._init import AbstractInit, FeedForward
 from ._loss import MSE, AbstractLoss
@@ -48,7 +48,25 @@ def add_activity_decay(total, decay, activities) -> Float[Array, " batch"]:
 def chain_variable_shapes(model: PCModel, x_clamped: bool) -> tuple[jax.ShapeDtypeStruct, ...]:
     """One variable per layer input of a chain, `z_0` only when the bottom is free."""
     shapes = (model.in_shape, *model.out_shapes[:-1])
+    if not x_clamped:
+        check_free_bottom(model)
     return shapes[1:] if x_clamped else shapes
+
+
+def check_free_bottom(model: PCModel) -> None:
+    """Refuse a free bottom latent `z_0` (`x=None`) for a model that cannot have one: an
+    integer (token) input, which no gradient can move, or layers that read the clamped input."""
+    dtype = model.in_shape.dtype
+    if not _is_float(dtype):
+        raise ValueError(
+            f"`x` is None (a free bottom latent z_0), but this model takes {jnp.dtype(dtype)} "
+            "inputs (token ids, e.g. a first embedding layer): a token model cannot have a free "
+            "input latent, since inference moves latents along real gradients. Pass the input "
+            "tokens as `x`."
+        )
+    reads = getattr(model, "reads_input", ())
+    if any(reads):
+        raise ValueError(model._free_bottom_message(reads.index(True)))
 
 
 def chain_data_shapes(model: PCModel) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -177,9 +195,9 @@ class PC(AbstractEnergy):
     def layer_energies(self, model, variables, x, y):
         z = self._chain(variables, x)
         L = model.num_layers
-        terms = [_sq(z[l] - model.predict_layer(l - 1, z[l - 1])) for l in range(1, L)]
+        terms = [_sq(z[l] - model.predict_layer(l - 1, z[l - 1], x=x)) for l in range(1, L)]
         terms.append(output_term(self.loss, self.parameterisation.output_precision, y,
-                                 lambda: model.predict_layer(L - 1, z[L - 1]), z[0]))
+                                 lambda: model.predict_layer(L - 1, z[L - 1], x=x), z[0]))
         return jnp.stack(terms, axis=1)
 
     def per_sample(self, model, variables, x, y):

@@ -77,7 +77,7 @@ class EPC(AbstractEnergy):
         z0, eps = self._split(variables, x)
         zs = [z0]
         for l, e in enumerate(eps):
-            zs.append(model.predict_layer(l, zs[-1]) + e)
+            zs.append(model.predict_layer(l, zs[-1], x=x) + e)
         return tuple(zs)
 
     def activities(self, model: PCModel, errors: Activities, x: Array | None) -> Activities:
@@ -95,7 +95,7 @@ class EPC(AbstractEnergy):
         L = model.num_layers
         terms = [_sq(e) for e in eps]
         terms.append(output_term(self.loss, self.parameterisation.output_precision, y,
-                                 lambda: model.predict_layer(L - 1, zs[L - 1]), zs[0]))
+                                 lambda: model.predict_layer(L - 1, zs[L - 1], x=x), zs[0]))
         return jnp.stack(terms, axis=1)
 
     def per_sample(self, model, variables, x, y):
@@ -108,7 +108,8 @@ class EPC(AbstractEnergy):
     def init(self, model, x, y, initialiser, key):
         z = initialiser(model, self.variable_shapes(model, x is not None), x, y, key)
         chain = tuple(z) if x is None else (x, *z)
-        eps = tuple(chain[l + 1] - model.predict_layer(l, chain[l]) for l in range(len(chain) - 1))
+        eps = tuple(chain[l + 1] - model.predict_layer(l, chain[l], x=x)
+                    for l in range(len(chain) - 1))
         return (chain[0], *eps) if x is None else eps
 
     def predict(self, model, x):

@@ -42,7 +42,7 @@ def amortise(amortiser: PCModel, y: Array) -> tuple[Array, ...]:
     r"""The amortiser's guesses $(\hat a_0, \hat a_1, \dots, \hat a_{L-1})$ of the latents from `y`."""
     guesses = [y]
     for l in range(amortiser.num_layers):
-        guesses.append(amortiser.predict_layer(l, guesses[-1]))
+        guesses.append(amortiser.predict_layer(l, guesses[-1], x=y))
     return tuple(guesses[1:][::-1])
 
 
@@ -97,7 +97,8 @@ def _amortiser_per_sample(amortiser, z, x, y):
     inputs = (*guesses[1:], y)  # a_1 .. a_L
     targets = jax.lax.stop_gradient(targets)
     terms = [
-        _sq(targets[L - k] - amortiser.predict_layer(k - 1, inputs[L - k])) for k in range(1, L + 1)
+        _sq(targets[L - k] - amortiser.predict_layer(k - 1, inputs[L - k], x=y))
+        for k in range(1, L + 1)
     ]
     return sum(terms)
 

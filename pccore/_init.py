@@ -41,7 +41,7 @@ class FeedForward(AbstractInit):
             )
         zs, z = [], x
         for l in range(model.num_layers - 1):
-            z = model.predict_layer(l, z)
+            z = model.predict_layer(l, z, x=x)
             zs.append(z)
         return tuple(zs)
 

@@ -14,8 +14,10 @@ from jaxtyping import Array, Float
 
 from ._custom_types import Params
 
-LayerFn = Callable[[Params, Array], Array]
-"""`apply_l(params_l, x) -> y`: pure, batched on axis 0, jit/grad/vmap safe."""
+LayerFn = Callable[..., Array]
+"""`apply_l(params_l, z) -> y`: pure, batched on axis 0, jit/grad/vmap safe. A layer flagged in
+`PCModel.reads_input` is `apply_l(params_l, z, x) -> y`: it also reads the clamped model input
+`x` (a transformer block building its attention mask from the tokens)."""
 
 
 class WeightSpec(eqx.Module):
@@ -81,6 +83,11 @@ class PCModel(AbstractPCModel):
         (used by parameterisations, regularisers and the linear theory). Biases and other
         parameters are not listed.
     - `skips`: per layer, whether an identity skip is added to its prediction.
+    - `reads_input`: per layer, whether its function also reads the clamped model input
+        `x`, as `apply_l(params_l, z, x)` (e.g. an attention block that builds its mask from
+        the tokens). Reading the clamped input skips no latent, so the chain stays a chain;
+        such a model needs `x` (it cannot run with a free bottom). `()` (the default): no
+        layer reads it.
     - `framework`: the adapter's name (`"equinox"`, `"haiku"`, ...).
     - `rebuild`: `params -> native object`; use [`pccore.PCModel.unwrap`][].
     """
@@ -94,10 +101,13 @@ class PCModel(AbstractPCModel):
     skips: tuple[bool, ...] = eqx.field(static=True)
     framework: str = eqx.field(static=True)
     rebuild: Callable[[tuple[Params, ...]], Any] = eqx.field(static=True)
+    reads_input: tuple[bool, ...] = eqx.field(static=True, default=())
 
     def __check_init__(self):
         n = len(self.layers)
-        for name in ("params", "out_shapes", "names", "weights", "skips"):
+        for name in ("params", "out_shapes", "names", "weights", "skips", "reads_input"):
+            if name == "reads_input" and not self.reads_input:
+                continue
             if len(getattr(self, name)) != n:
                 raise ValueError(
                     f"`PCModel.{name}` has {len(getattr(self, name))} entries but there are "
@@ -141,17 +151,41 @@ class PCModel(AbstractPCModel):
                 )
         return dataclasses.replace(self, skips=skips)
 
-    def predict_layer(self, l: int, z: Array, params: Params | None = None) -> Array:
-        r"""The prediction $\mu_{l+1} = f_{l+1}(z) + s_{l+1}(z)$ of layer `l` (0-based)."""
+    @property
+    def reads_x(self) -> bool:
+        """Whether any layer reads the clamped model input (see `reads_input`)."""
+        return any(self.reads_input)
+
+    def predict_layer(
+        self, l: int, z: Array, params: Params | None = None, *, x: Array | None = None
+    ) -> Array:
+        r"""The prediction $\mu_{l+1} = f_{l+1}(z) + s_{l+1}(z)$ of layer `l` (0-based).
+
+        `x` is the clamped model input, passed to a layer that reads it (`reads_input[l]`)
+        and ignored by the others.
+        """
         p = self.params[l] if params is None else params
-        out = self.layers[l](p, z)
+        if self.reads_input and self.reads_input[l]:
+            if x is None:
+                raise ValueError(self._free_bottom_message(l))
+            out = self.layers[l](p, z, x)
+        else:
+            out = self.layers[l](p, z)
         return out + z if self.skips[l] else out
+
+    def _free_bottom_message(self, l: int) -> str:
+        return (
+            f"`x`: layer {l} ({self.names[l]!r}) reads the clamped model input `x` (e.g. an "
+            "attention mask built from the tokens), but `x` is None (a free bottom). A model "
+            "whose layers read the input can only run with `x` clamped: pass `x`."
+        )
 
     def __call__(self, x: Float[Array, "batch ..."]) -> Float[Array, "batch ..."]:
         """The feed-forward prediction of a batch `x` (skips included)."""
+        z = x
         for l in range(self.num_layers):
-            x = self.predict_layer(l, x)
-        return x
+            z = self.predict_layer(l, z, x=x)
+        return z
 
     def weight_matrices(self, l: int, params: Params | None = None) -> list[Array]:
         """Layer `l`'s weight matrices in `(out, in)` layout (see [`pccore.WeightSpec`][])."""

@@ -36,6 +36,12 @@ def _check(model: PCModel, energy: PC) -> None:
             f"{energy!r}."
         )
     for l in range(model.num_layers):
+        if model.reads_input and model.reads_input[l]:
+            raise ValueError(
+                f"`model`: layer {l} ({model.names[l]!r}) reads the clamped model input besides "
+                "its own input; the linear theory needs f_l(z) = W_l z, a function of the "
+                "layer's input alone."
+            )
         n_leaves = len(jtu.tree_leaves(model.params[l]))
         if len(model.weights[l]) != 1 or n_leaves != 1:
             raise ValueError(
