@@ -114,11 +114,17 @@ class Slicer:
 
 
 class Plan:
-    """The result of discovery: boundaries in call order and their shapes."""
+    """The result of discovery: boundaries in call order and their shapes.
+
+    `per_sample`: `run` takes one sample (the Equinox convention; `ChainLayer` vmaps it), and
+    all shapes are per sample; otherwise `run` takes a batch on axis 0.
+    """
 
     def __init__(self, run: Run, names: tuple[str, ...], out_shapes, boundary_out, in_shape,
-                 slicer: Slicer):
+                 slicer: Slicer, per_sample: bool = False, reads_input: tuple[bool, ...] = ()):
         self.run = run
+        self.reads_input = tuple(reads_input) or (False,) * len(names)
+        self.per_sample = per_sample
         self.names = names
         self.index = {n: i for i, n in enumerate(names)}
         self.boundary_out = boundary_out
@@ -147,6 +153,10 @@ def discover(
     what: str,
     refuse: Callable[[BaseException, str | None], BaseException | None],
     probe: Run | None = None,
+    *,
+    per_sample: bool = False,
+    make_slicer: Callable[[Any, Sequence[int], int], Any] | None = None,
+    loose: Callable[[str], bool] | None = None,
 ) -> Plan:
     """Trace the model once (abstractly) and cut it into layers.
 
@@ -164,8 +174,14 @@ def discover(
         an error to raise instead (or `None` to re-raise it).
     - `probe`: the run for discovery's own traces when they should do more than `run` (record
         the calls, check the model's state); wrap time only: the plan keeps `run`.
+    - `per_sample`: `run` takes one sample, not a batch (see `Plan`).
+    - `make_slicer`: `(params, layer_of_leaf, num_layers) -> slicer` in place of `Slicer`
+        (per-layer params in the framework's own structure).
+    - `loose`: owners for which this is true are not module calls (an array used directly by
+        the forward pass); their leaves go to the one layer whose output depends on them.
     """
     probe = run if probe is None else probe
+    k0 = 0 if per_sample else 1  # where the per-sample shape starts
     require_params(params, what)
     with_path = jtu.tree_flatten_with_path(params)[0]
     leaf_owner = [owner_of_leaf(tuple(_key(k) for k in p)) for p, _ in with_path]
@@ -192,7 +208,7 @@ def discover(
                 )
             order.append(name)
             a, _ = _input(name, args, kw)
-            in_shapes.append(jax.ShapeDtypeStruct(a.shape[1:], a.dtype))
+            in_shapes.append(jax.ShapeDtypeStruct(a.shape[k0:], a.dtype))
         if name in owners:
             seg.setdefault(name, set()).add(max(len(order) - 1, 0))
         active[0] += is_b
@@ -206,7 +222,7 @@ def discover(
                         "modules that return one array in `boundaries=[...]`, or wrap that "
                         "module so that it does."
                     )
-                b_out.append(jax.ShapeDtypeStruct(res.shape[1:], res.dtype))
+                b_out.append(jax.ShapeDtypeStruct(res.shape[k0:], res.dtype))
             return res
         except _Stop:
             raise
@@ -217,7 +233,7 @@ def discover(
         finally:
             active[0] -= is_b
 
-    x = jax.ShapeDtypeStruct((2, *in_shape.shape), in_shape.dtype)
+    x = jax.ShapeDtypeStruct((*((2,) * k0), *in_shape.shape), in_shape.dtype)
     try:
         out = jax.eval_shape(lambda p, s, x: probe(p, s, x, icpt), params, frozen, x)
     except UnsupportedLayerError:
@@ -258,7 +274,8 @@ def discover(
             f"`model`: found no parameterised module call in {what} (parameters of "
             f"{sorted(owners)}); pass `boundaries=[module names]` in call order."
         )
-    unread = sorted(o for o in owners if o not in seg)
+    loose_owners = {o for o in owners if loose is not None and loose(o)}
+    unread = sorted(o for o in owners if o not in seg and o not in loose_owners)
     if unread:
         raise ValueError(
             f"`variables`: parameters of {unread} belong to no layer: no call of these modules "
@@ -274,11 +291,41 @@ def discover(
             f"`model`: parameters of {sorted(shared)} are used by several layers "
             f"({shared}); predictive coding layers cannot share parameters."
         )
-    layer_of = [next(iter(seg[o])) for o in leaf_owner]
-    _check_chain(probe, params, frozen, x, tuple(order), in_shapes, layer_of, what)
-    slicer = Slicer(params, leaf_keys, layer_of, len(order))
-    shapes = [*in_shapes[1:], jax.ShapeDtypeStruct(out.shape[1:], out.dtype)]
-    return Plan(run, tuple(order), tuple(shapes), tuple(b_out), in_shape, slicer)
+    outs = _layer_reads(probe, params, frozen, x, tuple(order), in_shapes)
+    n_p = len(with_path)
+    layer_of = []
+    for k, o in enumerate(leaf_owner):
+        if o in loose_owners:
+            layer_of.append(_loose_layer(o, k, outs, tuple(order), what))
+        else:
+            layer_of.append(next(iter(seg[o])))
+    reads = _check_chain(outs, n_p, len(jtu.tree_leaves(frozen)), tuple(order), layer_of, what)
+    if make_slicer is None:
+        slicer = Slicer(params, leaf_keys, layer_of, len(order))
+    else:
+        slicer = make_slicer(params, layer_of, len(order))
+    shapes = [*in_shapes[1:], jax.ShapeDtypeStruct(out.shape[k0:], out.dtype)]
+    return Plan(run, tuple(order), tuple(shapes), tuple(b_out), in_shape, slicer, per_sample,
+                reads_input=reads)
+
+
+def _loose_layer(owner: str, k: int, outs: Sequence[int], names: tuple[str, ...], what: str) -> int:
+    """The one layer whose output depends on parameter leaf `k` (owned by no module call)."""
+    users = [i for i, mask in enumerate(outs) if mask >> k & 1]
+    if not users:
+        raise ValueError(
+            f"`model`: parameter {owner!r} of {what} is not used by the forward pass, so it "
+            "belongs to no layer. Remove it, or mark it static (`eqx.field(static=True)`) or "
+            "non-trainable."
+        )
+    if len(users) > 1:
+        layers = ", ".join(f"{i} ({names[i]!r})" for i in users)
+        raise ValueError(
+            f"`model`: parameter {owner!r} of {what} is read by layers {layers}; predictive "
+            "coding layers cannot share parameters. Move the boundaries so that one layer "
+            "reads it, or give each layer its own copy."
+        )
+    return users[0]
 
 
 def _sub_jaxpr(eqn) -> Any:
@@ -315,17 +362,16 @@ def _depends(jaxpr, in_deps: Sequence[int]) -> list[int]:
     return [get(v) for v in jaxpr.outvars]
 
 
-def _check_chain(run, params, frozen, x, names, in_shapes, layer_of, what) -> None:
-    """Refuse a model that is not a chain of its layers.
+def _layer_reads(run, params, frozen, x, names, in_shapes) -> list[int]:
+    """Per layer, the inputs its output depends on, as a bit mask over
+    `(*param leaves, *frozen leaves, x, *boundary inputs 1..L-1)`.
 
-    Layer `i` is computed from its own input alone: the model input and the outputs of
-    earlier layers are replaced by zeros, and other layers' parameters by zero placeholders.
-    A skip or residual connection around a boundary, or a parameter read by two layers,
-    would silently read those zeros. Traced once (abstractly) with every boundary's input cut
-    loose, so that each layer's output shows what it reads.
+    Traced once (abstractly) with every boundary's input cut loose, so that each layer's
+    output shows what it reads.
     """
     index = {n: i for i, n in enumerate(names)}
-    cuts = tuple(jax.ShapeDtypeStruct((x.shape[0], *s.shape), s.dtype) for s in in_shapes[1:])
+    lead = x.shape[: len(x.shape) - len(in_shapes[0].shape)]
+    cuts = tuple(jax.ShapeDtypeStruct((*lead, *s.shape), s.dtype) for s in in_shapes[1:])
 
     def cut(p, s, x, us):
         ins = []
@@ -343,21 +389,38 @@ def _check_chain(run, params, frozen, x, names, in_shapes, layer_of, what) -> No
         return (*ins, y)
 
     closed = jax.make_jaxpr(cut)(params, frozen, x, cuts)
-    n_p = len(jtu.tree_leaves(params))
-    n_s = len(jtu.tree_leaves(frozen))
     n_in = len(closed.jaxpr.invars)
-    assert n_in == n_p + n_s + 1 + len(cuts), (n_in, n_p, n_s, len(cuts))
-    outs = _depends(closed.jaxpr, [1 << k for k in range(n_in)])
+    n_expected = len(jtu.tree_leaves(params)) + len(jtu.tree_leaves(frozen)) + 1 + len(cuts)
+    assert n_in == n_expected, (n_in, n_expected)
+    return _depends(closed.jaxpr, [1 << k for k in range(n_in)])
+
+
+def _check_chain(outs, n_p, n_s, names, layer_of, what) -> tuple[bool, ...]:
+    """Refuse a model that is not a chain of its layers; return, per layer, whether it reads
+    the clamped model input `x`.
+
+    Reading `x` (a transformer block building its attention mask from the tokens) skips no
+    latent, so it is allowed: such a layer `i > 0` is flagged, and its function takes `x` too.
+
+    Layer `i` is computed from its own input alone: the model input and the outputs of
+    earlier layers are replaced by zeros, and other layers' parameters by zero placeholders.
+    A skip or residual connection around a boundary, or a parameter read by two layers,
+    would silently read those zeros. `outs` comes from `_layer_reads`.
+    """
+    n_cuts = len(names) - 1
     frozen_bits = sum(1 << (n_p + k) for k in range(n_s))
     x_bit = 1 << (n_p + n_s)
-    cut_bit = [x_bit] + [1 << (n_p + n_s + 1 + k) for k in range(len(cuts))]
+    cut_bit = [x_bit] + [1 << (n_p + n_s + 1 + k) for k in range(n_cuts)]
     param_bits = [0] * len(names)
     for k, l in enumerate(layer_of):
         param_bits[l] |= 1 << k
+    reads_input = []
     for i, mask in enumerate(outs):
-        extra = mask & ~(cut_bit[i] | param_bits[i] | frozen_bits)
+        reads_input.append(bool(i > 0 and mask & x_bit))
+        extra = mask & ~(cut_bit[i] | param_bits[i] | frozen_bits | x_bit)
         if not extra:
             continue
+        extra |= mask & x_bit & ~cut_bit[i]  # named too: all it reads besides its own input
         reads = [
             "the model input" if j == 0 else f"the output of layer {j - 1} ({names[j - 1]!r})"
             for j, b in enumerate(cut_bit) if extra & b
@@ -372,19 +435,28 @@ def _check_chain(run, params, frozen, x, names, in_shapes, layer_of, what) -> No
             "layer (a module named in `boundaries=[...]`), use pccore's own skips "
             "(`model.with_skips(True)`), or untie the weights."
         )
+    return tuple(reads_input)
 
 
 class ChainLayer(eqx.Module):
-    """`apply_i(params_i, x)` of layer `i` of a discovered plan (frozen state as a pytree)."""
+    """`apply_i(params_i, x)` of layer `i` of a discovered plan (frozen state as a pytree);
+    `apply_i(params_i, x, model_input)` for a layer that reads the clamped model input
+    (`plan.reads_input[i]`): the model then runs on `model_input` instead of zeros."""
 
     i: int = eqx.field(static=True)
     plan: Plan = eqx.field(static=True)
     frozen: Any
 
-    def __call__(self, params, x):
+    def __call__(self, params, x, model_input=None):
+        if self.plan.per_sample:
+            return jax.vmap(lambda xi, mi: self._run(params, xi, (), mi))(x, model_input)
+        return self._run(params, x, (x.shape[0],), model_input)
+
+    def _run(self, params, x, lead: tuple[int, ...], model_input=None):
+        """The layer on `x`, whose leading axes `lead` are not in the recorded shapes; the
+        model runs on `model_input` (the clamped input) where given, else on zeros."""
         plan, i = self.plan, self.i
         full = plan.slicer.full(i, params)
-        B = x.shape[0]
         out = {}
 
         def icpt(name, method, nf, args, kw):
@@ -393,7 +465,7 @@ class ChainLayer(eqx.Module):
             j = plan.index[name]
             if j < i:
                 s = plan.boundary_out[j]
-                return jnp.zeros((B, *s.shape), s.dtype)
+                return jnp.zeros((*lead, *s.shape), s.dtype)
             if j == i:
                 if i == 0:
                     return nf(*args, **kw)
@@ -402,7 +474,12 @@ class ChainLayer(eqx.Module):
             out["y"] = _input(name, args, kw)[0]
             raise _Stop
 
-        data = x if i == 0 else jnp.zeros((B, *plan.in_shape.shape), plan.in_shape.dtype)
+        if i == 0:
+            data = x
+        elif model_input is not None:
+            data = model_input
+        else:
+            data = jnp.zeros((*lead, *plan.in_shape.shape), plan.in_shape.dtype)
         try:
             out["y"] = plan.run(full, self.frozen, data, icpt)
         except _Stop:
@@ -498,3 +575,31 @@ def recording(run: Run, called: set) -> Run:
             raise
 
     return traced
+
+
+_INDEX_ERRORS = ("Indexer must have integer", "must be an integer", "of integer dtype")
+
+
+def is_index_error(e: BaseException | None) -> bool:
+    """Whether `e` (or an exception it was raised from) is a refusal to index with floats: an
+    embedding (`hk.Embed`, `nn.Embed`, `nnx.Embed`, `x[ids]`) looked up with a float input."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if any(m in str(e) for m in _INDEX_ERRORS):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def with_input_dtype(trace: Callable[[Any], Any], dtype: Any, float_dtype: Any) -> Any:
+    """`trace(input dtype)` for the dtype given; with `dtype=None`, `float_dtype` first and,
+    if that fails on float indices (the model starts with an embedding), int32 token ids."""
+    if dtype is not None:
+        return trace(jnp.dtype(dtype))
+    try:
+        return trace(float_dtype)
+    except Exception as e:
+        if not is_index_error(e):
+            raise
+    return trace(jnp.dtype(jnp.int32))

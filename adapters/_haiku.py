@@ -21,6 +21,7 @@ from ._chain import (
     recording,
     require_params,
     weight_specs,
+    with_input_dtype,
 )
 
 
@@ -52,10 +53,16 @@ class HaikuAdapter(AbstractAdapter):
     `pccore.wrap(f, params, **options)`. Options:
 
     - `state`: the state of an `hk.TransformedWithState` (frozen: BatchNorm running averages).
-    - `input_shape`: the per-sample input shape (inferred when the first module is `hk.Linear`).
+    - `input_shape`: the per-sample input shape (inferred when the first module is `hk.Linear`;
+        pass it for token models, e.g. `input_shape=(seq_len,)`).
+    - `dtype`: the input dtype, e.g. `jnp.int32` for token ids. By default the parameters'
+        float dtype, or int32 when the model fails on float inputs because it indexes with
+        them (a first `hk.Embed`). Integer inputs are clamped, never inferred.
     - `boundaries`: module names that start each layer, in call order (default: every
         outermost module that owns parameters). Parameters between boundaries (a LayerNorm)
-        belong to the layer before.
+        belong to the layer before. A layer may read the model input besides its own input
+        (a transformer block building its attention mask from the tokens); it may not read
+        another layer's output (a skip around a boundary).
     - `args`, `kwargs`: extra arguments of `f.apply` after the input, e.g. `args=(False,)`
         for an `is_training` flag.
 
@@ -141,24 +148,25 @@ class HaikuAdapter(AbstractAdapter):
             return None
 
         require_params(variables, "the Haiku transform")
-        if dtype is None:
-            dtype = jnp.result_type(jax.tree_util.tree_leaves(variables)[0])
 
-        def trace(shape, called):
-            in_shape = jax.ShapeDtypeStruct(tuple(shape), dtype)
-            plan = discover(
-                run, variables, state, in_shape, _owner, _leaf_keys, boundaries,
-                "the Haiku transform", refuse, probe=recording(run, called),
-            )
-            return plan, in_shape
+        def build(dt):
+            def trace(shape, called):
+                in_shape = jax.ShapeDtypeStruct(tuple(shape), dt)
+                plan = discover(
+                    run, variables, state, in_shape, _owner, _leaf_keys, boundaries,
+                    "the Haiku transform", refuse, probe=recording(run, called),
+                )
+                return plan, in_shape
 
-        if input_shape is not None:
-            plan, in_shape = trace(input_shape, set())
-        else:
-            plan, in_shape = infer_input_shape(
+            if input_shape is not None:
+                return trace(input_shape, set())
+            return infer_input_shape(
                 trace, _candidates(variables), lambda plan: owners_by_layer(plan, variables, _owner),
                 "this Haiku model", "hk.Linear", "`pccore.wrap(f, params, input_shape=(8, 8, 1))`",
             )
+
+        float_dtype = jnp.result_type(jax.tree_util.tree_leaves(variables)[0])
+        plan, in_shape = with_input_dtype(build, dtype, float_dtype)
         if stateful:
             _check_state_frozen(f, variables, state, in_shape, with_rng, args, kwargs)
         layers = tuple(ChainLayer(i, plan, state) for i in range(len(plan.names)))
@@ -175,6 +183,7 @@ class HaikuAdapter(AbstractAdapter):
             skips=(False,) * len(layers),
             framework="haiku",
             rebuild=plan.slicer.merge,
+            reads_input=plan.reads_input,
         )
 
 

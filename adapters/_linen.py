@@ -23,6 +23,7 @@ from ._chain import (
     recording,
     require_params,
     weight_specs,
+    with_input_dtype,
 )
 
 
@@ -88,9 +89,15 @@ class LinenAdapter(AbstractAdapter):
 
     `pccore.wrap(module, variables, **options)`. Options:
 
-    - `input_shape`: the per-sample input shape (inferred when the first submodule is `nn.Dense`).
+    - `input_shape`: the per-sample input shape (inferred when the first submodule is
+        `nn.Dense`; pass it for token models, e.g. `input_shape=(seq_len,)`).
+    - `dtype`: the input dtype, e.g. `jnp.int32` for token ids. By default the parameters'
+        float dtype, or int32 when the module fails on float inputs because it indexes with
+        them (a first `nn.Embed`). Integer inputs are clamped, never inferred.
     - `boundaries`: module paths (`"layers_0"`, `"enc/Dense_0"`) that start each layer, in call
-        order (default: every outermost submodule that owns parameters).
+        order (default: every outermost submodule that owns parameters). A layer may read the
+        model input besides its own input (a transformer block building its attention mask
+        from the tokens); it may not read another layer's output (a skip around a boundary).
     - `args`, `kwargs`: extra arguments of `module.apply` after the input, e.g.
         `kwargs={"train": False}`.
 
@@ -168,23 +175,24 @@ class LinenAdapter(AbstractAdapter):
 
         what = f"the Linen module {type(module).__name__}"
         require_params(params, what)
-        if dtype is None:
-            dtype = jnp.result_type(jax.tree_util.tree_leaves(params)[0])
         _owner, _leaf_keys = _key_fns(params)
 
-        def trace(shape, called):
-            in_shape = jax.ShapeDtypeStruct(tuple(shape), dtype)
-            plan = discover(run, params, frozen, in_shape, _owner, _leaf_keys, boundaries, what,
-                            refuse, probe=recording(run, called))
-            return plan, in_shape
+        def build(dt):
+            def trace(shape, called):
+                in_shape = jax.ShapeDtypeStruct(tuple(shape), dt)
+                plan = discover(run, params, frozen, in_shape, _owner, _leaf_keys, boundaries,
+                                what, refuse, probe=recording(run, called))
+                return plan, in_shape
 
-        if input_shape is not None:
-            plan, in_shape = trace(input_shape, set())
-        else:
-            plan, in_shape = infer_input_shape(
+            if input_shape is not None:
+                return trace(input_shape, set())
+            return infer_input_shape(
                 trace, _candidates(params), lambda plan: owners_by_layer(plan, params, _owner), what,
                 "nn.Dense", "`pccore.wrap(module, variables, input_shape=(8, 8, 1))`",
             )
+
+        float_dtype = jnp.result_type(jax.tree_util.tree_leaves(params)[0])
+        plan, in_shape = with_input_dtype(build, dtype, float_dtype)
         layers = tuple(ChainLayer(i, plan, frozen) for i in range(len(plan.names)))
         per_layer = plan.slicer.params
 
@@ -203,4 +211,5 @@ class LinenAdapter(AbstractAdapter):
             skips=(False,) * len(layers),
             framework="flax.linen",
             rebuild=rebuild,
+            reads_input=plan.reads_input,
         )

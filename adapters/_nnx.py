@@ -19,7 +19,15 @@ from flax import nnx
 from pccore._adapter import AbstractAdapter, UnsupportedLayerError
 from pccore._model import PCModel
 
-from ._chain import ChainLayer, discover, layer_names, owners_by_layer, require_params, weight_specs
+from ._chain import (
+    ChainLayer,
+    discover,
+    layer_names,
+    owners_by_layer,
+    require_params,
+    weight_specs,
+    with_input_dtype,
+)
 
 _LOCK = threading.RLock()
 
@@ -125,9 +133,15 @@ class NNXAdapter(AbstractAdapter):
 
     `pccore.wrap(module, **options)`. Options:
 
-    - `input_shape`: the per-sample input shape (inferred when the first layer is `nnx.Linear`).
+    - `input_shape`: the per-sample input shape (inferred when the first layer is
+        `nnx.Linear`; pass it for token models, e.g. `input_shape=(seq_len,)`).
+    - `dtype`: the input dtype, e.g. `jnp.int32` for token ids. By default the parameters'
+        float dtype, or int32 when the module fails on float inputs because it indexes with
+        them (a first `nnx.Embed`). Integer inputs are clamped, never inferred.
     - `boundaries`: submodule paths (`"layers/0"`, `"enc"`) that start each layer, in call
-        order (default: every outermost submodule that owns parameters).
+        order (default: every outermost submodule that owns parameters). A layer may read the
+        model input besides its own input (a transformer block building its attention mask
+        from the tokens); it may not read another layer's output (a skip around a boundary).
     - `args`, `kwargs`: extra arguments of the module call after the input.
     - `in_place`: if True, `unwrap()` writes the parameters into the user's module with
         `nnx.update` and returns it; by default it returns a new module.
@@ -167,8 +181,7 @@ class NNXAdapter(AbstractAdapter):
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         require_params(params, f"the NNX module {type(model).__name__}")
         leaves = jtu.tree_leaves(params)
-        if dtype is None:
-            dtype = jnp.result_type(leaves[0]) if leaves else jnp.float32
+        float_dtype = jnp.result_type(leaves[0]) if leaves else jnp.float32
         classes = {type(m) for path, m in nnx.iter_modules(model) if path and callable(m)}
         what = f"the NNX module {type(model).__name__}"
 
@@ -202,27 +215,30 @@ class NNXAdapter(AbstractAdapter):
             modules = dict((_path_name(p), m) for p, m in nnx.iter_modules(model))
             candidates = list(dict.fromkeys(
                 (m.in_features,) for m in modules.values() if isinstance(m, nnx.Linear)))
-        plan, other = None, None
-        for shape in candidates:
-            in_shape = jax.ShapeDtypeStruct(shape, dtype)
-            try:
-                plan = discover(run, params, rest, in_shape, _owner, _strip, boundaries, what, refuse,
-                                probe=checked)
-            except _InputShapeError:
-                if input_shape is not None:
-                    raise
-                continue  # a wrong guess: try the next nnx.Linear's fan-in
-            except ValueError as e:  # the model traced on this shape but is unsupported
-                if input_shape is not None:
-                    raise
-                other = other or e
-                continue
-            first = modules.get(plan.names[0]) if input_shape is None else None
-            if input_shape is None and not (isinstance(first, nnx.Linear) and (first.in_features,) == shape):
-                plan = None
-                continue
-            break
-        if plan is None:
+
+        def build(dt):
+            plan, other = None, None
+            for shape in candidates:
+                in_shape = jax.ShapeDtypeStruct(shape, dt)
+                try:
+                    plan = discover(run, params, rest, in_shape, _owner, _strip, boundaries, what,
+                                    refuse, probe=checked)
+                except _InputShapeError:
+                    if input_shape is not None:
+                        raise
+                    continue  # a wrong guess: try the next nnx.Linear's fan-in
+                except ValueError as e:  # the model traced on this shape but is unsupported
+                    if input_shape is not None:
+                        raise
+                    other = other or e
+                    continue
+                first = modules.get(plan.names[0]) if input_shape is None else None
+                if input_shape is None and not (
+                    isinstance(first, nnx.Linear) and (first.in_features,) == shape
+                ):
+                    plan = None
+                    continue
+                return plan, in_shape
             if other is not None:
                 raise other
             raise ValueError(
@@ -230,6 +246,8 @@ class NNXAdapter(AbstractAdapter):
                 "(it does not start with an nnx.Linear). Pass it, e.g. "
                 "`pccore.wrap(model, input_shape=(8, 8, 1))`."
             )
+
+        plan, in_shape = with_input_dtype(build, dtype, float_dtype)
         layers = tuple(ChainLayer(i, plan, rest) for i in range(len(plan.names)))
         per_layer = plan.slicer.params
 
@@ -250,5 +268,6 @@ class NNXAdapter(AbstractAdapter):
             skips=(False,) * len(layers),
             framework="flax.nnx",
             rebuild=rebuild,
+            reads_input=plan.reads_input,
         )
 

@@ -58,13 +58,25 @@ FRAMEWORKS = ["haiku", "flax.linen", "flax.nnx"]
 def test_skip_around_a_boundary_is_refused(framework):
     """A layer fed only its predecessor's output would read zeros where the skip was: the
     wrapped model would silently compute another function. The cut refuses it instead."""
-    for from_input, reads in ((False, r"the model input and parameters of layer 0 \('\w+'\)"),
-                              (True, "the model input")):
-        args, _ = _residual(framework, from_input)
-        with pytest.raises(UnsupportedLayerError, match=r"is not a chain of its layers: layer 1 "
-                                                        rf"\('\w+'\) reads {reads} besides its "
-                                                        "own input"):
-            pccore.wrap(*args)
+    args, _ = _residual(framework)
+    with pytest.raises(UnsupportedLayerError, match=r"is not a chain of its layers: layer 1 "
+                                                    r"\('\w+'\) reads the model input and "
+                                                    r"parameters of layer 0 \('\w+'\) besides its "
+                                                    "own input"):
+        pccore.wrap(*args)
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_skip_from_the_clamped_input_is_a_chain(framework):
+    """A layer that reads the model input skips no latent (the input is clamped): it is kept,
+    flagged in `reads_input`, and its function takes `x`; the chain equals native."""
+    args, native = _residual(framework, skip_from_input=True)
+    model = pccore.wrap(*args)
+    assert model.reads_input == (False, True)
+    np.testing.assert_allclose(model(X), native(X), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match=r"`x`: layer 1 \('\w+'\) reads the clamped model "
+                                         r"input `x`.*but `x` is None \(a free bottom\)"):
+        model.predict_layer(1, X)
 
 
 def test_residual_block_as_one_boundary_equals_native():
