@@ -1,4 +1,5 @@
-"""Equinox adapter: `eqx.nn.MLP`, `eqx.nn.Sequential`, and lists/tuples of layers."""
+"""Equinox adapter: `eqx.nn.MLP`, `eqx.nn.Sequential`, lists/tuples of layers, and any
+`eqx.Module` of the user's own class cut at named boundaries (`_equinox_custom.py`)."""
 
 import dataclasses
 from collections.abc import Callable, Sequence
@@ -11,6 +12,8 @@ import jax.tree_util as jtu
 
 from pccore._adapter import AbstractAdapter, UnsupportedLayerError
 from pccore._model import PCModel, WeightSpec
+
+from ._equinox_custom import wrap_custom
 
 _WEIGHTED = (eqx.nn.Linear, eqx.nn.Conv, eqx.nn.ConvTranspose)
 _act = eqx.filter_vmap(lambda a, b: a(b))  # how eqx.nn.MLP applies a (learnable) activation
@@ -26,6 +29,8 @@ def _weight_specs(params: Any) -> tuple[WeightSpec, ...]:
     def mark(node):
         if isinstance(node, _WEIGHTED):
             flags = jtu.tree_map(lambda _: False, node)
+            if node.weight is None:  # another layer's (a per-layer slice of a custom module)
+                return flags
             return eqx.tree_at(lambda m: m.weight, flags, True)
         return False
 
@@ -45,12 +50,15 @@ def _submodules(node: Any, path: str):
             yield from _submodules(leaf, path + jtu.keystr(keys))
 
 
-def _check_stateless(layers: Sequence[Any], where: str, state: Any = None) -> None:
+def _check_stateless(layers: Sequence[Any], where: str, state: Any = None,
+                     whole: bool = False) -> None:
     """Refuse training-mode Dropout/BatchNorm, and stateful layers given without their state,
-    wherever they are nested (inside custom modules or inner Sequentials)."""
+    wherever they are nested (inside custom modules or inner Sequentials). `whole`: `layers`
+    is the one model `where` itself, not a sequence of its elements."""
     for i, layer in enumerate(layers):
-        for at, sub in _submodules(layer, f"{where}[{i}]"):
-            if isinstance(sub, eqx.nn.Dropout) and not sub.inference:
+        for at, sub in _submodules(layer, where if whole else f"{where}[{i}]"):
+            if isinstance(sub, eqx.nn.Dropout) and not sub.inference and not (
+                    isinstance(sub.p, int | float) and sub.p == 0):  # p=0 (MultiheadAttention)
                 raise UnsupportedLayerError(
                     f"`model`: {at} is eqx.nn.Dropout in training mode "
                     "(`inference=False`); a PC layer runs at every inference step, so a fresh "
@@ -167,9 +175,15 @@ def _shape_error(l, fn, p, got, names, e) -> ValueError:
     )
 
 
-def _in_shape(first: Any, input_shape: Sequence[int] | None, dtype) -> jax.ShapeDtypeStruct:
+def _in_shape(first: Any, input_shape: Sequence[int] | None, dtype, default) -> jax.ShapeDtypeStruct:
+    """The per-sample input; `dtype` None: int32 tokens for a leading eqx.nn.Embedding, else
+    `default` (the parameters' float dtype)."""
+    token = isinstance(first, eqx.nn.Embedding)
+    dtype = dtype if dtype is not None else (jnp.int32 if token else default)
     if input_shape is not None:
         return jax.ShapeDtypeStruct(tuple(input_shape), dtype)
+    if token:  # eqx.nn.Embedding takes one integer index per sample
+        return jax.ShapeDtypeStruct((), dtype)
     if isinstance(first, eqx.nn.Linear):
         shape = () if first.in_features == "scalar" else (first.in_features,)
         return jax.ShapeDtypeStruct(shape, dtype)
@@ -188,10 +202,22 @@ def _dtype(tree) -> Any:
 
 
 class EquinoxAdapter(AbstractAdapter):
-    """`eqx.nn.MLP` (also learnable activations and `scan=True`) and `eqx.nn.Sequential`.
+    """Equinox models: `eqx.nn.MLP` (also learnable activations and `scan=True`),
+    `eqx.nn.Sequential`, and any `eqx.Module` of your own class with its own `__call__`.
 
-    Options: `input_shape` (per-sample; inferred from a leading `Linear`), and, for models
-    with `eqx.nn.BatchNorm` in inference mode, their `eqx.nn.State` as `variables`.
+    Options:
+
+    - `input_shape`: the per-sample input shape (inferred from a leading `eqx.nn.Linear`, or
+        `()` for a Sequential starting with `eqx.nn.Embedding`).
+    - `dtype`: the input dtype (default: the parameters' float dtype; `int32` tokens when the
+        first parameterised layer is an `eqx.nn.Embedding`).
+    - `boundaries`: where the latents are. For a custom class (required): the submodules whose
+        outputs are latents, as attribute paths (`["layers[0]", "conv1", "blocks[2]"]`, in
+        call order), a predicate on submodules, or the submodules themselves. For a
+        Sequential or list: element indices (or a predicate on elements) that start a layer,
+        so a parameter-free element may end a layer of its own.
+    - `args`, `kwargs`: extra arguments of a custom module's call after the sample.
+    - `variables`: the `eqx.nn.State` of a Sequential with BatchNorm in inference mode.
     """
 
     name = "equinox"
@@ -199,15 +225,37 @@ class EquinoxAdapter(AbstractAdapter):
     priority = 0
 
     def matches(self, model: Any) -> bool:
-        return isinstance(model, eqx.nn.MLP | eqx.nn.Sequential)
+        return isinstance(model, eqx.Module) and callable(model)
 
     def wrap(self, model: Any, variables: Any = None, *, input_shape: Sequence[int] | None = None,
-             dtype: Any = None) -> PCModel:
+             dtype: Any = None, boundaries: Any = None, args: tuple = (),
+             kwargs: dict | None = None) -> PCModel:
+        if isinstance(model, eqx.nn.MLP | eqx.nn.Sequential) and (args or kwargs):
+            raise ValueError(
+                f"`args`/`kwargs`: an {type(model).__name__} takes only the sample; these "
+                "options are for modules of your own class."
+            )
         if isinstance(model, eqx.nn.MLP):
             if variables is not None:
                 raise ValueError("`variables`: an eqx.nn.MLP has no state; pass none.")
+            if boundaries is not None:
+                raise ValueError(
+                    "`boundaries`: an eqx.nn.MLP is one layer per Linear; pass the same layers "
+                    "as an eqx.nn.Sequential to place latents elsewhere."
+                )
             return _wrap_mlp(model, input_shape=input_shape, dtype=dtype)
-        return _wrap_sequence(model, variables, input_shape=input_shape, dtype=dtype)
+        if isinstance(model, eqx.nn.Sequential):
+            return _wrap_sequence(model, variables, input_shape=input_shape, dtype=dtype,
+                                  boundaries=boundaries)
+        if variables is not None:
+            raise ValueError(
+                f"`variables`: a module of your own class ({type(model).__name__}) holds its "
+                "own parameters; pass none (stateful layers are supported in an "
+                "eqx.nn.Sequential)."
+            )
+        _check_stateless([model], "model", whole=True)
+        return wrap_custom(model, boundaries=boundaries, input_shape=input_shape, dtype=dtype,
+                           args=args, kwargs=kwargs)
 
 
 class EquinoxSequenceAdapter(AbstractAdapter):
@@ -221,11 +269,35 @@ class EquinoxSequenceAdapter(AbstractAdapter):
         return type(model) in (list, tuple) and any(isinstance(m, eqx.Module) for m in model)
 
     def wrap(self, model: Any, variables: Any = None, *, input_shape: Sequence[int] | None = None,
-             dtype: Any = None) -> PCModel:
-        return _wrap_sequence(model, variables, input_shape=input_shape, dtype=dtype)
+             dtype: Any = None, boundaries: Any = None) -> PCModel:
+        return _wrap_sequence(model, variables, input_shape=input_shape, dtype=dtype,
+                              boundaries=boundaries)
 
 
-def _wrap_sequence(model, state=None, *, input_shape=None, dtype=None) -> PCModel:
+def _starts(items: Sequence[Any], boundaries: Any, where: str) -> list[int]:
+    """Indices of the elements that start a layer, from `boundaries` (indices or a predicate)."""
+    n = len(items)
+    if callable(boundaries) and not isinstance(boundaries, eqx.Module):
+        starts = [i for i, item in enumerate(items) if boundaries(item)]
+    elif isinstance(boundaries, Sequence) and not isinstance(boundaries, str) and all(
+            isinstance(b, int) and not isinstance(b, bool) for b in boundaries):
+        starts = [b + n if b < 0 else b for b in boundaries]
+    else:
+        raise TypeError(
+            f"`boundaries`: for {where} these are the indices of the elements that start a "
+            "layer (e.g. `boundaries=[0, 2, 3]`) or a predicate on elements; got "
+            f"{boundaries!r}."
+        )
+    bad = [b for b in starts if not 0 <= b < n]
+    if bad or not starts or starts != sorted(set(starts)):
+        raise ValueError(
+            f"`boundaries`: expected increasing element indices in 0..{n - 1} (at least one); "
+            f"got {list(boundaries) if not callable(boundaries) else starts}."
+        )
+    return starts
+
+
+def _wrap_sequence(model, state=None, *, input_shape=None, dtype=None, boundaries=None) -> PCModel:
     seq = isinstance(model, eqx.nn.Sequential)
     items = list(model.layers if seq else model)
     where = "model.layers" if seq else "model"
@@ -244,11 +316,16 @@ def _wrap_sequence(model, state=None, *, input_shape=None, dtype=None) -> PCMode
         if not callable(item):
             raise TypeError(f"`model`: {where}[{i}] is a {type(item).__name__}, not callable.")
     _check_float_arrays(items, where)
+    groups: list[list[int]] = []
+    if boundaries is not None:  # the user's layer starts; leading elements join the first
+        starts = _starts(items, boundaries, where)
+        ends = [*starts[1:], len(items)]
+        groups = [list(range(a, b)) for a, b in zip(starts, ends)]
+        groups[0] = list(range(0, ends[0]))
     # a parameterised layer starts a layer; parameter-free ones join the layer before (leading
     # ones the first layer, as in the other adapters: a layer without parameters would add a
-    # latent that predictive coding cannot learn anything for)
-    groups: list[list[int]] = []
-    for i, layer in enumerate(items):
+    # latent that predictive coding cannot learn anything for, unless the user asks for one)
+    for i, layer in enumerate(items if boundaries is None else ()):
         if not groups or (_has_params(layer) and any(_has_params(items[j]) for j in groups[-1])):
             groups.append([i])
         else:
@@ -259,7 +336,7 @@ def _wrap_sequence(model, state=None, *, input_shape=None, dtype=None) -> PCMode
         layers = tuple(_Pure(_run_group, s) for _, s in parts)
     else:
         layers = tuple(_Frozen(_run_group, s, state) for _, s in parts)
-    in_shape = _in_shape(items[0], input_shape, dtype or _dtype(model))
+    in_shape = _in_shape(items[0], input_shape, dtype, _dtype(model))
     names = tuple(
         "+".join(f"{j}:{type(items[j]).__name__}" for j in g) for g in groups
     )
@@ -314,7 +391,7 @@ def _wrap_mlp(mlp: eqx.nn.MLP, *, input_shape=None, dtype=None) -> PCModel:
     params = tuple(p for p, _ in parts)
     fns = [_mlp_block] * (L - 1) + [_mlp_final if scalar_out else _mlp_block]
     layers = tuple(_Pure(fn, s) for fn, (_, s) in zip(fns, parts))
-    in_shape = _in_shape(mlp, input_shape, dtype or _dtype(mlp))
+    in_shape = _in_shape(mlp, input_shape, dtype, _dtype(mlp))
 
     def rebuild(new_params):
         nb = [eqx.combine(p, s) for p, (_, s) in zip(new_params, parts)]
