@@ -361,7 +361,9 @@ def wrap_custom(model: Any, *, boundaries: Any, input_shape=None, dtype=None, ar
     def run(p, fr, xi, icpt):
         m = tap(eqx.combine(p, static), kps, markers)
         with _intercepting(icpt):
-            xi = icpt(bnames[0], "__call__", _identity, (xi,), {})
+            # the start of layer 0, for the chain's bookkeeping; the forward reads `xi` itself
+            # (the clamped input where a later layer reads it, else zeros there)
+            icpt(bnames[0], "__call__", _identity, (xi,), {})
             return call(m, xi)
 
     plan = discover(
@@ -386,4 +388,5 @@ def wrap_custom(model: Any, *, boundaries: Any, input_shape=None, dtype=None, ar
         skips=(False,) * len(layers),
         framework="equinox",
         rebuild=rebuild,
+        reads_input=plan.reads_input,
     )

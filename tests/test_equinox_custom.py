@@ -339,6 +339,12 @@ def test_token_models_take_int32_inputs():
     assert model.in_shape == jax.ShapeDtypeStruct((), jnp.int32)
     tokens = jnp.array([1, 4, 9])
     np.testing.assert_allclose(model(tokens), jax.vmap(seq)(tokens), rtol=1e-6)
+    y = jax.random.normal(jax.random.key(2), (3, 3))
+    z = pccore.init_activities(model, tokens, y=y)
+    z = (z[0] + 0.1,)
+    mus = [jax.vmap(lambda t: jnp.tanh(seq.layers[0](t)))(tokens), jax.vmap(seq.layers[2])(z[0])]
+    np.testing.assert_allclose(pccore.energy(model, z, x=tokens, y=y), _energy([*z, y], mus),
+                               rtol=1e-5)
     custom = TokenModel(eqx.nn.Embedding(10, 4, key=k[0]), eqx.nn.Linear(4, 3, key=k[1]))
     with pytest.raises(ValueError, match=r"a token sequence, e.g. `input_shape=\(seq_len,\)`"):
         pccore.wrap(custom, boundaries=["embed", "head"])
@@ -348,6 +354,60 @@ def test_token_models_take_int32_inputs():
     assert m.in_shape.dtype == jnp.int32
     toks = jax.random.randint(jax.random.key(3), (2, 5), 0, 10)
     np.testing.assert_allclose(m(toks), jax.vmap(custom)(toks), rtol=1e-6)
+
+
+class Embed(eqx.Module):
+    """An embedding applied per token: the module containing the vmap is the boundary."""
+
+    table: eqx.nn.Embedding
+
+    def __call__(self, tokens):
+        return jax.vmap(self.table)(tokens)
+
+
+class Mix(eqx.Module):
+    lin: eqx.nn.Linear
+
+    def __call__(self, h):
+        return jnp.tanh(jax.vmap(self.lin)(h))
+
+
+class TokenClassifier(eqx.Module):
+    """Pads (token 0) are masked out after the mixing layer: a later layer reads the tokens."""
+
+    embed: Embed
+    mix: Mix
+    head: eqx.nn.Linear
+
+    def __init__(self, key, vocab=7, dim=4, classes=3):
+        k = jax.random.split(key, 3)
+        self.embed = Embed(eqx.nn.Embedding(vocab, dim, key=k[0]))
+        self.mix = Mix(eqx.nn.Linear(dim, dim, key=k[1]))
+        self.head = eqx.nn.Linear(dim, classes, key=k[2])
+
+    def __call__(self, tokens):
+        h = self.mix(self.embed(tokens)) * (tokens != 0)[:, None]
+        return self.head(h.mean(0))
+
+
+def test_token_model_reading_its_tokens_in_a_later_layer(x64):
+    net = jax.tree.map(lambda a: a.astype(jnp.float64) if eqx.is_inexact_array(a) else a,
+                       TokenClassifier(jax.random.key(0)))
+    model = pccore.wrap(net, boundaries=["embed", "mix", "head"], input_shape=(5,))
+    assert model.in_shape == jax.ShapeDtypeStruct((5,), jnp.int32)
+    assert model.reads_input == (False, False, True)
+    toks = jnp.array([[1, 2, 3, 0, 0], [4, 5, 6, 1, 0], [2, 2, 0, 0, 0]], jnp.int32)
+    np.testing.assert_allclose(model(toks), jax.vmap(net)(toks), rtol=1e-12)
+    y = jax.random.normal(jax.random.key(2), (3, 3), jnp.float64)
+    z = [zi + 0.1 * jax.random.normal(jax.random.key(7 + i), zi.shape, zi.dtype)
+         for i, zi in enumerate(pccore.init_activities(model, toks, y=y))]
+    mus = [jax.vmap(net.embed)(toks), jax.vmap(net.mix)(z[0]),
+           jax.vmap(lambda h, t: net.head((h * (t != 0)[:, None]).mean(0)))(z[1], toks)]
+    want = _energy([*z, y], mus)
+    np.testing.assert_allclose(pccore.energy(model, tuple(z), x=toks, y=y), want, rtol=1e-10)
+    optim = optax.sgd(0.1)
+    trained, _, _ = pccore.train_step(model, optim, optim.init(model.params), x=toks, y=y)
+    assert type(trained.unwrap()) is TokenClassifier
 
 
 @pytest.mark.slow
