@@ -13,7 +13,7 @@ import jax.tree_util as jtu
 from pccore._adapter import AbstractAdapter, UnsupportedLayerError
 from pccore._model import PCModel, WeightSpec
 
-from ._equinox_custom import wrap_custom
+from ._equinox_custom import walk, wrap_custom
 
 _WEIGHTED = (eqx.nn.Linear, eqx.nn.Conv, eqx.nn.ConvTranspose)
 _act = eqx.filter_vmap(lambda a, b: a(b))  # how eqx.nn.MLP applies a (learnable) activation
@@ -254,6 +254,9 @@ class EquinoxAdapter(AbstractAdapter):
                 "eqx.nn.Sequential)."
             )
         _check_stateless([model], "model", whole=True)
+        if boundaries is None and _has_params(model) and not any(
+                _has_params(m) for _, m in walk(model)):
+            return _wrap_single(model, input_shape=input_shape, dtype=dtype)
         return wrap_custom(model, boundaries=boundaries, input_shape=input_shape, dtype=dtype,
                            args=args, kwargs=kwargs)
 
@@ -295,6 +298,15 @@ def _starts(items: Sequence[Any], boundaries: Any, where: str) -> list[int]:
             f"got {list(boundaries) if not callable(boundaries) else starts}."
         )
     return starts
+
+
+def _wrap_single(layer: Any, *, input_shape=None, dtype=None) -> PCModel:
+    """One Equinox layer with no parameterised submodules (`eqx.nn.Linear`, a Conv): a
+    one-layer model; `unwrap()` gives the layer itself."""
+    model = _wrap_sequence([layer], input_shape=input_shape, dtype=dtype)
+    rebuild = model.rebuild
+    return dataclasses.replace(model, names=(type(layer).__name__,),
+                               rebuild=lambda params: rebuild(params)[0])
 
 
 def _wrap_sequence(model, state=None, *, input_shape=None, dtype=None, boundaries=None) -> PCModel:

@@ -293,8 +293,10 @@ def no_boundaries_error(model: Any, x: jax.ShapeDtypeStruct | None, call, shape_
             where = "in call order"
         except Exception:  # the model does not run on this input: list them unordered
             pass
-    shape = "" if shape_given or x is None else f", input_shape={tuple(x.shape)}"
-    shape = shape if x is not None else ", input_shape=(...)"
+    if x is None:  # not inferable: the user must add it
+        shape = ", input_shape=(...)"
+    else:  # as given (inferred ones need not be repeated)
+        shape = f", input_shape={tuple(x.shape)}" if shape_given else ""
     return ValueError(
         f"`boundaries`: {type(model).__name__} is an Equinox module of your own class, so "
         "pccore cannot tell which submodule outputs are the latents of predictive coding (one "

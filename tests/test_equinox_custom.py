@@ -240,11 +240,48 @@ def test_vit_with_layernorm_and_attention():
         pccore.wrap(vit, boundaries=["patch", "head"], input_shape=(1, 8, 8))
 
 
+class ListMLP(eqx.Module):
+    layers: list
+
+    def __init__(self, key):
+        k = jax.random.split(key, 2)
+        self.layers = [eqx.nn.Linear(4, 6, key=k[0]), eqx.nn.Lambda(jnp.tanh),
+                       eqx.nn.Identity(), eqx.nn.Linear(6, 3, key=k[1])]
+
+    def __call__(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def test_layers_held_in_a_list_and_an_inferred_input_shape():
+    mlp = ListMLP(jax.random.key(0))
+    with pytest.raises(ValueError, match=r"in call order: \['layers\[0\]', 'layers\[3\]'\]\. "
+                                         r"Name the boundaries, e\.g\. `pccore\.wrap\(model, "
+                                         r"boundaries=\['layers\[0\]', 'layers\[3\]'\]\)`"):
+        pccore.wrap(mlp)
+    model = pccore.wrap(mlp, boundaries=["layers[0]", "layers[2]", "layers[3]"])
+    assert model.in_shape.shape == (4,)
+    assert model.names == ("layers[0]", "layers[2]", "layers[3]")
+    x = jax.random.normal(jax.random.key(1), (2, 4))
+    np.testing.assert_allclose(model(x), jax.vmap(mlp)(x), rtol=1e-6)
+    assert type(model.unwrap()) is ListMLP
+
+
+def test_a_single_equinox_layer_is_a_one_layer_model():
+    lin = eqx.nn.Linear(4, 3, key=jax.random.key(0))
+    model = pccore.wrap(lin)
+    assert model.names == ("Linear",)
+    x = jax.random.normal(jax.random.key(1), (2, 4))
+    np.testing.assert_allclose(model(x), jax.vmap(lin)(x), rtol=1e-6)
+    assert type(model.unwrap()) is eqx.nn.Linear
+
+
 def test_missing_boundaries_list_the_candidates():
     cnn = CNN(jax.random.key(0))
     with pytest.raises(ValueError, match=r"(?s)`boundaries`: CNN is an Equinox module of your own "
                        r"class.*in call order: \['conv1', 'head'\].*"
-                       r"boundaries=\['conv1', 'head'\]\)"):
+                       r"boundaries=\['conv1', 'head'\], input_shape=\(1, 8, 8\)\)"):
         pccore.wrap(cnn, input_shape=(1, 8, 8))
     with pytest.raises(ValueError, match=r"in attribute order: \['conv1', 'head'\].*input_shape=\(\.\.\.\)"):
         pccore.wrap(cnn)
