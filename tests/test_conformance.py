@@ -119,6 +119,7 @@ def test_conformance_float32(framework):
     _compare(framework, "mlp", jnp.float32, 1e-5)
 
 
+@pytest.mark.slow
 def test_mupc_scalings_identical_across_frameworks():
     """WeightSpecs make the μPC scalings a_l framework-independent (Equinox (out, in) vs
     Haiku/Flax (in, out)); the oracle is 1/sqrt(fan_in) (first, hidden) and 1/fan_in (last)."""

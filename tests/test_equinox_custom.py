@@ -121,6 +121,7 @@ def _check_energy(model, x, y, native_layers, tol):
     np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
 
 
+@pytest.mark.slow
 def test_cnn_wraps_at_named_boundaries_and_unwraps_to_its_class(x64):
     cnn = jax.tree.map(lambda a: a.astype(jnp.float64) if eqx.is_inexact_array(a) else a,
                        CNN(jax.random.key(0)))
@@ -144,6 +145,7 @@ def test_boundaries_as_a_predicate_or_as_submodules_give_the_same_cut():
         assert pccore.wrap(cnn, boundaries=b, input_shape=(1, 8, 8)).names == ("conv1", "head")
 
 
+@pytest.mark.slow
 def test_parameter_free_boundary_is_a_latent(x64):
     """A latent after the pooling layer: that layer has no parameters, its energy term stays."""
     cnn = jax.tree.map(lambda a: a.astype(jnp.float64) if eqx.is_inexact_array(a) else a,

@@ -96,6 +96,7 @@ def test_param_grads_match_finite_differences(case):
         np.testing.assert_allclose(analytic, fd, rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.slow
 @given(case=mlps())
 @settings(max_examples=6, **SETTINGS)
 def test_wrap_unwrap_and_checkpoint_round_trip(case, tmp_path):
@@ -175,8 +176,9 @@ def test_public_api_never_returns_nan_silently(batch, t1, dt0, corrupt_data, opt
     try:
         sol = pccore.infer(model, x=x, y=y, **opts)
     except eqx.EquinoxRuntimeError as e:
-        assert "diverged" in str(e) or "max_steps" in str(e)
-        event("infer raised: " + ("diverged" if "diverged" in str(e) else "max_steps"))
+        kinds = [k for k in ("diverged", "max_steps", "raised the energy") if k in str(e)]
+        assert kinds, str(e)  # reported with its reason, never returned silently
+        event("infer raised: " + kinds[0])
         return
     assert all(bool(jnp.all(jnp.isfinite(a))) for a in sol.activities) and bool(jnp.isfinite(sol.energy))
     ev = pccore.evaluate(model, x, y)

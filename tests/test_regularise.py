@@ -90,6 +90,7 @@ def _hand_built_in_out(key):
     ), weights
 
 
+@pytest.mark.slow
 def test_in_out_layout_is_transposed(getkey):
     model, weights = _hand_built_in_out(getkey())
     for l, (W, _) in enumerate(weights):

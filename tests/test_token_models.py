@@ -121,6 +121,7 @@ def _hk_layers(p):
             lambda h, _: lin("head", h)]
 
 
+@pytest.mark.slow
 def test_haiku_lm_infers_int_tokens_and_equals_native():
     f, params = _haiku()
     model = pccore.wrap(f, params, input_shape=(S,), boundaries=HK_BOUNDARIES)
@@ -308,6 +309,7 @@ def test_linen_lm_equals_native_and_round_trips():
     np.testing.assert_array_equal(given(x), model(x))
 
 
+@pytest.mark.slow
 def test_linen_lm_energy_equals_hand_written(x64):
     m, v = _linen(jnp.float64)
     model = pccore.wrap(m, v, input_shape=(S,), boundaries=["embed", "block_0", "block_1", "head"])
