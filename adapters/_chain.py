@@ -275,7 +275,17 @@ def discover(
             f"{sorted(owners)}); pass `boundaries=[module names]` in call order."
         )
     loose_owners = {o for o in owners if loose is not None and loose(o)}
-    unread = sorted(o for o in owners if o not in seg and o not in loose_owners)
+    outs = _layer_reads(probe, params, frozen, x, tuple(order), in_shapes)
+    # Modules whose calls the interceptor did not see, because a transform runs them on
+    # copies of their own (nnx.scan over stacked blocks): their parameters belong to the one
+    # layer whose output reads them, as loose parameters do (refused if read by several).
+    unseen = {o for o in owners if o not in seg and o not in loose_owners}
+    read_by = {o: 0 for o in unseen}
+    for k, o in enumerate(leaf_owner):
+        if o in read_by:
+            read_by[o] |= sum(1 << i for i, mask in enumerate(outs) if mask >> k & 1)
+    loose_owners |= {o for o, users in read_by.items() if users}
+    unread = sorted(o for o, users in read_by.items() if not users)
     if unread:
         raise ValueError(
             f"`variables`: parameters of {unread} belong to no layer: no call of these modules "
@@ -291,7 +301,6 @@ def discover(
             f"`model`: parameters of {sorted(shared)} are used by several layers "
             f"({shared}); predictive coding layers cannot share parameters."
         )
-    outs = _layer_reads(probe, params, frozen, x, tuple(order), in_shapes)
     n_p = len(with_path)
     layer_of = []
     for k, o in enumerate(leaf_owner):

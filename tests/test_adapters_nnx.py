@@ -134,3 +134,53 @@ def test_training_mode_chosen_by_a_call_argument_is_refused(bn):
     optim = optax.sgd(0.1)
     trained, _, _ = pccore.train_step(model, optim, optim.init(model.params), x=_x(), y=jnp.ones((5, 3)))
     np.testing.assert_allclose(trained.unwrap()(_x(), train=False), trained(_x()), rtol=1e-6)
+
+
+def test_nnx_scan_over_stacked_blocks_is_one_layer_of_its_module(getkey):
+    """Blocks stacked with nnx.vmap and run by nnx.scan are called on copies the interceptor
+    does not see; their parameters belong to the one layer whose output reads them: the
+    module that runs the scan, named as a boundary. Forward and energy against the native
+    model and a hand-written energy."""
+
+    class Block(nnx.Module):
+        def __init__(self, rngs):
+            self.lin = nnx.Linear(8, 8, rngs=rngs)
+
+        def __call__(self, x):
+            return jnp.tanh(self.lin(x))
+
+    class Stack(nnx.Module):
+        def __init__(self, rngs):
+            @nnx.split_rngs(splits=3)
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def make(rngs):
+                return Block(rngs)
+
+            self.blocks = make(rngs)
+
+        def __call__(self, x):
+            @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+            def body(x, block):
+                return block(x)
+
+            return body(x, self.blocks)
+
+    class Model(nnx.Module):
+        def __init__(self, rngs):
+            self.inp, self.stack = nnx.Linear(4, 8, rngs=rngs), Stack(rngs)
+            self.out = nnx.Linear(8, 3, rngs=rngs)
+
+        def __call__(self, x):
+            return self.out(self.stack(jnp.tanh(self.inp(x))))
+
+    native = Model(nnx.Rngs(0))
+    model = pccore.wrap(native, boundaries=["inp", "stack", "out"])
+    assert model.names == ("inp", "stack+stack/blocks/lin", "out")
+    x = jax.random.normal(getkey(), (5, 4))
+    np.testing.assert_array_equal(model(x), native(x))
+    z = tuple(jax.random.normal(getkey(), (5, 8)) for _ in range(2))
+    y = jax.random.normal(getkey(), (5, 3))
+    want = (0.5 * jnp.sum((z[0] - jnp.tanh(native.inp(x))) ** 2)
+            + 0.5 * jnp.sum((z[1] - native.stack(z[0])) ** 2)
+            + 0.5 * jnp.sum((y - native.out(z[1])) ** 2))
+    np.testing.assert_allclose(pccore.energy(model, z, x=x, y=y), want, rtol=1e-5)
