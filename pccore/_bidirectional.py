@@ -18,7 +18,7 @@ from jaxtyping import Array, ArrayLike, Float
 
 from ._check import check_energy_parts, check_option
 from ._custom_types import Params
-from ._energy import AbstractEnergy, _sq, add_activity_decay, check_free_bottom
+from ._energy import AbstractEnergy, _sq, add_activity_decay, chain_variable_shapes
 from ._loss import MSE
 from ._model import AbstractPCModel, PCModel
 from ._parameterisation import SP, AbstractParameterisation
@@ -114,11 +114,7 @@ class BPC(AbstractEnergy):
         return model
 
     def variable_shapes(self, model, x_clamped):
-        f = self._model(model).forward
-        shapes = (f.in_shape, *f.out_shapes[:-1])
-        if not x_clamped:
-            check_free_bottom(f)
-        return shapes[1:] if x_clamped else shapes
+        return chain_variable_shapes(self._model(model).forward, x_clamped)
 
     def data_shapes(self, model):
         f = self._model(model).forward

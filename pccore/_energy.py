@@ -64,9 +64,8 @@ def check_free_bottom(model: PCModel) -> None:
             "input latent, since inference moves latents along real gradients. Pass the input "
             "tokens as `x`."
         )
-    reads = getattr(model, "reads_input", ())
-    if any(reads):
-        raise ValueError(model._free_bottom_message(reads.index(True)))
+    if any(model.reads_input):
+        raise ValueError(model._free_bottom_message(model.reads_input.index(True)))
 
 
 def chain_data_shapes(model: PCModel) -> tuple[tuple[int, ...], tuple[int, ...]]:

@@ -150,12 +150,11 @@ def _check_saveat(saveat) -> None:
         raise ValueError("`saveat` saves nothing; pass ts=..., t0=True, t1=True or steps=True.")
 
 
-def check_solver(solver, stepsize_controller, t1, dt0, max_steps, steady_state, saveat,
-                 default_t1: float = 2.0):
+def check_solver(solver, stepsize_controller, t1, dt0, max_steps, steady_state, saveat):
     """Validate the solver options once, at the entry point.
 
     **Returns:** `(n, t1, dt0)`: the step budget, and the horizon and step size as numbers
-    (`t1=None` is `default_t1` for a diffrax solver; it stays None for the other families,
+    (`t1=None` is 2.0 for a diffrax solver; it stays None for the other families,
     which have no time axis).
     """
     t1, dt0 = as_number("t1", t1), as_number("dt0", dt0)
@@ -163,7 +162,7 @@ def check_solver(solver, stepsize_controller, t1, dt0, max_steps, steady_state, 
     if not (ode or is_optax(solver) or is_optimistix(solver)):
         raise TypeError(f"`solver` must be {_FAMILIES}; got {type(solver).__name__}.")
     if ode:
-        t1 = default_t1 if t1 is None else t1
+        t1 = 2.0 if t1 is None else t1
         _check_ode_solver(solver)
     else:
         family = "optax optimiser" if is_optax(solver) else "optimistix minimiser"

@@ -14,8 +14,15 @@ import jax.tree_util as jtu
 import optax
 from jaxtyping import PRNGKeyArray
 
-from ._check import check_activities, check_data, check_devices, check_init, check_model
-from ._check import as_number, check_opt_state
+from ._check import (
+    as_number,
+    check_activities,
+    check_data,
+    check_devices,
+    check_init,
+    check_model,
+    check_opt_state,
+)
 from ._compiled import compiled
 from ._custom_types import Activities, BatchArray, Params, Scalar
 from ._energy import PC, AbstractEnergy
@@ -417,24 +424,6 @@ def train_step(
 
     **Returns:** `(model, opt_state, stats)` with a [`pccore.TrainStats`][].
     """
-    return _dispatch(model, optim, opt_state, x, y, energy, solver, stepsize_controller, t1,
-                     dt0, max_steps, steady_state, init, key)
-
-
-def _execute(optim, opt_state, params, fn, *args):
-    """`fn(*args)`, a compiled step; an optimiser state from another optimiser or model fails
-    inside the optimiser's update (at trace time), and is named instead (costs nothing when
-    the step succeeds)."""
-    try:
-        return fn(*args)
-    except (TypeError, ValueError, AttributeError, KeyError, IndexError):
-        check_opt_state(optim, opt_state, params)
-        raise
-
-
-def _dispatch(model, optim, opt_state, x, y, energy, solver, stepsize_controller, t1, dt0,
-              max_steps, steady_state, init, key):
-    """`train_step`: the remembered fast paths, else the checked path that makes a plan."""
     t1, dt0 = as_number("t1", t1), as_number("dt0", dt0)
     config = (optim, energy, solver, stepsize_controller, steady_state, init)
     nums = (t1, dt0, max_steps)
@@ -482,3 +471,14 @@ def _dispatch(model, optim, opt_state, x, y, energy, solver, stepsize_controller
                             opt_state, x, y, key)
     return _execute(optim, opt_state, model.params, _train_step, model, optim, opt_state, x, y,
                     energy, solver, stepsize_controller, t1_, dt0_, n, steady_state, init, key)
+
+
+def _execute(optim, opt_state, params, fn, *args):
+    """`fn(*args)`, a compiled step; an optimiser state from another optimiser or model fails
+    inside the optimiser's update (at trace time), and is named instead (costs nothing when
+    the step succeeds)."""
+    try:
+        return fn(*args)
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError):
+        check_opt_state(optim, opt_state, params)
+        raise

@@ -151,11 +151,6 @@ class PCModel(AbstractPCModel):
                 )
         return dataclasses.replace(self, skips=skips)
 
-    @property
-    def reads_x(self) -> bool:
-        """Whether any layer reads the clamped model input (see `reads_input`)."""
-        return any(self.reads_input)
-
     def predict_layer(
         self, l: int, z: Array, params: Params | None = None, *, x: Array | None = None
     ) -> Array:
