@@ -113,10 +113,18 @@ class HaikuAdapter(AbstractAdapter):
 
         transposed = set()  # hk.ConvNDTranspose kernels are (*kernel, out, in)
 
+        from jax.extend.core import get_opaque_trace_state
+
+        transformed = set()  # modules called inside a JAX transform (hk.dynamic_unroll's scan)
+
         def run(params, frozen, x, icpt):
+            top = get_opaque_trace_state()
+
             def hk_icpt(nf, a, kw, ctx):
                 if ctx.method_name == "__init__":
                     return nf(*a, **kw)
+                if ctx.method_name == "__call__" and get_opaque_trace_state() != top:
+                    transformed.add(ctx.module.module_name)
                 if isinstance(ctx.module, hk.ConvNDTranspose):
                     transposed.add(ctx.module.module_name)
                 return icpt(ctx.module.module_name, ctx.method_name, nf, a, kw)
@@ -166,7 +174,15 @@ class HaikuAdapter(AbstractAdapter):
             )
 
         float_dtype = jnp.result_type(jax.tree_util.tree_leaves(variables)[0])
-        plan, in_shape = with_input_dtype(build, dtype, float_dtype)
+        try:
+            plan, in_shape = with_input_dtype(build, dtype, float_dtype)
+        except Exception as e:  # a boundary inside a scan fails in several ways: say why
+            inside = [b for b in boundaries or sorted(variables) if b in transformed]
+            if inside:
+                raise _in_transform_error(inside) from e
+            raise
+        if any(n in transformed for n in plan.names):  # else it fails at the first forward
+            raise _in_transform_error([n for n in plan.names if n in transformed])
         if stateful:
             _check_state_frozen(f, variables, state, in_shape, with_rng, args, kwargs)
         layers = tuple(ChainLayer(i, plan, state) for i in range(len(plan.names)))
@@ -211,3 +227,14 @@ def _check_state_frozen(f, params, state, in_shape, with_rng, args, kwargs) -> N
             "them in inference mode (e.g. `args=(False,)` for an `is_training` argument) so that "
             "the state stays frozen."
         )
+
+
+def _in_transform_error(names: list) -> UnsupportedLayerError:
+    return UnsupportedLayerError(
+        f"`model`: layer boundary Haiku module(s) {names} are called inside a JAX transform "
+        "(the lax.scan that hk.dynamic_unroll or hk.scan runs its core in, or hk.vmap/hk.remat). "
+        "pccore cuts the model into layers by intercepting module calls, and a cut inside the "
+        "scanned step cannot carry a latent out of the loop. Make the whole RNN one layer: put "
+        "the hk.dynamic_unroll call in a module of its own that returns one array, and name "
+        "that module in `boundaries=[...]` (e.g. `boundaries=['enc', 'head']`)."
+    )

@@ -1,0 +1,244 @@
+"""Real models wrapped as their users build them: `hk.nets.ResNet` itself, a Flax Linen and a
+Flax NNX ResNet with BatchNorm in eval mode, a JPC-style Equinox residual CNN with
+parameter-free latents, and Haiku RNNs run by `hk.dynamic_unroll`.
+
+Oracles: the native forward pass (`f.apply`, `module.apply`, the module's own `__call__`) and
+the PC energy written out by hand from the native submodules, in float64 to 1e-10.
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import pccore
+
+TOL = dict(rtol=1e-10, atol=1e-10)
+
+
+def _f64(tree):
+    return jax.tree_util.tree_map(
+        lambda a: a.astype(jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+
+
+def _digits(n=None):
+    data = pccore.datasets.load_digits()
+    img = lambda a: jnp.asarray(a).reshape(-1, 8, 8, 1)  # NHWC
+    return (img(data.x_train)[:n], jnp.asarray(data.y_train)[:n], img(data.x_test),
+            jnp.asarray(data.y_test))
+
+
+def _random_latents(model, n, key):
+    """Random hidden latents z_1..z_{L-1} of the model's shapes (the energy's argument)."""
+    shapes = model.out_shapes[:-1]
+    keys = jax.random.split(key, len(shapes))
+    return tuple(jax.random.normal(k, (n, *s.shape), s.dtype) for k, s in zip(keys, shapes))
+
+
+def _energy_by_hand(layers, x, zs, y):
+    r"""$\sum_l \frac12 \lVert z_l - f_l(z_{l-1}) \rVert^2$ over layers and samples, with
+    $z_0 = x$ and $z_L = y$ (the default `pccore.PC()`: squared error at the output)."""
+    chain = (x, *zs, y)
+    return sum(0.5 * jnp.sum((chain[l + 1] - f(chain[l])) ** 2) for l, f in enumerate(layers))
+
+
+def _train(model, x, y, steps=3, **kw):
+    opt = optax.sgd(0.05)
+    state = opt.init(model.params)
+    for _ in range(steps):
+        model, state, stats = pccore.train_step(model, opt, state, x=x, y=y, **kw)
+        assert bool(stats.updated)
+    return model
+
+
+def _changed(a, b):
+    return any(not np.array_equal(u, v) for u, v in
+               zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+
+
+def _accuracy(model, x, y):
+    return float(jnp.mean(jnp.argmax(model(x), -1) == jnp.argmax(y, -1)))
+
+
+# -- Haiku: hk.nets.ResNet ------------------------------------------------------------------
+
+hk = pytest.importorskip("haiku")
+
+HK_BOUNDARIES = ["res_net/~/initial_conv", *(f"res_net/~/block_group_{i}" for i in range(4)),
+                 "res_net/~/logits"]
+
+
+def _hk_resnet():
+    """The smallest hk.nets.ResNet: one basic (non-bottleneck) block of 4 channels per group,
+    a 3x3 stride-1 stem for 8x8 inputs, non-zero logits weights (the default is zeros)."""
+    return hk.nets.ResNet(
+        blocks_per_group=(1, 1, 1, 1), num_classes=10, bottleneck=False,
+        channels_per_group=(4, 4, 4, 4), strides=(1, 2, 1, 1),
+        initial_conv_config=dict(output_channels=4, kernel_shape=3, stride=1),
+        logits_config=dict(w_init=hk.initializers.VarianceScaling(1.0)))
+
+
+def _hk_setup(dtype=jnp.float32):
+    """`f`, params and the BatchNorm state of a native training-mode `init` on digits (its
+    running averages are those of the batch)."""
+    f = hk.transform_with_state(lambda x, is_training: _hk_resnet()(x, is_training))
+    params, state = f.init(jax.random.key(1), _digits(128)[0], True)
+    return (f, *_f64((params, state))) if dtype == jnp.float64 else (f, params, state)
+
+
+def _hk_native_layers(params, state):
+    """The layer functions from hk.nets.ResNet's own submodules, in eval mode."""
+    def layer(body):
+        g = hk.transform_with_state(lambda h: body(_hk_resnet(), h))
+        return lambda h: g.apply(params, state, None, h)[0]
+
+    def stem(net, x):
+        h = jax.nn.relu(net.initial_batchnorm(net.initial_conv(x), False))
+        return hk.max_pool(h, (1, 3, 3, 1), (1, 2, 2, 1), "SAME")
+
+    def group(i):
+        def body(net, h):
+            out = net.block_groups[i](h, False, False)
+            return out.mean((1, 2)) if i == 3 else out
+        return body
+
+    return [layer(stem), *(layer(group(i)) for i in range(4)),
+            layer(lambda net, h: net.logits(h))]
+
+
+@pytest.mark.slow
+def test_hk_resnet_equals_native_forward_and_hand_written_energy(x64):
+    f, params, state = _hk_setup(jnp.float64)
+    model = pccore.wrap(f, params, state=state, args=(False,), input_shape=(8, 8, 1),
+                        boundaries=HK_BOUNDARIES)
+    assert model.num_layers == 6
+    assert model.names[0] == "res_net/~/initial_conv+res_net/~/initial_batchnorm"
+    assert model.names[-1] == "res_net/~/logits"
+    assert [s.shape for s in model.out_shapes] == [(4, 4, 4), (4, 4, 4), (2, 2, 4), (2, 2, 4),
+                                                   (4,), (10,)]
+    x = _digits(6)[0].astype(jnp.float64)
+    np.testing.assert_allclose(model(x), f.apply(params, state, None, x, False)[0], **TOL)
+    zs = _random_latents(model, len(x), jax.random.key(2))
+    y = jax.random.normal(jax.random.key(3), (len(x), 10), jnp.float64)
+    want = _energy_by_hand(_hk_native_layers(params, state), x, zs, y)
+    np.testing.assert_allclose(pccore.energy(model, zs, x=x, y=y), want, **TOL)
+
+
+@pytest.mark.slow
+def test_hk_resnet_unwraps_to_params_the_native_forward_reads(x64):
+    f, params, state = _hk_setup(jnp.float64)
+    model = pccore.wrap(f, params, state=state, args=(False,), input_shape=(8, 8, 1),
+                        boundaries=HK_BOUNDARIES)
+    x, y = _digits(16)[:2]
+    x, y = x.astype(jnp.float64), y.astype(jnp.float64)
+    trained = _train(model, x, y, t1=0.5, dt0=0.05)
+    back = trained.unwrap()
+    assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(params)
+    assert _changed(back, params)
+    np.testing.assert_allclose(trained(x), f.apply(back, state, None, x, False)[0], **TOL)
+
+
+def test_hk_resnet_skip_around_a_boundary_is_refused():
+    f, params, state = _hk_setup()
+    with pytest.raises(pccore.UnsupportedLayerError,
+                       match=r"layer 3 \('res_net/~/block_group_0/~/block_0/~/shortcut_batchnorm'\) "
+                             r"reads the output of layer 0 \('res_net/~/initial_conv'\)"):
+        pccore.wrap(f, params, state=state, args=(False,), input_shape=(8, 8, 1))
+
+
+@pytest.mark.slow
+def test_hk_resnet_trains_above_chance_on_digits():
+    f, params, state = _hk_setup()
+    model = pccore.wrap(f, params, state=state, args=(False,), input_shape=(8, 8, 1),
+                        boundaries=HK_BOUNDARIES)
+    x, y, xt, yt = _digits()
+    energy = pccore.PC(loss=pccore.CrossEntropy())
+    opt = optax.adam(3e-3)
+    opt_state = opt.init(model.params)
+    for _ in range(5):
+        for i in range(0, len(x) - 63, 64):
+            model, opt_state, _ = pccore.train_step(model, opt, opt_state, x=x[i:i + 64],
+                                                    y=y[i:i + 64], energy=energy)
+    acc = _accuracy(model, xt, yt)
+    assert acc > 0.35, acc  # chance is 0.1
+    np.testing.assert_allclose(model(xt), f.apply(model.unwrap(), state, None, xt, False)[0],
+                               rtol=1e-5, atol=1e-5)
+
+
+# -- Haiku: RNNs run by hk.dynamic_unroll ---------------------------------------------------
+
+T, NI, NH = 5, 2, 4  # sequence length, input and hidden widths
+
+
+class _HkCell(hk.RNNCore):
+    """An Elman cell with one hk.Linear, so that the cell's linear is a default boundary."""
+
+    def __call__(self, x, h):
+        h = jnp.tanh(hk.Linear(NH, name="lin")(jnp.concatenate([x, h], -1)))
+        return h, h
+
+    def initial_state(self, batch_size):
+        return jnp.zeros((batch_size, NH))
+
+
+class _HkEncoder(hk.Module):
+    """The whole RNN, one array out: the module that calls hk.dynamic_unroll."""
+
+    def __init__(self, core, name=None):
+        super().__init__(name=name)
+        self.core = core
+
+    def __call__(self, xs):
+        core = {"gru": hk.GRU, "vanilla": hk.VanillaRNN}[self.core](NH, name=self.core) \
+            if self.core != "cell" else _HkCell(name="cell")
+        out, _ = hk.dynamic_unroll(core, xs, core.initial_state(xs.shape[0]), time_major=False)
+        return out[:, -1]
+
+
+def _hk_rnn(core, dtype=jnp.float64):
+    def fn(xs):  # (batch, T, NI)
+        h = jnp.tanh(hk.Linear(NI, name="inp")(xs))
+        return hk.Linear(2, name="head")(jnp.tanh(_HkEncoder(core, name="enc")(h)))
+
+    f = hk.without_apply_rng(hk.transform(fn))
+    xs = jax.random.normal(jax.random.key(0), (3, T, NI), dtype)
+    return f, f.init(jax.random.key(1), xs), xs
+
+
+@pytest.mark.parametrize("core", ["gru", "vanilla", "cell"])
+def test_hk_dynamic_unroll_named_as_one_boundary_equals_native(core, x64):
+    f, params, xs = _hk_rnn(core)
+    model = pccore.wrap(f, params, input_shape=(T, NI), boundaries=["inp", "enc", "head"])
+    assert [s.shape for s in model.out_shapes] == [(T, NI), (NH,), (2,)]
+    np.testing.assert_allclose(model(xs), f.apply(params, xs), **TOL)
+    native = lambda body: (lambda h: hk.without_apply_rng(hk.transform(body)).apply(params, h))
+    layers = [native(lambda x: jnp.tanh(hk.Linear(NI, name="inp")(x))),
+              native(lambda h: jnp.tanh(_HkEncoder(core, name="enc")(h))),  # up to head's input
+              native(lambda h: hk.Linear(2, name="head")(h))]
+    zs = _random_latents(model, len(xs), jax.random.key(2))
+    y = jax.random.normal(jax.random.key(3), (len(xs), 2), jnp.float64)
+    np.testing.assert_allclose(pccore.energy(model, zs, x=xs, y=y),
+                               _energy_by_hand(layers, xs, zs, y), **TOL)
+    if core == "cell":  # the unroll's parameters train as one layer's
+        back = _train(model, xs, y, steps=2).unwrap()
+        assert _changed(back["enc/cell/lin"], params["enc/cell/lin"])
+
+
+@pytest.mark.parametrize("core, boundaries, inside", [
+    ("cell", None, ["enc/cell/lin"]),  # used to wrap, then die with UnexpectedTracerError
+    ("cell", ["inp", "enc/cell/lin", "head"], ["enc/cell/lin"]),
+    ("gru", None, ["enc/gru"]),
+    ("gru", ["inp", "enc/gru", "head"], ["enc/gru"]),
+    ("vanilla", None, ["enc/vanilla/linear", "enc/vanilla/linear_1"]),
+])
+def test_hk_boundary_inside_dynamic_unroll_is_refused_at_wrap_time(core, boundaries, inside):
+    f, params, _ = _hk_rnn(core, jnp.float32)
+    with pytest.raises(pccore.UnsupportedLayerError,
+                       match=r"layer boundary Haiku module\(s\) " + re.escape(repr(inside))
+                       + r" are called inside a JAX transform \(the lax\.scan that "
+                         r"hk\.dynamic_unroll .*put the hk\.dynamic_unroll call in a module of its "
+                         r"own that returns one array, and name that module in `boundaries="):
+        pccore.wrap(f, params, input_shape=(T, NI), boundaries=boundaries)
