@@ -242,3 +242,99 @@ def test_hk_boundary_inside_dynamic_unroll_is_refused_at_wrap_time(core, boundar
                          r"hk\.dynamic_unroll .*put the hk\.dynamic_unroll call in a module of its "
                          r"own that returns one array, and name that module in `boundaries="):
         pccore.wrap(f, params, input_shape=(T, NI), boundaries=boundaries)
+
+
+# -- Flax Linen: a ResNet with BatchNorm, in eval mode --------------------------------------
+
+nn = pytest.importorskip("flax.linen")
+
+LN_BOUNDARIES = ["stem", "block_0", "block_1", "head"]
+
+
+class LnBlock(nn.Module):
+    """A basic residual block; its skip stays inside the block, so the block is one layer."""
+
+    features: int = 4
+
+    @nn.compact
+    def __call__(self, x, train: bool = True):
+        bn = lambda name: nn.BatchNorm(use_running_average=not train, name=name)
+        h = nn.relu(bn("bn_0")(nn.Conv(self.features, (3, 3), use_bias=False, name="conv_0")(x)))
+        h = bn("bn_1")(nn.Conv(self.features, (3, 3), use_bias=False, name="conv_1")(h))
+        return nn.relu(x + h)
+
+
+class LnResNet(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = True):
+        x = nn.Conv(4, (3, 3), name="stem")(x)
+        x = nn.relu(nn.BatchNorm(use_running_average=not train, name="stem_bn")(x))
+        x = nn.avg_pool(x, (2, 2), (2, 2))
+        x = LnBlock(name="block_0")(x, train)
+        x = LnBlock(name="block_1")(x, train)
+        return nn.Dense(10, name="head")(x.mean((1, 2)))
+
+
+def _ln_setup(dtype=jnp.float32):
+    """The module and its variables, with batch statistics from native training-mode passes."""
+    net = LnResNet()
+    x = _digits(256)[0]
+    variables = net.init(jax.random.key(0), x[:2])
+    for i in range(0, len(x), 128):
+        _, upd = net.apply(variables, x[i:i + 128], mutable=["batch_stats"])
+        variables = {**variables, **upd}
+    return net, (_f64(variables) if dtype == jnp.float64 else variables)
+
+
+def _ln_native_layers(v):
+    """The layer functions from the native submodules, applied to their variable slices."""
+    def sub(module, name, *args):
+        part = {c: v[c][name] for c in ("params", "batch_stats") if name in v[c]}
+        return lambda h: module.apply(part, h, *args)
+
+    conv, bn = sub(nn.Conv(4, (3, 3)), "stem"), sub(nn.BatchNorm(use_running_average=True), "stem_bn")
+    stem = lambda x: nn.avg_pool(nn.relu(bn(conv(x))), (2, 2), (2, 2))
+    block_0 = sub(LnBlock(), "block_0", False)
+    block_1 = sub(LnBlock(), "block_1", False)
+    head = sub(nn.Dense(10), "head")
+    return [stem, block_0, lambda h: block_1(h).mean((1, 2)), head]
+
+
+@pytest.mark.slow
+def test_linen_resnet_equals_native_forward_and_hand_written_energy(x64):
+    net, v = _ln_setup(jnp.float64)
+    model = pccore.wrap(net, v, input_shape=(8, 8, 1), kwargs={"train": False},
+                        boundaries=LN_BOUNDARIES)
+    assert [n.split("+")[0] for n in model.names] == LN_BOUNDARIES
+    assert model.names[0] == "stem+stem_bn"  # the BatchNorm after the stem joins its layer
+    assert [s.shape for s in model.out_shapes] == [(4, 4, 4), (4, 4, 4), (4,), (10,)]
+    x = _digits(6)[0].astype(jnp.float64)
+    np.testing.assert_allclose(model(x), net.apply(v, x, train=False), **TOL)
+    zs = _random_latents(model, len(x), jax.random.key(2))
+    y = jax.random.normal(jax.random.key(3), (len(x), 10), jnp.float64)
+    np.testing.assert_allclose(pccore.energy(model, zs, x=x, y=y),
+                               _energy_by_hand(_ln_native_layers(v), x, zs, y), **TOL)
+
+
+def test_linen_resnet_unwraps_to_variables_the_native_forward_reads(x64):
+    net, v = _ln_setup(jnp.float64)
+    model = pccore.wrap(net, v, input_shape=(8, 8, 1), kwargs={"train": False},
+                        boundaries=LN_BOUNDARIES)
+    x, y = _digits(16)[:2]
+    x, y = x.astype(jnp.float64), y.astype(jnp.float64)
+    trained = _train(model, x, y, t1=0.5, dt0=0.05)
+    back = trained.unwrap()
+    assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(v)
+    assert _changed(back["params"], v["params"])
+    np.testing.assert_array_equal(back["batch_stats"]["stem_bn"]["var"],
+                                  v["batch_stats"]["stem_bn"]["var"])  # frozen
+    np.testing.assert_allclose(trained(x), net.apply(back, x, train=False), **TOL)
+
+
+def test_linen_resnet_skip_around_a_boundary_is_refused():
+    net, v = _ln_setup()
+    with pytest.raises(pccore.UnsupportedLayerError,
+                       match=r"not a chain of its layers: layer 2 \('block_0/conv_1'\) reads .*"
+                             r"parameters of layer 0 \('stem'\) besides its own input"):
+        pccore.wrap(net, v, input_shape=(8, 8, 1), kwargs={"train": False},
+                    boundaries=["stem", "block_0/conv_0", "block_0/conv_1", "block_1", "head"])
