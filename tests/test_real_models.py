@@ -21,7 +21,8 @@ TOL = dict(rtol=1e-10, atol=1e-10)
 
 def _f64(tree):
     return jax.tree_util.tree_map(
-        lambda a: a.astype(jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+        lambda a: a.astype(jnp.float64) if hasattr(a, "dtype") and jnp.issubdtype(a.dtype, jnp.floating)
+        else a, tree)
 
 
 def _digits(n=None):
@@ -338,3 +339,91 @@ def test_linen_resnet_skip_around_a_boundary_is_refused():
                              r"parameters of layer 0 \('stem'\) besides its own input"):
         pccore.wrap(net, v, input_shape=(8, 8, 1), kwargs={"train": False},
                     boundaries=["stem", "block_0/conv_0", "block_0/conv_1", "block_1", "head"])
+
+
+# -- Equinox: a JPC-style residual CNN with parameter-free latents --------------------------
+
+eqx = pytest.importorskip("equinox")
+
+
+class EqxResBlock(eqx.Module):
+    conv1: eqx.nn.Conv2d
+    conv2: eqx.nn.Conv2d
+
+    def __call__(self, x):
+        return jax.nn.relu(x + self.conv2(jax.nn.relu(self.conv1(x))))
+
+
+class JpcResCNN(eqx.Module):
+    """Per-sample (C, H, W) forward, as JPC writes its models: latents after a pooling layer
+    and after an `eqx.nn.Identity`, both without parameters."""
+
+    stem: eqx.nn.Conv2d
+    block: EqxResBlock
+    pool: eqx.nn.AvgPool2d
+    conv: eqx.nn.Conv2d
+    latent: eqx.nn.Identity
+    head: eqx.nn.Linear
+
+    def __init__(self, key, c=3):
+        k = jax.random.split(key, 5)
+        self.stem = eqx.nn.Conv2d(1, c, 3, padding=1, key=k[0])
+        self.block = EqxResBlock(eqx.nn.Conv2d(c, c, 3, padding=1, key=k[1]),
+                                 eqx.nn.Conv2d(c, c, 3, padding=1, key=k[2]))
+        self.pool = eqx.nn.AvgPool2d(2, 2)
+        self.conv = eqx.nn.Conv2d(c, c, 3, padding=1, key=k[3])
+        self.latent = eqx.nn.Identity()
+        self.head = eqx.nn.Linear(c * 4 * 4, 10, key=k[4])
+
+    def __call__(self, x):
+        h = self.block(jax.nn.relu(self.stem(x)))
+        h = self.latent(jnp.tanh(self.conv(self.pool(h))))
+        return self.head(h.reshape(-1))
+
+
+EQX_BOUNDARIES = ["stem", "block", "pool", "conv", "latent", "head"]
+
+
+@pytest.mark.slow
+def test_jpc_resnet_has_one_latent_per_named_boundary_and_the_hand_written_energy(x64):
+    net = _f64(JpcResCNN(jax.random.key(0)))
+    model = pccore.wrap(net, boundaries=EQX_BOUNDARIES, input_shape=(1, 8, 8))
+    assert model.names == tuple(EQX_BOUNDARIES)
+    assert model.num_layers == len(EQX_BOUNDARIES)  # hidden latents plus the output
+    assert [s.shape for s in model.out_shapes] == [(3, 8, 8), (3, 8, 8), (3, 4, 4), (3, 4, 4),
+                                                   (3, 4, 4), (10,)]
+    assert jax.tree_util.tree_leaves(model.params[2]) == []  # pool and latent: no parameters
+    assert jax.tree_util.tree_leaves(model.params[4]) == []
+    x = jnp.transpose(_digits(5)[0], (0, 3, 1, 2)).astype(jnp.float64)  # NCHW
+    y = jax.random.normal(jax.random.key(3), (5, 10), jnp.float64)
+    assert len(pccore.init_activities(model, x, y=y)) == len(EQX_BOUNDARIES) - 1
+    np.testing.assert_allclose(model(x), jax.vmap(net)(x), **TOL)
+    layers = [net.stem,                                         # z_1 = stem(x)
+              lambda h: net.block(jax.nn.relu(h)),              # z_2
+              net.pool,                                         # z_3, parameter-free
+              net.conv,                                         # z_4
+              lambda h: net.latent(jnp.tanh(h)),                # z_5, parameter-free
+              lambda h: net.head(h.reshape(-1))]                # the output
+    zs = _random_latents(model, len(x), jax.random.key(2))
+    want = _energy_by_hand([jax.vmap(f) for f in layers], x, zs, y)
+    np.testing.assert_allclose(pccore.energy(model, zs, x=x, y=y), want, **TOL)
+
+
+@pytest.mark.slow
+def test_jpc_resnet_unwraps_to_its_class_after_train_step(x64):
+    net = _f64(JpcResCNN(jax.random.key(0)))
+    model = pccore.wrap(net, boundaries=EQX_BOUNDARIES, input_shape=(1, 8, 8))
+    x = jnp.transpose(_digits(5)[0], (0, 3, 1, 2)).astype(jnp.float64)
+    y = jax.random.normal(jax.random.key(3), (5, 10), jnp.float64)
+    trained = _train(model, x, y, steps=2)
+    back = trained.unwrap()
+    assert type(back) is JpcResCNN and _changed(back, net)
+    np.testing.assert_allclose(trained(x), jax.vmap(back)(x), **TOL)
+
+
+def test_jpc_resnet_skip_around_a_boundary_is_refused():
+    with pytest.raises(pccore.UnsupportedLayerError,
+                       match=r"not a chain of its layers: layer 3 \('head'\) reads the output of "
+                             r"layer 0 \('stem'\) besides its own input"):
+        pccore.wrap(JpcResCNN(jax.random.key(0)), input_shape=(1, 8, 8),
+                    boundaries=["stem", "block.conv1", "block.conv2", "head"])
