@@ -427,3 +427,79 @@ def test_jpc_resnet_skip_around_a_boundary_is_refused():
                              r"layer 0 \('stem'\) besides its own input"):
         pccore.wrap(JpcResCNN(jax.random.key(0)), input_shape=(1, 8, 8),
                     boundaries=["stem", "block.conv1", "block.conv2", "head"])
+
+
+# -- Flax NNX: a ResNet with BatchNorm, in eval mode ----------------------------------------
+
+nnx = pytest.importorskip("flax.nnx")
+
+NNX_BOUNDARIES = ["stem", "blocks/0", "blocks/1", "head"]
+
+
+class NnxBlock(nnx.Module):
+    def __init__(self, c, rngs):
+        conv = lambda: nnx.Conv(c, c, (3, 3), use_bias=False, rngs=rngs)
+        self.conv_0, self.conv_1 = conv(), conv()
+        self.bn_0, self.bn_1 = nnx.BatchNorm(c, rngs=rngs), nnx.BatchNorm(c, rngs=rngs)
+
+    def __call__(self, x):
+        h = nnx.relu(self.bn_0(self.conv_0(x)))
+        return nnx.relu(x + self.bn_1(self.conv_1(h)))
+
+
+class NnxResNet(nnx.Module):
+    def __init__(self, rngs, c=4):
+        self.stem = nnx.Conv(1, c, (3, 3), rngs=rngs)
+        self.stem_bn = nnx.BatchNorm(c, rngs=rngs)
+        self.blocks = nnx.List([NnxBlock(c, rngs) for _ in range(2)])
+        self.head = nnx.Linear(c, 10, rngs=rngs)
+
+    def __call__(self, x):
+        x = nnx.avg_pool(nnx.relu(self.stem_bn(self.stem(x))), (2, 2), (2, 2))
+        for b in self.blocks:
+            x = b(x)
+        return self.head(x.mean((1, 2)))
+
+
+def _nnx_setup(dtype=jnp.float32):
+    """A ResNet whose BatchNorm statistics come from native training-mode passes, then eval
+    (and then cast, parameters and statistics, to `dtype`)."""
+    net = NnxResNet(nnx.Rngs(0))
+    x = _digits(256)[0]
+    net.train()
+    for i in range(0, len(x), 128):
+        net(x[i:i + 128])
+    net.eval()
+    if dtype == jnp.float64:
+        graphdef, state = nnx.split(net)
+        net = nnx.merge(graphdef, _f64(state))
+    return net
+
+
+@pytest.mark.slow
+def test_nnx_resnet_equals_native_forward_and_hand_written_energy(x64):
+    net = _nnx_setup(jnp.float64)
+    model = pccore.wrap(net, input_shape=(8, 8, 1), boundaries=NNX_BOUNDARIES)
+    assert [n.split("+")[0] for n in model.names] == NNX_BOUNDARIES
+    assert [s.shape for s in model.out_shapes] == [(4, 4, 4), (4, 4, 4), (4,), (10,)]
+    x = _digits(6)[0].astype(jnp.float64)
+    np.testing.assert_allclose(model(x), net(x), **TOL)
+    layers = [lambda x: nnx.avg_pool(nnx.relu(net.stem_bn(net.stem(x))), (2, 2), (2, 2)),
+              net.blocks[0], lambda h: net.blocks[1](h).mean((1, 2)), net.head]
+    zs = _random_latents(model, len(x), jax.random.key(2))
+    y = jax.random.normal(jax.random.key(3), (len(x), 10), jnp.float64)
+    np.testing.assert_allclose(pccore.energy(model, zs, x=x, y=y),
+                               _energy_by_hand(layers, x, zs, y), **TOL)
+    trained = _train(model, x, y.astype(jnp.float64), t1=0.5, dt0=0.05)
+    back = trained.unwrap()
+    assert type(back) is NnxResNet
+    np.testing.assert_allclose(trained(x), back(x), **TOL)
+    assert not np.array_equal(back.head.kernel[...], net.head.kernel[...])
+
+
+def test_nnx_resnet_skip_around_a_boundary_is_refused():
+    with pytest.raises(pccore.UnsupportedLayerError,
+                       match=r"not a chain of its layers: layer 2 \('blocks/0/conv_1'\) reads .*"
+                             r"parameters of layer 0 \('stem'\) besides its own input"):
+        pccore.wrap(_nnx_setup(), input_shape=(8, 8, 1),
+                    boundaries=["stem", "blocks/0/conv_0", "blocks/0/conv_1", "head"])
