@@ -33,7 +33,7 @@ import jax.tree_util as jtu
 import numpy as np
 
 from pccore._adapter import UnsupportedLayerError
-from pccore._model import WeightSpec
+from pccore._model import AbstractStatefulLayer, WeightSpec
 
 Icpt = Callable[[str, str, Callable, tuple, dict], Any]
 Run = Callable[[Any, Any, Any, Icpt], Any]
@@ -131,6 +131,7 @@ class Plan:
         self.out_shapes = out_shapes
         self.in_shape = in_shape
         self.slicer = slicer
+        self.module_layer: dict[str, int] = {}  # the layer during which each module is called
 
 
 def require_params(params: Any, what: str) -> None:
@@ -209,8 +210,7 @@ def discover(
             order.append(name)
             a, _ = _input(name, args, kw)
             in_shapes.append(jax.ShapeDtypeStruct(a.shape[k0:], a.dtype))
-        if name in owners:
-            seg.setdefault(name, set()).add(max(len(order) - 1, 0))
+        seg.setdefault(name, set()).add(max(len(order) - 1, 0))
         active[0] += is_b
         try:
             res = nf(*args, **kw)
@@ -295,7 +295,7 @@ def discover(
             "a submodule that the forward pass calls. Otherwise remove them from the "
             "parameters, or check that the parameters belong to this model."
         )
-    shared = {o: sorted(s) for o, s in seg.items() if len(s) > 1}
+    shared = {o: sorted(s) for o, s in seg.items() if len(s) > 1 and o in owners}
     if shared:
         raise ValueError(
             f"`model`: parameters of {sorted(shared)} are used by several layers "
@@ -314,8 +314,10 @@ def discover(
     else:
         slicer = make_slicer(params, layer_of, len(order))
     shapes = [*in_shapes[1:], jax.ShapeDtypeStruct(out.shape[k0:], out.dtype)]
-    return Plan(run, tuple(order), tuple(shapes), tuple(b_out), in_shape, slicer, per_sample,
+    plan = Plan(run, tuple(order), tuple(shapes), tuple(b_out), in_shape, slicer, per_sample,
                 reads_input=reads)
+    plan.module_layer = {n: min(ls) for n, ls in seg.items()}
+    return plan
 
 
 def _loose_layer(owner: str, k: int, outs: Sequence[int], names: tuple[str, ...], what: str) -> int:
@@ -461,12 +463,17 @@ class ChainLayer(eqx.Module):
             return jax.vmap(lambda xi, mi: self._run(params, xi, (), mi))(x, model_input)
         return self._run(params, x, (x.shape[0],), model_input)
 
-    def _run(self, params, x, lead: tuple[int, ...], model_input=None):
+    def _run(self, params, x, lead: tuple[int, ...], model_input=None, train=None):
         """The layer on `x`, whose leading axes `lead` are not in the recorded shapes; the
-        model runs on `model_input` (the clamped input) where given, else on zeros."""
+        model runs on `model_input` (the clamped input) where given, else on zeros.
+
+        `train`: `(train_run, key)` to run the framework's training forward, which returns
+        `(y, new frozen state)`. The framework returns its updated state only from a call
+        that completes, so later boundaries return zeros (dead code) instead of stopping."""
         plan, i = self.plan, self.i
         full = plan.slicer.full(i, params)
         out = {}
+        finish = train is not None
 
         def icpt(name, method, nf, args, kw):
             if method != "__call__" or name not in plan.index:
@@ -480,8 +487,12 @@ class ChainLayer(eqx.Module):
                     return nf(*args, **kw)
                 a, k = _input(name, args, kw)[1](x)
                 return nf(*a, **k)
-            out["y"] = _input(name, args, kw)[0]
-            raise _Stop
+            if j == i + 1:
+                out["y"] = _input(name, args, kw)[0]
+            if not finish:
+                raise _Stop
+            s = plan.boundary_out[j]
+            return jnp.zeros((*lead, *s.shape), s.dtype)
 
         if i == 0:
             data = x
@@ -489,11 +500,80 @@ class ChainLayer(eqx.Module):
             data = model_input
         else:
             data = jnp.zeros((*lead, *plan.in_shape.shape), plan.in_shape.dtype)
+        if finish:
+            train_run, key = train
+            y, new = train_run(full, self.frozen, data, icpt, key)
+            return out.get("y", y), new
         try:
             out["y"] = plan.run(full, self.frozen, data, icpt)
         except _Stop:
             pass
         return out["y"]
+
+
+TrainRun = Callable[[Any, Any, Any, Icpt, Any], tuple[Any, Any]]
+
+
+class StatefulChainLayer(ChainLayer, AbstractStatefulLayer):
+    """A chain layer with a training forward (train-mode BatchNorm, Dropout).
+
+    `train_run(full_params, frozen, x, icpt, key) -> (y, new_frozen)` is the framework's
+    training-mode call. Each layer holds a copy of the whole frozen state (the framework
+    runs the whole model), and keeps from a training forward only the leaves of the modules
+    called during its own segment (`owned`); the others belong to other layers.
+    """
+
+    train_run: TrainRun = eqx.field(static=True)
+    owned: tuple[bool, ...] = eqx.field(static=True)
+    stochastic: bool = eqx.field(static=True)
+
+    def train(self, params, z, key, x=None):
+        if self.plan.per_sample:
+            raise NotImplementedError("a training forward of a per-sample plan")
+        y, new = self._run(params, z, (z.shape[0],), x, train=(self.train_run, key))
+        old_leaves, treedef = jtu.tree_flatten(self.frozen)
+        new_leaves = jtu.tree_leaves(new)
+        kept = [n if o else a for a, n, o in zip(old_leaves, new_leaves, self.owned)]
+        return y, eqx.tree_at(lambda s: s.frozen, self, jtu.tree_unflatten(treedef, kept))
+
+
+def state_layers(plan: Plan, frozen: Any, owner_of_leaf: Callable[[tuple], str]) -> tuple[int, ...]:
+    """Per leaf of the frozen state, the layer during whose segment its module is called (its
+    owner module, or the nearest enclosing module that is called), or -1 for none."""
+    out = []
+    for path, _ in jtu.tree_flatten_with_path(frozen)[0]:
+        name = owner_of_leaf(tuple(_key(k) for k in path))
+        layer = -1
+        while True:
+            if name in plan.module_layer:
+                layer = plan.module_layer[name]
+                break
+            if "/" not in name:
+                break
+            name = name.rsplit("/", 1)[0]
+        out.append(layer)
+    return tuple(out)
+
+
+def chain_layers(plan: Plan, frozen: Any, train_run: TrainRun | None = None,
+                 owners: Sequence[int] = (), stochastic: bool = False) -> tuple[ChainLayer, ...]:
+    """The layer functions of a plan: stateful ones when there is a training forward."""
+    n = len(plan.names)
+    if train_run is None:
+        return tuple(ChainLayer(i, plan, frozen) for i in range(n))
+    return tuple(
+        StatefulChainLayer(i, plan, frozen, train_run, tuple(o == i for o in owners), stochastic)
+        for i in range(n)
+    )
+
+
+def merged_state(layers: Sequence[Any], owners: Sequence[int]) -> Any:
+    """The whole frozen state, each leaf taken from the layer that owns it (layer 0's copy for
+    leaves no layer updates)."""
+    per_layer = [jtu.tree_leaves(f.frozen) for f in layers]
+    treedef = jtu.tree_structure(layers[0].frozen)
+    return jtu.tree_unflatten(
+        treedef, [per_layer[max(o, 0)][k] for k, o in enumerate(owners)])
 
 
 def layer_names(plan: Plan, leaf_owner_names: Sequence[str]) -> tuple[str, ...]:

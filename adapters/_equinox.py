@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 
 from pccore._adapter import AbstractAdapter, UnsupportedLayerError
-from pccore._model import PCModel, WeightSpec
+from pccore._model import AbstractStatefulLayer, PCModel, WeightSpec
 
 from ._equinox_custom import walk, wrap_custom
 
@@ -50,29 +50,35 @@ def _submodules(node: Any, path: str):
             yield from _submodules(leaf, path + jtu.keystr(keys))
 
 
+def _is_dropping(sub: Any) -> bool:
+    return isinstance(sub, eqx.nn.Dropout) and not sub.inference and not (
+        isinstance(sub.p, int | float) and sub.p == 0)  # p=0 (MultiheadAttention)
+
+
 def _check_stateless(layers: Sequence[Any], where: str, state: Any = None,
-                     whole: bool = False) -> None:
-    """Refuse training-mode Dropout/BatchNorm, and stateful layers given without their state,
-    wherever they are nested (inside custom modules or inner Sequentials). `whole`: `layers`
-    is the one model `where` itself, not a sequence of its elements."""
+                     whole: bool = False, training_ok: bool = False) -> None:
+    """Refuse training-mode Dropout/BatchNorm (unless `training_ok`: a Sequential or list
+    trains them), and stateful layers given without their state, wherever they are nested
+    (inside custom modules or inner Sequentials). `whole`: `layers` is the one model `where`
+    itself, not a sequence of its elements."""
     for i, layer in enumerate(layers):
         for at, sub in _submodules(layer, where if whole else f"{where}[{i}]"):
-            if isinstance(sub, eqx.nn.Dropout) and not sub.inference and not (
-                    isinstance(sub.p, int | float) and sub.p == 0):  # p=0 (MultiheadAttention)
+            if _is_dropping(sub) and not training_ok:
                 raise UnsupportedLayerError(
                     f"`model`: {at} is eqx.nn.Dropout in training mode "
-                    "(`inference=False`); a PC layer runs at every inference step, so a fresh "
-                    "mask per step would make inference stochastic. Pass "
+                    "(`inference=False`) inside a module of your own class. Training-mode "
+                    "Dropout and BatchNorm train in an eqx.nn.Sequential or a list of layers "
+                    "(one mask per training step, from its `key`); for this class, pass "
                     "`eqx.nn.inference_mode(model)` to run it as the identity."
                 )
-            if isinstance(sub, eqx.nn.BatchNorm) and not sub.inference:
+            if isinstance(sub, eqx.nn.BatchNorm) and not sub.inference and not training_ok:
                 raise UnsupportedLayerError(
                     f"`model`: {at} is eqx.nn.BatchNorm in training mode "
-                    "(`inference=False`): its batch statistics would couple the samples and its "
-                    "eqx.nn.State would be updated at every inference step. Pass "
-                    "`eqx.nn.inference_mode(model)` and its `state` "
-                    "(`pccore.wrap(eqx.nn.inference_mode(model), state)`) to run it frozen on "
-                    "its running averages."
+                    "(`inference=False`) inside a module of your own class. Training-mode "
+                    "BatchNorm trains in an eqx.nn.Sequential or a list of layers "
+                    "(`pccore.wrap(seq, state)`); for this class, pass "
+                    "`eqx.nn.inference_mode(model)` and its `state` to run it frozen on its "
+                    "running averages."
                 )
             if isinstance(sub, eqx.nn.StatefulLayer) and sub.is_stateful() and state is None:
                 raise UnsupportedLayerError(
@@ -110,6 +116,92 @@ def _run_group(group, x, state=None):
         else:
             x = layer(x)
     return x
+
+
+def _train_group(group, x, state, keys):
+    """A group's training forward on one sample: `keys[j]` for its `j`-th element, as
+    `eqx.nn.Sequential` splits its key; returns the output and the updated state."""
+    for layer, k in zip(group, keys):
+        if isinstance(layer, eqx.nn.StatefulLayer) and layer.is_stateful():
+            x, state = layer(x, state, key=k)
+        else:
+            x = layer(x, key=k)
+    return x, state
+
+
+class _Training(AbstractStatefulLayer):
+    """A group of Sequential elements with training-mode BatchNorm/Dropout.
+
+    Evaluation runs the group in inference mode on the held `eqx.nn.State`. Training runs it
+    as a native training loop does, `jax.vmap(seq, axis_name="batch", in_axes=(0, None, 0),
+    out_axes=(0, None))(z, state, jax.random.split(key, B))`: one key per sample, split over
+    the Sequential's `n` elements; this group's elements are `positions` among them.
+    """
+
+    train_static: Any = eqx.field(static=True)
+    eval_static: Any = eqx.field(static=True)
+    state: Any
+    positions: tuple[int, ...] = eqx.field(static=True)
+    n: int = eqx.field(static=True)
+    axis_name: Any = eqx.field(static=True)
+    stochastic: bool = eqx.field(static=True)
+
+    @property
+    def static(self) -> Any:
+        return self.eval_static
+
+    def __call__(self, params, z, x=None):
+        group = eqx.combine(params, self.eval_static)
+        return jax.vmap(lambda zi: _run_group(group, zi, self.state))(z)
+
+    def train(self, params, z, key, x=None):
+        group = eqx.combine(params, self.train_static)
+        idx = jnp.asarray(self.positions)
+
+        keys = None if key is None else jax.random.split(key, z.shape[0])
+        held = _clone(self.state)  # used once: a layer's update retires the State it gets
+
+        def one(zi, ki):
+            keys = [None] * len(self.positions) if ki is None else list(
+                jax.random.split(ki, self.n)[idx])
+            return _train_group(group, zi, held, keys)
+
+        y, state = jax.vmap(one, in_axes=(0, None if keys is None else 0), out_axes=(0, None),
+                            axis_name=self.axis_name)(z, keys)
+        return y, eqx.tree_at(lambda f: f.state, self, state) if self.state is not None else self
+
+
+def _trial_train(layers, params, in_shape, where: str) -> None:
+    """Trace the training forward once at wrap time (two samples, a key), so that an element
+    that cannot run it (a custom module without a `key` argument) fails here, named."""
+    x = jax.ShapeDtypeStruct((2, *in_shape.shape), in_shape.dtype)
+    key = jax.random.key(0)
+    for l, (f, p) in enumerate(zip(layers, params)):
+        try:
+            x = jax.eval_shape(lambda p, z: f.train(p, z, key)[0], p, x)
+        except Exception as e:
+            said = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(
+                f"`model`: the training forward of layer {l} (elements {list(f.positions)} of "
+                f"{where}) failed at wrap time: {said}. In training mode each element is called "
+                "as an eqx.nn.Sequential calls it, `element(x, state, key=key)` if it is "
+                "stateful, else `element(x, key=key)`, per sample under "
+                f"`jax.vmap(axis_name={f.axis_name!r})`; give your own elements a `key` "
+                "keyword argument, or pass `eqx.nn.inference_mode(model)`."
+            ) from e
+
+
+def _clone(state: Any) -> Any:
+    """A copy of an `eqx.nn.State` (None stays None)."""
+    if state is None:
+        return None
+    leaves, treedef = jtu.tree_flatten(state)
+    return jtu.tree_unflatten(treedef, leaves)
+
+
+def _state_indices(tree: Any) -> list[Any]:
+    return [i for i in jtu.tree_leaves(tree, is_leaf=lambda n: isinstance(n, eqx.nn.StateIndex))
+            if isinstance(i, eqx.nn.StateIndex)]
 
 
 def _check_float_arrays(items: Sequence[Any], where: str) -> None:
@@ -323,7 +415,13 @@ def _wrap_sequence(model, state=None, *, input_shape=None, dtype=None, boundarie
             f"`model` is an empty eqx.nn.Sequential; expected at least one layer with "
             "parameters, e.g. `eqx.nn.Sequential([eqx.nn.Linear(4, 3, key=key)])`."
         )
-    _check_stateless(items, where, state)
+    _check_stateless(items, where, state, training_ok=True)
+    state = _clone(state)  # the caller's State is retired when a native call updates it
+    subs = [sub for i, item in enumerate(items) for _, sub in _submodules(item, "")]
+    dropping = any(_is_dropping(sub) for sub in subs)
+    training = dropping or any(
+        isinstance(sub, eqx.nn.BatchNorm) and not sub.inference for sub in subs)
+    axis_names = {sub.axis_name for sub in subs if isinstance(sub, eqx.nn.BatchNorm)}
     for i, item in enumerate(items):
         if not callable(item):
             raise TypeError(f"`model`: {where}[{i}] is a {type(item).__name__}, not callable.")
@@ -344,7 +442,31 @@ def _wrap_sequence(model, state=None, *, input_shape=None, dtype=None, boundarie
             groups[-1].append(i)
     parts = [eqx.partition(tuple(items[j] for j in g), eqx.is_inexact_array) for g in groups]
     params = tuple(p for p, _ in parts)
-    if state is None:
+    restate = None
+    if training:
+        if len(axis_names) > 1:
+            raise ValueError(
+                f"`model`: its BatchNorms name different vmap axes {sorted(axis_names)}; "
+                "one batch axis is vmapped in training. Give them one `axis_name`."
+            )
+        axis = next(iter(axis_names), "batch")
+        evals = [eqx.partition(eqx.nn.inference_mode(tuple(items[j] for j in g)),
+                               eqx.is_inexact_array)[1] for g in groups]
+        layers = tuple(
+            _Training(s, ev, state, tuple(g), len(items), axis, dropping)
+            for g, (_, s), ev in zip(groups, parts, evals)
+        )
+        _trial_train(layers, params, _in_shape(items[0], input_shape, dtype, _dtype(model)), where)
+        if state is not None:
+            owned = [_state_indices(s) for _, s in parts]
+
+            def restate(fs):
+                out = _clone(state)  # State.set retires the object it is called on
+                for f, indices in zip(fs, owned):
+                    for i in indices:
+                        out = out.set(i, f.state.get(i))
+                return out
+    elif state is None:
         layers = tuple(_Pure(_run_group, s) for _, s in parts)
     else:
         layers = tuple(_Frozen(_run_group, s, state) for _, s in parts)
@@ -353,7 +475,7 @@ def _wrap_sequence(model, state=None, *, input_shape=None, dtype=None, boundarie
         "+".join(f"{j}:{type(items[j]).__name__}" for j in g) for g in groups
     )
 
-    def rebuild(new_params):
+    def rebuild(new_params, state=None):
         flat = list(items)
         for g, p, (_, s) in zip(groups, new_params, parts):
             for j, layer in zip(g, eqx.combine(p, s)):
@@ -372,6 +494,8 @@ def _wrap_sequence(model, state=None, *, input_shape=None, dtype=None, boundarie
         skips=(False,) * len(layers),
         framework="equinox",
         rebuild=rebuild,
+        training=training,
+        restate=restate,
     )
 
 

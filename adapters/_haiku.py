@@ -13,13 +13,15 @@ from pccore._adapter import AbstractAdapter, UnsupportedLayerError
 from pccore._model import PCModel
 
 from ._chain import (
-    ChainLayer,
+    chain_layers,
     discover,
     infer_input_shape,
     layer_names,
+    merged_state,
     owners_by_layer,
     recording,
     require_params,
+    state_layers,
     weight_specs,
     with_input_dtype,
 )
@@ -64,9 +66,15 @@ class HaikuAdapter(AbstractAdapter):
         (a transformer block building its attention mask from the tokens); it may not read
         another layer's output (a skip around a boundary).
     - `args`, `kwargs`: extra arguments of `f.apply` after the input, e.g. `args=(False,)`
-        for an `is_training` flag.
+        for an `is_training` flag: the evaluation call.
+    - `train_args`, `train_kwargs`: the training call's extra arguments (e.g.
+        `train_args=(True,)`), for train-mode hk.BatchNorm and hk.dropout. The model is then
+        in training mode (`model.training`): batch statistics and dropout masks (from the
+        step's `key`; `f` must take an `rng`) during inference, running averages updated
+        once per `train_step`, and `args`/`kwargs` for evaluation.
 
-    `unwrap()` returns the params dict, with the original structure and names.
+    `unwrap()` returns the params dict, with the original structure and names;
+    `unwrap_state()` the state, with the running averages as training left them.
     """
 
     name = "haiku"
@@ -88,9 +96,13 @@ class HaikuAdapter(AbstractAdapter):
         args: tuple = (),
         kwargs: dict | None = None,
         dtype: Any = None,
+        train_args: tuple | None = None,
+        train_kwargs: dict | None = None,
     ) -> PCModel:
         f = model
         kwargs = dict(kwargs or {})
+        training = train_args is not None or train_kwargs is not None
+        train_args, train_kwargs = tuple(train_args or ()), dict(train_kwargs or {})
         stateful = isinstance(f, hk.TransformedWithState)
         if variables is None:
             raise ValueError(
@@ -136,6 +148,19 @@ class HaikuAdapter(AbstractAdapter):
                 out = f.apply(*call, x, *args, **kwargs)
             return out[0] if stateful else out
 
+        def train_run(params, frozen, x, icpt, key):
+            def hk_icpt(nf, a, kw, ctx):
+                if ctx.method_name == "__init__":
+                    return nf(*a, **kw)
+                return icpt(ctx.module.module_name, ctx.method_name, nf, a, kw)
+
+            call = (params, frozen) if stateful else (params,)
+            if with_rng:
+                call = (*call, key)
+            with hk.intercept_methods(hk_icpt):
+                out = f.apply(*call, x, *train_args, **train_kwargs)
+            return out if stateful else (out, frozen)
+
         def refuse(e, where):
             msg = str(e)
             at = f"Haiku module {where!r}"
@@ -144,9 +169,10 @@ class HaikuAdapter(AbstractAdapter):
             if "rng" in msg.lower() or "prngkey" in msg.lower():
                 return UnsupportedLayerError(
                     f"`model`: {at} needs a random key (e.g. hk.dropout in "
-                    "training mode); a fresh mask at every inference step would make inference "
-                    "stochastic. Run it deterministically (e.g. `args=(False,)` for an "
-                    "`is_training` argument)."
+                    "training mode) in the call given by `args`/`kwargs`, which is the "
+                    "evaluation call. Pass the evaluation call there (e.g. `args=(False,)` for "
+                    "an `is_training` argument) and the training call as `train_args=(True,)`: "
+                    "dropout then draws one mask per training step from its `key`."
                 )
             if "Unable to retrieve parameter" in msg or "does not match shape" in msg:
                 return ValueError(
@@ -185,7 +211,13 @@ class HaikuAdapter(AbstractAdapter):
             raise _in_transform_error([n for n in plan.names if n in transformed])
         if stateful:
             _check_state_frozen(f, variables, state, in_shape, with_rng, args, kwargs)
-        layers = tuple(ChainLayer(i, plan, state) for i in range(len(plan.names)))
+        frozen = state if stateful else {}
+        owners: tuple[int, ...] = ()
+        stochastic = False
+        if training:
+            owners = state_layers(plan, frozen, _owner)
+            stochastic = _draws_random(f, variables, frozen, in_shape, with_rng, train_run)
+        layers = chain_layers(plan, frozen, train_run if training else None, owners, stochastic)
         params = plan.slicer.params
         return PCModel(
             layers=layers,
@@ -198,9 +230,31 @@ class HaikuAdapter(AbstractAdapter):
             ),
             skips=(False,) * len(layers),
             framework="haiku",
-            rebuild=plan.slicer.merge,
+            rebuild=(lambda p, state=None: plan.slicer.merge(p)) if training else plan.slicer.merge,
             reads_input=plan.reads_input,
+            training=training,
+            restate=(lambda fs: merged_state(fs, owners)) if training and stateful else None,
         )
+
+
+def _draws_random(f, params, frozen, in_shape, with_rng, train_run) -> bool:
+    """Whether the training call draws random numbers (hk.dropout): it fails without a key."""
+    x = jax.ShapeDtypeStruct((2, *in_shape.shape), in_shape.dtype)
+    try:
+        jax.eval_shape(lambda p, s, x: train_run(p, s, x, lambda n, m, nf, a, k: nf(*a, **k), None),
+                       params, frozen, x)
+    except Exception as e:
+        if "rng" not in str(e).lower() and "prngkey" not in str(e).lower():
+            raise
+        if not with_rng:
+            raise UnsupportedLayerError(
+                "`train_args`/`train_kwargs`: the training call draws random numbers (e.g. "
+                "hk.dropout), but `f.apply` takes no `rng` (hk.without_apply_rng). Transform "
+                "the model with `hk.transform_with_state(...)` or `hk.transform(...)` alone, "
+                "so that each training step can pass its key."
+            ) from e
+        return True
+    return False
 
 
 def _check_state_frozen(f, params, state, in_shape, with_rng, args, kwargs) -> None:
@@ -222,10 +276,11 @@ def _check_state_frozen(f, params, state, in_shape, with_rng, args, kwargs) -> N
         modules = sorted({c.split("/~/")[0] for c in changed})
         raise UnsupportedLayerError(
             f"`model`: Haiku module(s) {modules} update their state {changed} in the forward "
-            "pass (e.g. hk.BatchNorm with is_training=True). Predictive coding runs each layer "
-            "many times per step, so the state would be updated at every inference step. Run "
-            "them in inference mode (e.g. `args=(False,)` for an `is_training` argument) so that "
-            "the state stays frozen."
+            "pass given by `args`/`kwargs` (e.g. hk.BatchNorm with is_training=True), which is "
+            "the evaluation call. Pass the evaluation call there (e.g. `args=(False,)` for an "
+            "`is_training` argument) and, to train with batch statistics, the training call as "
+            "`train_args=(True,)`: the running averages are then updated once per training "
+            "step, at the equilibrium."
         )
 
 

@@ -14,14 +14,16 @@ from pccore._adapter import AbstractAdapter, UnsupportedLayerError
 from pccore._model import PCModel
 
 from ._chain import (
-    ChainLayer,
     _key,
+    chain_layers,
     discover,
     infer_input_shape,
     layer_names,
+    merged_state,
     owners_by_layer,
     recording,
     require_params,
+    state_layers,
     weight_specs,
     with_input_dtype,
 )
@@ -99,10 +101,19 @@ class LinenAdapter(AbstractAdapter):
         model input besides its own input (a transformer block building its attention mask
         from the tokens); it may not read another layer's output (a skip around a boundary).
     - `args`, `kwargs`: extra arguments of `module.apply` after the input, e.g.
-        `kwargs={"train": False}`.
+        `kwargs={"train": False}`: the evaluation call.
+    - `train_args`, `train_kwargs`: the training call's extra arguments (e.g.
+        `train_kwargs={"train": True}`), for nn.BatchNorm(use_running_average=False) and
+        nn.Dropout(deterministic=False). The model is then in training mode
+        (`model.training`): batch statistics and dropout masks (the `rng_names` streams,
+        from the step's `key`) during inference, the other collections (`batch_stats`)
+        updated once per `train_step`, and `args`/`kwargs` for evaluation.
+    - `rng_names`: the rng streams the training call draws from (default `("dropout",)`).
 
-    Only the `"params"` collection trains; other collections (`"batch_stats"`) are frozen.
-    `unwrap()` returns the variables in the original structure and mapping type.
+    Only the `"params"` collection trains; other collections (`"batch_stats"`) are frozen,
+    or, in training mode, updated once per training step. `unwrap()` returns the variables
+    in the original structure and mapping type (with the current `batch_stats`);
+    `unwrap_state()` the non-parameter collections alone.
     """
 
     name = "flax.linen"
@@ -123,9 +134,14 @@ class LinenAdapter(AbstractAdapter):
         args: tuple = (),
         kwargs: dict | None = None,
         dtype: Any = None,
+        train_args: tuple | None = None,
+        train_kwargs: dict | None = None,
+        rng_names: Sequence[str] = ("dropout",),
     ) -> PCModel:
         module = model
         kwargs = dict(kwargs or {})
+        training = train_args is not None or train_kwargs is not None
+        train_args, train_kwargs = tuple(train_args or ()), dict(train_kwargs or {})
         if not isinstance(variables, Mapping) or "params" not in variables:
             got = type(variables).__name__ if not isinstance(variables, Mapping) else list(variables)
             raise ValueError(
@@ -148,22 +164,45 @@ class LinenAdapter(AbstractAdapter):
             with nn.intercept_methods(ln_icpt):
                 return module.apply({"params": p, **fr}, x, *args, **kwargs)
 
+        def train_run(p, fr, x, icpt, key):
+            def ln_icpt(nf, a, kw, ctx):
+                m = ctx.module
+                if ctx.method_name in ("setup", "__post_init__") or m.scope is None:
+                    return nf(*a, **kw)
+                name = "/".join(str(s) for s in m.scope.path)
+                if not name:
+                    return nf(*a, **kw)
+                return icpt(name, ctx.method_name, nf, a, kw)
+
+            rngs = {} if key is None else {
+                n: key if i == 0 else jax.random.fold_in(key, i) for i, n in enumerate(rng_names)}
+            with nn.intercept_methods(ln_icpt):
+                if not fr:
+                    return module.apply({"params": p}, x, *train_args, rngs=rngs,
+                                        **train_kwargs), fr
+                out, new = module.apply({"params": p, **fr}, x, *train_args, rngs=rngs,
+                                        mutable=list(fr), **train_kwargs)
+            return out, {k: new[k] for k in fr}
+
         def refuse(e, where):
             if isinstance(e, flax.errors.ModifyScopeVariableError):
                 return UnsupportedLayerError(
                     f"`model`: Linen submodule {where!r} updates a variable in the forward pass "
                     f"({str(e).splitlines()[0]}), e.g. nn.BatchNorm with "
                     "use_running_average=False. Predictive coding runs each layer many times "
-                    "per step, so its statistics would be updated at every inference step. Run "
-                    "the module in eval mode (e.g. `kwargs={'train': False}`, or "
-                    "use_running_average=True) so that its state stays frozen."
+                    "per step, so its statistics would be updated at every inference step. "
+                    "`args`/`kwargs` are the evaluation call: pass e.g. "
+                    "`kwargs={'train': False}` there, and the training call as "
+                    "`train_kwargs={'train': True}` to train with batch statistics (running "
+                    "averages updated once per training step)."
                 )
             if isinstance(e, flax.errors.InvalidRngError):
                 return UnsupportedLayerError(
                     f"`model`: Linen submodule {where!r} needs a random key (e.g. nn.Dropout "
-                    "with deterministic=False); a fresh mask at every inference step would make "
-                    "inference stochastic. Run it deterministically (e.g. "
-                    "`kwargs={'train': False}` or deterministic=True)."
+                    "with deterministic=False) in the evaluation call given by `args`/`kwargs`. "
+                    "Pass e.g. `kwargs={'train': False}` there, and the training call as "
+                    "`train_kwargs={'train': True}`: dropout then draws one mask per training "
+                    "step from its `key`."
                 )
             if isinstance(e, flax.errors.ScopeParamShapeError | flax.errors.ScopeParamNotFoundError
                           | flax.errors.ScopeCollectionNotFound):
@@ -193,12 +232,17 @@ class LinenAdapter(AbstractAdapter):
 
         float_dtype = jnp.result_type(jax.tree_util.tree_leaves(params)[0])
         plan, in_shape = with_input_dtype(build, dtype, float_dtype)
-        layers = tuple(ChainLayer(i, plan, frozen) for i in range(len(plan.names)))
+        owners: tuple[int, ...] = ()
+        stochastic = False
+        if training:
+            owners = state_layers(plan, frozen, lambda ks: "/".join(str(k) for k in ks[1:-1]))
+            stochastic = _draws_random(train_run, params, frozen, in_shape)
+        layers = chain_layers(plan, frozen, train_run if training else None, owners, stochastic)
         per_layer = plan.slicer.params
 
-        def rebuild(new_params):
+        def rebuild(new_params, state=None):
             merged = plan.slicer.merge(new_params)
-            out = {**variables, "params": merged}
+            out = {**variables, **(state or {}), "params": merged}
             return out if type(variables) is dict else type(variables)(out)
 
         return PCModel(
@@ -212,4 +256,17 @@ class LinenAdapter(AbstractAdapter):
             framework="flax.linen",
             rebuild=rebuild,
             reads_input=plan.reads_input,
+            training=training,
+            restate=(lambda fs: merged_state(fs, owners)) if training and frozen else None,
         )
+
+
+def _draws_random(train_run, params, frozen, in_shape) -> bool:
+    """Whether the training call draws random numbers (nn.Dropout): it fails without rngs."""
+    x = jax.ShapeDtypeStruct((2, *in_shape.shape), in_shape.dtype)
+    try:
+        jax.eval_shape(lambda p, s, x: train_run(p, s, x, lambda n, m, nf, a, k: nf(*a, **k), None),
+                       params, frozen, x)
+    except flax.errors.InvalidRngError:
+        return True
+    return False

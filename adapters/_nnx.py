@@ -20,11 +20,13 @@ from pccore._adapter import AbstractAdapter, UnsupportedLayerError
 from pccore._model import PCModel
 
 from ._chain import (
-    ChainLayer,
+    chain_layers,
     discover,
     layer_names,
+    merged_state,
     owners_by_layer,
     require_params,
+    state_layers,
     weight_specs,
     with_input_dtype,
 )
@@ -75,24 +77,14 @@ def _patched(classes, ids: dict[int, str], icpt):
                     cls.__call__ = own
 
 
-def _check_modes(model) -> None:
-    for path, m in nnx.iter_modules(model):
-        where = _path_name(path) or type(model).__name__
-        if isinstance(m, nnx.BatchNorm) and not m.use_running_average:
-            raise UnsupportedLayerError(
-                f"`model`: NNX submodule {where!r} is nnx.BatchNorm in training mode "
-                "(use_running_average=False). Predictive coding runs each layer many times per "
-                "step: its batch statistics would be recomputed at every inference step and the "
-                "running-average updates would be lost on a temporary copy. Call `model.eval()` "
-                "before `pccore.wrap(model)` to run it frozen on its running averages."
-            )
-        if isinstance(m, nnx.Dropout) and not m.deterministic and m.rate > 0:
-            raise UnsupportedLayerError(
-                f"`model`: NNX submodule {where!r} is nnx.Dropout in training mode "
-                "(deterministic=False); run purely, it would reuse one dropout mask at every "
-                "inference step and training step. Call `model.eval()` before "
-                "`pccore.wrap(model)` to run it as the identity."
-            )
+def _training_layers(model) -> tuple[bool, bool]:
+    """Whether any nnx.BatchNorm or nnx.Dropout is in training mode, and whether a Dropout
+    with a positive rate is (it draws random masks)."""
+    bn = drop = False
+    for _, m in nnx.iter_modules(model):
+        bn |= isinstance(m, nnx.BatchNorm) and not m.use_running_average
+        drop |= isinstance(m, nnx.Dropout) and not m.deterministic and m.rate > 0
+    return bn or drop, drop
 
 
 _WATCHED = nnx.Any(nnx.BatchStat, nnx.RngState)
@@ -108,7 +100,7 @@ def _watched(m) -> dict:
 
 def _check_unchanged(m, before: dict, what: str) -> None:
     """Refuse a forward pass that draws random numbers or updates batch statistics: a call
-    argument (`deterministic=not train`) overrides the modes that `_check_modes` reads.
+    argument (`deterministic=not train`) overrides the modules' own modes.
     Values are tracers here, so a variable written by the call holds a new object."""
     changed = [
         f"{kind} {_path_name(path)!r}"
@@ -146,9 +138,14 @@ class NNXAdapter(AbstractAdapter):
     - `in_place`: if True, `unwrap()` writes the parameters into the user's module with
         `nnx.update` and returns it; by default it returns a new module.
 
-    Only `nnx.Param`s train; other state (BatchNorm statistics) is frozen. Training-mode
-    BatchNorm or Dropout is refused: call `model.eval()` first, and pass the call argument that
-    selects inference mode (`kwargs={"train": False}`) where the model takes one.
+    Only `nnx.Param`s train. A module in evaluation mode (`model.eval()`) runs its
+    BatchNorm statistics frozen. A module in training mode (`model.train()`: nnx.BatchNorm with
+    `use_running_average=False`, nnx.Dropout with `deterministic=False`) wraps in training
+    mode (`model.training`): batch statistics and dropout masks (drawn from the step's `key`)
+    during inference, BatchStats updated once per `train_step`, and an evaluation copy of the
+    module (`.eval()`) for evaluation. `unwrap()` returns the module, with the current
+    BatchStats; `unwrap_state()` its non-parameter state. Modes chosen by a call argument
+    (`deterministic=not train`) are not read: pass `kwargs` that select evaluation mode.
     """
 
     name = "flax.nnx"
@@ -177,7 +174,13 @@ class NNXAdapter(AbstractAdapter):
                 "without variables."
             )
         kwargs = dict(kwargs or {})
-        _check_modes(model)
+        training, stochastic = _training_layers(model)
+        train_graphdef = None
+        if training:  # layers are found on an evaluation copy; the module's own graph trains
+            train_graphdef = nnx.split(model, nnx.Param, ...)[0]
+            source = model
+            model = nnx.clone(model)
+            model.eval()
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         require_params(params, f"the NNX module {type(model).__name__}")
         leaves = jtu.tree_leaves(params)
@@ -192,6 +195,26 @@ class NNXAdapter(AbstractAdapter):
 
         def run(p, fr, x, icpt):
             return call(nnx.merge(graphdef, p, fr), x, icpt)
+
+        rng_kinds = [
+            (isinstance(v, nnx.RngKey), isinstance(v, nnx.RngCount))
+            for _, v in jtu.tree_flatten_with_path(
+                rest, is_leaf=lambda v: isinstance(v, nnx.Variable))[0]
+        ]
+
+        def train_run(p, fr, x, icpt, key):
+            leaves, tdef = jtu.tree_flatten(fr)
+            if key is not None:  # every RNG stream restarts from this step's key
+                if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+                    key = jax.random.wrap_key_data(key)
+                leaves = [
+                    jax.random.fold_in(key, k) if is_key else
+                    jnp.zeros_like(a) if is_count else a
+                    for k, (a, (is_key, is_count)) in enumerate(zip(leaves, rng_kinds))
+                ]
+            m = nnx.merge(train_graphdef, p, jtu.tree_unflatten(tdef, leaves))
+            out = call(m, x, icpt)
+            return out, nnx.split(m, nnx.Param, ...)[2]
 
         def checked(p, fr, x, icpt):  # wrap time: no random draws, no statistics updates
             m = nnx.merge(graphdef, p, fr)
@@ -248,15 +271,22 @@ class NNXAdapter(AbstractAdapter):
             )
 
         plan, in_shape = with_input_dtype(build, dtype, float_dtype)
-        layers = tuple(ChainLayer(i, plan, rest) for i in range(len(plan.names)))
+        owners: tuple[int, ...] = ()
+        if training:  # RNG streams are restarted from each step's key, never kept
+            owners = tuple(
+                -1 if any(kind) else o
+                for o, kind in zip(state_layers(plan, rest, lambda ks: _owner(ks)), rng_kinds))
+        layers = chain_layers(plan, rest, train_run if training else None, owners, stochastic)
         per_layer = plan.slicer.params
+        target = source if training else model
+        out_graphdef = train_graphdef if training else graphdef
 
-        def rebuild(new_params):
-            state = plan.slicer.merge(new_params)
+        def rebuild(new_params, state=None):
+            merged = plan.slicer.merge(new_params)
             if in_place:
-                nnx.update(model, state)
-                return model
-            return nnx.merge(graphdef, state, rest)
+                nnx.update(target, merged, *(() if state is None else (state,)))
+                return target
+            return nnx.merge(out_graphdef, merged, rest if state is None else state)
 
         return PCModel(
             layers=layers,
@@ -269,5 +299,7 @@ class NNXAdapter(AbstractAdapter):
             framework="flax.nnx",
             rebuild=rebuild,
             reads_input=plan.reads_input,
+            training=training,
+            restate=(lambda fs: merged_state(fs, owners)) if training else None,
         )
 

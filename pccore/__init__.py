@@ -46,6 +46,7 @@ from ._loss import MSE as MSE
 from ._loss import AbstractLoss as AbstractLoss
 from ._loss import CrossEntropy as CrossEntropy
 from ._model import AbstractPCModel as AbstractPCModel
+from ._model import AbstractStatefulLayer as AbstractStatefulLayer
 from ._model import PCModel as PCModel
 from ._model import WeightSpec as WeightSpec
 from ._parameterisation import NTP as NTP

@@ -7,6 +7,7 @@ from jaxtyping import Array, Float
 from ._check import check_data
 from ._custom_types import BatchArray
 from ._energy import PC, AbstractEnergy
+from ._model import PCModel
 
 
 class Evaluation(eqx.Module):
@@ -21,7 +22,8 @@ def evaluate(model, x: BatchArray, y: BatchArray, *, energy: AbstractEnergy = PC
 
     At test time a discriminative PC network's prediction is its feed-forward pass (with the
     output free, that is its equilibrium). `accuracy` compares `argmax` over the last axis
-    of prediction and target (one-hot `y`).
+    of prediction and target (one-hot `y`). A model in training mode is evaluated in
+    evaluation mode ([`pccore.PCModel.eval`][]: BatchNorm running averages, no dropout).
 
     **Arguments:** `model` a [`pccore.PCModel`][]; `x`, `y` a batch; `energy` supplies the
     loss and parameterisation (default [`pccore.PC`][] with MSE).
@@ -29,6 +31,8 @@ def evaluate(model, x: BatchArray, y: BatchArray, *, energy: AbstractEnergy = PC
     x, y = check_data(model, energy, x, y, scan_device=True)
     if x is None or y is None:
         raise ValueError("`evaluate` needs both `x` and `y`.")
+    if isinstance(model, PCModel) and model.training:
+        model = model.eval()
     return _evaluate(model, x, y, energy)
 
 

@@ -28,7 +28,7 @@ from ._custom_types import Activities, BatchArray, Params, Scalar
 from ._energy import PC, AbstractEnergy
 from ._infer import all_finite, check_solver, solve_raw, with_stability
 from ._init import AbstractInit, FeedForward
-from ._model import PCModel
+from ._model import AbstractStatefulLayer, PCModel
 from ._results import RESULTS
 from ._solution import SteadyState, TrainStats
 
@@ -81,6 +81,9 @@ def update(model, optim, opt_state, x, y, energy, solver, controller, t1, dt0, n
     the solver's first gradient, and a skipped update is an elementwise select fused into
     the optimiser's own update of each parameter.
     """
+    stateful = model.training and model.stateful
+    if stateful:  # one key for the masks of this step, fixed through inference and update
+        model, key = _with_step_key(model, energy, key)
     prepared = energy.prepare(model)
     z0 = energy.init(prepared, x, y, init, key)
     raw = solve_raw(prepared, z0, x, y, energy, solver, controller, t1, dt0, n, steady, None)
@@ -101,6 +104,8 @@ def update(model, optim, opt_state, x, y, energy, solver, controller, t1, dt0, n
     result = with_stability(result, e * B, e0)
     ok = (result != RESULTS.diverged) & jnp.isfinite(value)
     params, opt_state, ok = guarded_update(optim, grads, opt_state, model.params, ok)
+    if stateful:  # running averages: once per step, at the equilibrium, kept if updated
+        model = _updated_state(model, prepared, energy, z, x, ok)
     stats = TrainStats(
         loss=e0 / B,
         energy=e,
@@ -110,6 +115,37 @@ def update(model, optim, opt_state, x, y, energy, solver, controller, t1, dt0, n
         num_grad_evals=jnp.asarray(raw.evals, jnp.int32),
     )
     return model.with_params(params), opt_state, stats, z
+
+
+def _with_step_key(model: PCModel, energy: AbstractEnergy, key):
+    """The model with this step's key for its dropout masks, and the key left for the
+    initialiser (split off only when both need one)."""
+    if not isinstance(energy, PC):
+        raise TypeError(
+            f"`energy`: a model in training mode with BatchNorm or Dropout "
+            f"({', '.join(n for n, f in zip(model.names, model.layers) if isinstance(f, AbstractStatefulLayer))}) "
+            f"trains with pccore.PC (its running averages are updated from the chain of "
+            f"activities); got {type(energy).__name__}. Use `model.eval()` to run those layers "
+            "frozen with this energy."
+        )
+    if not model.stochastic:
+        return model, key
+    if key is None:
+        model._key(next(l for l, f in enumerate(model.layers)
+                        if isinstance(f, AbstractStatefulLayer) and f.stochastic))
+    step_key, init_key = jax.random.split(key)
+    return model.with_step_key(step_key), init_key
+
+
+def _updated_state(model: PCModel, prepared: PCModel, energy: PC, z, x, ok) -> PCModel:
+    """`model` (new parameters) with the layers' state updated from the equilibrium chain
+    (inputs `x, z_1, ..., z_{L-1}`, or `z_0, ...` with a free bottom), run through the
+    prepared model that inference used; the old state where the update was skipped."""
+    chain = energy._chain(z, x)
+    fresh = prepared.update_state(tuple(chain[: model.num_layers]), x)
+    keep = lambda new, old: jnp.where(ok, new, old) if eqx.is_array(new) else new
+    layers = jtu.tree_map(keep, fresh.layers, model.layers)
+    return dataclasses.replace(model, layers=layers, step_key=None)
 
 
 def guarded_update(optim, grads, opt_state, params, ok):
@@ -419,8 +455,17 @@ def train_step(
     remembered; each entry is released with its model, so an optimiser state you drop
     stays in memory only while the model returned with it is alive.
 
+    A model in training mode (`model.training`: train-mode BatchNorm or Dropout, see
+    [`pccore.AbstractStatefulLayer`][]) runs its training forward throughout the step: batch
+    statistics of the current activities, and dropout masks drawn once per step, from
+    `jax.random.split(key)[0]` (a random initialiser gets `[1]`), so inference descends one
+    fixed energy; pass a new `key` every step. Its running averages are then updated once, at
+    the equilibrium, with the parameters inference used, and returned in the model
+    ([`pccore.PCModel.unwrap_state`][]); they are kept unchanged when the update is skipped.
+
     **Arguments:** `model`, `x`, `y`, `energy` and the solver options as in
-    [`pccore.infer`][]; `optim` an optax optimiser for the parameters, `opt_state` its state.
+    [`pccore.infer`][]; `optim` an optax optimiser for the parameters, `opt_state` its state;
+    `key` for random initialisers and dropout masks.
 
     **Returns:** `(model, opt_state, stats)` with a [`pccore.TrainStats`][].
     """

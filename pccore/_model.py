@@ -5,12 +5,14 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+from equinox import AbstractVar
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._custom_types import Params
 
@@ -41,6 +43,44 @@ def matricise(w: Array, out_axis: int) -> Float[Array, "out in"]:
     """The weight `w` as a matrix in `(out, in)` layout (see [`pccore.WeightSpec`][])."""
     w = jnp.moveaxis(w, out_axis, 0)
     return w.reshape(w.shape[0], -1)
+
+
+class AbstractStatefulLayer(eqx.Module):
+    r"""A layer function whose training forward differs from its evaluation forward.
+
+    Train-mode BatchNorm normalises with the statistics of the batch it is given and updates
+    running averages; train-mode Dropout multiplies by a random mask. An adapter gives such a
+    layer as a subclass of this class, holding the layer's non-trainable state (the
+    framework's running averages) as arrays in its own fields.
+
+    - `layer(params_l, z)` (or `layer(params_l, z, x)` for a layer that reads the clamped
+        input) is the evaluation forward: running averages, no dropout. It is the plain
+        layer-function contract of [`pccore.PCModel`][].
+    - `layer.train(params_l, z, key, x)` is the training forward on the batch `z`: batch
+        statistics of `z`, dropout masks drawn from `key` (the same key gives the same
+        masks), and returns `(y, new_layer)` where `new_layer` holds the state updated from
+        this batch (the running averages after one more batch).
+
+    In a training step ([`pccore.train_step`][]) of a model in training mode
+    ([`pccore.PCModel.train`][]), every inference step and the parameter gradient run
+    `train` with one key per step, so inference descends one fixed energy: the masks are
+    fixed, and the batch statistics are those of the current activities (they couple the
+    samples of a batch, so a sample's energy depends on the others; batch invariance holds
+    in evaluation mode only). The state is updated once per step, at the equilibrium.
+    """
+
+    stochastic: AbstractVar[bool]
+    """Whether `train` draws random numbers from its key (Dropout); a layer with only batch
+    statistics needs no key."""
+
+    @abc.abstractmethod
+    def __call__(self, params: Params, z: Array, x: Array | None = None) -> Array:
+        """The evaluation forward (running averages, no dropout)."""
+
+    @abc.abstractmethod
+    def train(self, params: Params, z: Array, key: PRNGKeyArray | None,
+              x: Array | None = None) -> "tuple[Array, AbstractStatefulLayer]":
+        """The training forward on the batch `z`, and this layer with its state updated."""
 
 
 class AbstractPCModel(eqx.Module):
@@ -89,7 +129,19 @@ class PCModel(AbstractPCModel):
         such a model needs `x` (it cannot run with a free bottom). `()` (the default): no
         layer reads it.
     - `framework`: the adapter's name (`"equinox"`, `"haiku"`, ...).
-    - `rebuild`: `params -> native object`; use [`pccore.PCModel.unwrap`][].
+    - `rebuild`: `params -> native object`; use [`pccore.PCModel.unwrap`][]. For a model
+        with `restate`, it also takes `state=` (the native state form) and puts that state
+        into the object it returns where the framework keeps them together (Linen
+        variables, an NNX module).
+    - `training`: whether the [`pccore.AbstractStatefulLayer`][]s run their training
+        forward (batch statistics, dropout). Set by the adapter from the wrapped model's mode;
+        switch with [`pccore.PCModel.train`][] and [`pccore.PCModel.eval`][].
+    - `step_key`: the key of the current training step, from which the dropout masks are
+        drawn ([`pccore.train_step`][] sets it from its `key`); None outside a step.
+    - `restate`: `layers -> native state` (an `eqx.nn.State`, Haiku state, Linen's
+        non-parameter collections, NNX's non-parameter state) for a model whose layers
+        hold state that training updates; None for a model without state. Use
+        [`pccore.PCModel.unwrap_state`][].
     """
 
     layers: tuple[LayerFn, ...]
@@ -102,6 +154,9 @@ class PCModel(AbstractPCModel):
     framework: str = eqx.field(static=True)
     rebuild: Callable[[tuple[Params, ...]], Any] = eqx.field(static=True)
     reads_input: tuple[bool, ...] = eqx.field(static=True, default=())
+    training: bool = eqx.field(static=True, default=False)
+    step_key: PRNGKeyArray | None = None
+    restate: Callable[[tuple[LayerFn, ...]], Any] | None = eqx.field(static=True, default=None)
 
     def __check_init__(self):
         n = len(self.layers)
@@ -122,8 +177,68 @@ class PCModel(AbstractPCModel):
         return len(self.layers)
 
     def unwrap(self) -> Any:
-        """The user's own model object (same type and structure), with the current parameters."""
-        return self.rebuild(self.params)
+        """The user's own model object (same type and structure), with the current parameters
+        (and, where the framework keeps them in the same object, the current state)."""
+        if self.restate is None:
+            return self.rebuild(self.params)
+        return self.rebuild(self.params, state=self.unwrap_state())
+
+    def unwrap_state(self) -> Any:
+        """The model's non-trainable state in the framework's own form, as training left it
+        (BatchNorm running averages): an `eqx.nn.State`, Haiku state, Linen's non-parameter
+        collections (`{"batch_stats": ...}`) or NNX's non-parameter `nnx.State`. None for a
+        model without state."""
+        return None if self.restate is None else self.restate(self.layers)
+
+    @property
+    def stateful(self) -> bool:
+        """Whether a layer runs differently in training (a [`pccore.AbstractStatefulLayer`][])."""
+        return any(isinstance(f, AbstractStatefulLayer) for f in self.layers)
+
+    @property
+    def stochastic(self) -> bool:
+        """Whether a layer draws random numbers in training (Dropout), so that a training step
+        needs a key."""
+        return any(isinstance(f, AbstractStatefulLayer) and f.stochastic for f in self.layers)
+
+    def train(self, mode: bool = True) -> "PCModel":
+        """A copy whose [`pccore.AbstractStatefulLayer`][]s run their training forward (batch
+        statistics, dropout masks from the step's key); `mode=False` is
+        [`pccore.PCModel.eval`][]. A model without such layers is the same in both modes."""
+        return dataclasses.replace(self, training=bool(mode))
+
+    def eval(self) -> "PCModel":
+        """A copy in evaluation mode: running averages, no dropout (what
+        [`pccore.evaluate`][] uses)."""
+        return dataclasses.replace(self, training=False, step_key=None)
+
+    def with_step_key(self, key: PRNGKeyArray | None) -> "PCModel":
+        """A copy whose training-mode layers draw their masks from `key` (held fixed until the
+        next call: one key per training step)."""
+        return dataclasses.replace(self, step_key=key)
+
+    def update_state(self, inputs: tuple[Array, ...], x: Array | None = None) -> "PCModel":
+        r"""The model with each stateful layer's state updated from one batch: layer `l`'s
+        training forward on `inputs[l]` (its input activity, e.g. $z_{l-1}$ at the
+        equilibrium), with this model's step key. Stateless layers are kept."""
+        layers = list(self.layers)
+        for l, f in enumerate(self.layers):
+            if isinstance(f, AbstractStatefulLayer):
+                xin = x if (self.reads_input and self.reads_input[l]) else None
+                layers[l] = f.train(self.params[l], inputs[l], self._key(l), xin)[1]
+        return dataclasses.replace(self, layers=tuple(layers))
+
+    def _key(self, l: int) -> PRNGKeyArray | None:
+        f = self.layers[l]
+        if self.step_key is None and isinstance(f, AbstractStatefulLayer) and f.stochastic:
+            raise ValueError(
+                f"`key`: this model is in training mode and draws random numbers (Dropout) "
+                f"in layer {l} ({self.names[l]!r}), but it has no step key. Pass `key=` to `pccore.train_step` (a new key "
+                "every step, e.g. `jax.random.fold_in(key, step)`), use "
+                "`model.with_step_key(key)` to call the energy or `pccore.infer` yourself, or "
+                "`model.eval()` to run without dropout."
+            )
+        return self.step_key
 
     def with_params(self, params: tuple[Params, ...]) -> "PCModel":
         """A copy of this model with `params` in place of its parameters."""
@@ -160,12 +275,16 @@ class PCModel(AbstractPCModel):
         and ignored by the others.
         """
         p = self.params[l] if params is None else params
-        if self.reads_input and self.reads_input[l]:
-            if x is None:
-                raise ValueError(self._free_bottom_message(l))
-            out = self.layers[l](p, z, x)
+        f = self.layers[l]
+        reads = bool(self.reads_input and self.reads_input[l])
+        if reads and x is None:
+            raise ValueError(self._free_bottom_message(l))
+        if self.training and isinstance(f, AbstractStatefulLayer):
+            out = f.train(p, z, self._key(l), x if reads else None)[0]
+        elif reads:
+            out = f(p, z, x)
         else:
-            out = self.layers[l](p, z)
+            out = f(p, z)
         return out + z if self.skips[l] else out
 
     def _free_bottom_message(self, l: int) -> str:

@@ -111,12 +111,16 @@ def _trial_step(model: PCModel) -> None:
     y = jnp.zeros((1, *model.out_shapes[-1].shape), model.out_shapes[-1].dtype)
     optim = optax.sgd(0.0)
 
-    def step(model, x, y):
+    def step(model, x, y, key):
         return update(model, optim, optim.init(model.params), x, y, PC(), diffrax.Euler(),
-                      diffrax.ConstantStepSize(), 0.2, 0.1, 2, None, FeedForward(), None)[2]
+                      diffrax.ConstantStepSize(), 0.2, 0.1, 2, None, FeedForward(), key)[2]
 
+    # a training-mode model's masks come from the step's key; batch statistics need two samples
+    key = jax.random.key(0) if model.training and model.stochastic else None
+    if model.training and model.stateful:
+        x, y = (jnp.concatenate([a, a]) for a in (x, y))
     try:  # the model is an argument, as in train_step (its arrays are traced)
-        eqx.filter_eval_shape(eqx.filter_jit(step), model, x, y)
+        eqx.filter_eval_shape(eqx.filter_jit(step), model, x, y, key)
     except Exception as e:  # any framework's error: say what it means for PC, keep the cause
         said = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ValueError(

@@ -41,18 +41,28 @@ def test_batchnorm_inference_mode_runs_frozen_on_its_state():
     np.testing.assert_allclose(trained(_x()), jax.vmap(lambda xi: new(xi, state)[0])(_x()), rtol=1e-6)
 
 
-def test_training_mode_and_missing_state_are_refused():
+def _native_train(seq, state, x, key):
+    if state is not None:  # a native call retires the State it is given
+        state = jax.tree.unflatten(*reversed(jax.tree.flatten(state)))
+    keys = jax.random.split(key, x.shape[0])
+    out = jax.vmap(lambda xi, ki: seq(xi, state, key=ki) if state is not None else seq(xi, key=ki),
+                   axis_name="batch", out_axes=(0, None) if state is not None else 0)(x, keys)
+    return out[0] if state is not None else out
+
+
+def test_training_mode_trains_and_missing_state_is_refused():
     seq, state = _model()
-    with pytest.raises(pccore.UnsupportedLayerError,
-                       match=r"model.layers\[1\] is eqx.nn.BatchNorm in training"):
-        pccore.wrap(seq, state)
+    model = pccore.wrap(seq, state)
+    assert model.training and model.stochastic
+    key = jax.random.key(3)
+    np.testing.assert_allclose(model.with_step_key(key)(_x()), _native_train(seq, state, _x(), key),
+                               rtol=1e-6)
     no_dropout = eqx.tree_at(lambda m: m.layers[3], seq, eqx.nn.Dropout(0.5, inference=True))
     with pytest.raises(pccore.UnsupportedLayerError, match=r"model.layers\[1\] is a stateful BatchNorm"):
         pccore.wrap(eqx.nn.inference_mode(no_dropout, True))
     dropout_only = eqx.nn.Sequential([eqx.nn.Linear(4, 3, key=jax.random.key(0)), eqx.nn.Dropout(0.5)])
-    with pytest.raises(pccore.UnsupportedLayerError,
-                       match=r"model.layers\[1\] is eqx.nn.Dropout in training"):
-        pccore.wrap(dropout_only)
+    model = pccore.wrap(dropout_only)
+    assert model.training and model.stochastic and model.unwrap_state() is None
     with pytest.raises(TypeError, match="its eqx.nn.State"):
         pccore.wrap(eqx.nn.inference_mode(seq), {"not": "a state"})
 
@@ -67,21 +77,22 @@ class _Block(eqx.Module):
         return self.drop(jnp.tanh(self.lin(x)), key=key)
 
 
-def test_training_mode_layers_nested_in_modules_are_refused():
+def test_training_mode_layers_nested_in_elements_train_as_natively():
     k = jax.random.split(jax.random.key(0), 3)
     inner = eqx.nn.Sequential([eqx.nn.BatchNorm(6, "batch", mode="batch"), eqx.nn.Lambda(jnp.tanh)])
     seq, state = eqx.nn.make_with_state(eqx.nn.Sequential)(
         [eqx.nn.Linear(4, 6, key=k[0]), inner, eqx.nn.Linear(6, 3, key=k[1])])
-    with pytest.raises(pccore.UnsupportedLayerError,
-                       match=r"model.layers\[1\].layers\[0\] is eqx.nn.BatchNorm in training mode"):
-        pccore.wrap(seq, state)
-    with pytest.raises(pccore.UnsupportedLayerError, match=r"model\[1\].layers\[0\] is eqx.nn.BatchNorm"):
-        pccore.wrap(list(seq.layers), state)
+    key = jax.random.key(5)
+    for model in (pccore.wrap(seq, state), pccore.wrap(list(seq.layers), state)):
+        assert model.training and not model.stochastic
+        np.testing.assert_allclose(model.with_step_key(key)(_x()),
+                                   _native_train(seq, state, _x(), key), rtol=1e-6)
     blocks = eqx.nn.Sequential([_Block(eqx.nn.Linear(4, 6, key=k[0]), eqx.nn.Dropout(0.5)),
                                 eqx.nn.Linear(6, 3, key=k[2])])
-    with pytest.raises(pccore.UnsupportedLayerError,
-                       match=r"model.layers\[0\].drop is eqx.nn.Dropout in training mode"):
-        pccore.wrap(blocks)
+    model = pccore.wrap(blocks, input_shape=(4,))
+    assert model.stochastic
+    np.testing.assert_allclose(model.with_step_key(key)(_x()), _native_train(blocks, None, _x(), key),
+                               rtol=1e-6)
     # in inference mode the same nested model is accepted and matches the native forward
     inf = eqx.nn.inference_mode(blocks)
     np.testing.assert_allclose(pccore.wrap(inf, input_shape=(4,))(_x()), jax.vmap(inf)(_x()), rtol=1e-6)

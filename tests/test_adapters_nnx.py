@@ -53,15 +53,19 @@ def test_in_place_update_after_training():
     np.testing.assert_allclose(m(_x()), model(_x()), rtol=1e-6)
 
 
-def test_batchnorm_and_dropout_need_eval_mode():
+def test_batchnorm_and_dropout_train_in_training_mode_and_run_frozen_in_eval_mode():
+    """Training mode is read from the modules (tested against hand-written energies in
+    test_train_mode.py); in eval mode the running averages are frozen."""
     rngs = nnx.Rngs(0)
     m = nnx.Sequential(nnx.Linear(4, 6, rngs=rngs), nnx.BatchNorm(6, rngs=rngs), jnp.tanh,
                        nnx.Dropout(0.5, rngs=rngs), nnx.Linear(6, 3, rngs=rngs))
-    with pytest.raises(pccore.UnsupportedLayerError, match=r"'layers/1' is nnx.BatchNorm.*model.eval\(\)"):
-        pccore.wrap(m)
+    wrapped = pccore.wrap(m)
+    assert wrapped.training and wrapped.stochastic
     m.layers[1].eval()
-    with pytest.raises(pccore.UnsupportedLayerError, match=r"'layers/3' is nnx.Dropout.*model.eval\(\)"):
-        pccore.wrap(m)
+    wrapped = pccore.wrap(m)
+    assert wrapped.training and wrapped.stochastic  # the dropout still trains
+    m.layers[3].eval()
+    assert not pccore.wrap(m).training
     m(3.0 + _x())  # no-op for the statistics in eval mode; set them by hand instead
     m.layers[1].mean[...] = jnp.arange(6.0) / 6
     m.layers[1].var[...] = 1.0 + jnp.arange(6.0)

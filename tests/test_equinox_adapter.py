@@ -89,9 +89,14 @@ def test_weight_specs_locate_weights(getkey):
     np.testing.assert_array_equal(W, model.params[1][0].weight)
 
 
-def test_refuses_training_mode_layers(getkey):
-    with pytest.raises(pccore.UnsupportedLayerError, match=r"model\[1\] is eqx.nn.Dropout"):
-        pccore.wrap([eqx.nn.Linear(4, 4, key=getkey()), eqx.nn.Dropout(0.5),
-                     eqx.nn.Linear(4, 2, key=getkey())])
+def test_training_mode_dropout_needs_a_step_key(getkey):
+    model = pccore.wrap([eqx.nn.Linear(4, 4, key=getkey()), eqx.nn.Dropout(0.5),
+                         eqx.nn.Linear(4, 2, key=getkey())])
+    assert model.training and model.stochastic
+    with pytest.raises(ValueError, match=r"`key`: this model is in training mode"):
+        model(jnp.ones((2, 4)))
+    np.testing.assert_allclose(model.eval()(jnp.ones((2, 4))),
+                               jax.vmap(eqx.nn.inference_mode(eqx.nn.Sequential(
+                                   list(model.unwrap()))))(jnp.ones((2, 4))), rtol=1e-6)
     with pytest.raises(ValueError, match=r"`input_shape`: cannot infer"):
         pccore.wrap([eqx.nn.Conv2d(1, 2, 3, key=getkey())])
