@@ -199,9 +199,16 @@ def _clone(state: Any) -> Any:
     return jtu.tree_unflatten(treedef, leaves)
 
 
-def _state_indices(tree: Any) -> list[Any]:
-    return [i for i in jtu.tree_leaves(tree, is_leaf=lambda n: isinstance(n, eqx.nn.StateIndex))
-            if isinstance(i, eqx.nn.StateIndex)]
+def _state_owners(state: Any, groups: Sequence[Any]) -> tuple[int, ...]:
+    """Per leaf of `state`, the group whose layers hold its `eqx.nn.StateIndex` (-1: none)."""
+    where = {id(a): k for k, a in enumerate(jtu.tree_leaves(state))}
+    owners = [-1] * len(where)
+    for g, group in enumerate(groups):
+        for index in jtu.tree_leaves(group, is_leaf=lambda n: isinstance(n, eqx.nn.StateIndex)):
+            if isinstance(index, eqx.nn.StateIndex):
+                for a in jtu.tree_leaves(state.get(index)):
+                    owners[where[id(a)]] = g
+    return tuple(owners)
 
 
 def _check_float_arrays(items: Sequence[Any], where: str) -> None:
@@ -458,14 +465,13 @@ def _wrap_sequence(model, state=None, *, input_shape=None, dtype=None, boundarie
         )
         _trial_train(layers, params, _in_shape(items[0], input_shape, dtype, _dtype(model)), where)
         if state is not None:
-            owned = [_state_indices(s) for _, s in parts]
+            owners = _state_owners(state, [s for _, s in parts])
 
             def restate(fs):
-                out = _clone(state)  # State.set retires the object it is called on
-                for f, indices in zip(fs, owned):
-                    for i in indices:
-                        out = out.set(i, f.state.get(i))
-                return out
+                per_layer = [jtu.tree_leaves(f.state) for f in fs]
+                leaves, treedef = jtu.tree_flatten(fs[0].state)
+                return jtu.tree_unflatten(
+                    treedef, [per_layer[max(o, 0)][k] for k, o in enumerate(owners)])
     elif state is None:
         layers = tuple(_Pure(_run_group, s) for _, s in parts)
     else:

@@ -503,3 +503,118 @@ def test_nnx_resnet_skip_around_a_boundary_is_refused():
                              r"parameters of layer 0 \('stem'\) besides its own input"):
         pccore.wrap(_nnx_setup(), input_shape=(8, 8, 1),
                     boundaries=["stem", "blocks/0/conv_0", "blocks/0/conv_1", "head"])
+
+
+# -- the same ResNets in training mode (train-mode BatchNorm) --------------------------------
+#
+# Oracle: with `y` the network's own training-mode output, the feed-forward activities are the
+# equilibrium (every error is zero), so one training step must leave the parameters as they
+# are and update every running average exactly as one native training-mode forward does.
+
+
+def _at_the_feed_forward_equilibrium(model, x):
+    y = model(x)  # training mode: batch statistics
+    optim = optax.sgd(0.1)
+    trained, _, stats = pccore.train_step(model, optim, optim.init(model.params), x=x, y=y)
+    assert bool(stats.updated) and float(stats.energy) < 1e-20
+    for a, b in zip(jax.tree_util.tree_leaves(trained.params), jax.tree_util.tree_leaves(model.params)):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-14)  # gradients of rounding errors
+    return y, trained
+
+
+@pytest.mark.slow
+def test_hk_resnet_in_training_mode_updates_state_as_the_native_training_forward(x64):
+    f, params, state = _hk_setup(jnp.float64)
+    model = pccore.wrap(f, params, state=state, args=(False,), train_args=(True,),
+                        input_shape=(8, 8, 1), boundaries=HK_BOUNDARIES)
+    assert model.training and not model.stochastic
+    x = _digits(16)[0].astype(jnp.float64)
+    native_y, native_state = f.apply(params, state, None, x, True)
+    y, trained = _at_the_feed_forward_equilibrium(model, x)
+    np.testing.assert_allclose(y, native_y, **TOL)
+    got = trained.unwrap_state()
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got),
+                            jax.tree_util.tree_leaves(native_state)):
+        np.testing.assert_allclose(a, b, **TOL, err_msg=jax.tree_util.keystr(path))
+    assert _changed(got, state)
+    np.testing.assert_allclose(trained.eval()(x), f.apply(params, got, None, x, False)[0], **TOL)
+
+
+@pytest.mark.slow
+def test_linen_resnet_in_training_mode_updates_batch_stats_as_the_native_training_forward(x64):
+    net, v = _ln_setup(jnp.float64)
+    model = pccore.wrap(net, v, kwargs={"train": False}, train_kwargs={"train": True},
+                        input_shape=(8, 8, 1), boundaries=LN_BOUNDARIES)
+    x = _digits(16)[0].astype(jnp.float64)
+    native_y, upd = net.apply(v, x, True, mutable=["batch_stats"])
+    y, trained = _at_the_feed_forward_equilibrium(model, x)
+    np.testing.assert_allclose(y, native_y, **TOL)
+    back = trained.unwrap()
+    for a, b in zip(jax.tree_util.tree_leaves(back["batch_stats"]),
+                    jax.tree_util.tree_leaves(upd["batch_stats"])):
+        np.testing.assert_allclose(a, b, **TOL)
+    np.testing.assert_allclose(trained.eval()(x), net.apply(back, x, False), **TOL)
+
+
+@pytest.mark.slow
+def test_nnx_resnet_in_training_mode_updates_batch_stats_as_the_native_training_forward(x64):
+    net = _nnx_setup(jnp.float64)
+    net.train()
+    model = pccore.wrap(net, input_shape=(8, 8, 1), boundaries=NNX_BOUNDARIES)
+    x = _digits(16)[0].astype(jnp.float64)
+    y, trained = _at_the_feed_forward_equilibrium(model, x)
+    native = nnx.clone(net)
+    np.testing.assert_allclose(y, native(x), **TOL)  # updates `native`'s statistics once
+    back = trained.unwrap()
+    for a, b in zip(jax.tree_util.tree_leaves(nnx.state(back, nnx.BatchStat)),
+                    jax.tree_util.tree_leaves(nnx.state(native, nnx.BatchStat))):
+        np.testing.assert_allclose(a, b, **TOL)
+    back.eval()
+    np.testing.assert_allclose(trained.eval()(x), back(x), **TOL)
+
+
+class NnxCNN(nnx.Module):
+    """The NNX MNIST tutorial's shape: conv, BatchNorm, pool; conv, BatchNorm, pool; Dropout,
+    dense, dense."""
+
+    def __init__(self, rngs):
+        self.conv1 = nnx.Conv(1, 8, (3, 3), rngs=rngs)
+        self.bn1 = nnx.BatchNorm(8, rngs=rngs)
+        self.conv2 = nnx.Conv(8, 8, (3, 3), rngs=rngs)
+        self.bn2 = nnx.BatchNorm(8, rngs=rngs)
+        self.dropout = nnx.Dropout(0.2, rngs=rngs)
+        self.linear1 = nnx.Linear(2 * 2 * 8, 32, rngs=rngs)
+        self.linear2 = nnx.Linear(32, 10, rngs=rngs)
+
+    def __call__(self, x):
+        pool = lambda h: nnx.avg_pool(h, (2, 2), (2, 2))
+        x = pool(nnx.relu(self.bn1(self.conv1(x))))
+        x = pool(nnx.relu(self.bn2(self.conv2(x))))
+        x = self.dropout(x.reshape(x.shape[0], -1))
+        return self.linear2(nnx.relu(self.linear1(x)))
+
+
+@pytest.mark.slow
+def test_nnx_cnn_with_batchnorm_and_dropout_trains_on_digits():
+    net = NnxCNN(nnx.Rngs(0))
+    net.train()
+    model = pccore.wrap(net, input_shape=(8, 8, 1),
+                        boundaries=["conv1", "conv2", "linear1", "linear2"])
+    assert model.training and model.stochastic
+    x, y, xt, yt = _digits()
+    energy = pccore.PC(loss=pccore.CrossEntropy())
+    opt = optax.adam(3e-3)
+    opt_state = opt.init(model.params)
+    key = jax.random.key(0)
+    for epoch in range(4):
+        for i in range(0, len(x) - 63, 64):
+            key, sub = jax.random.split(key)
+            model, opt_state, stats = pccore.train_step(
+                model, opt, opt_state, x=x[i:i + 64], y=y[i:i + 64], energy=energy, key=sub)
+            assert bool(stats.updated)
+    acc = float(pccore.evaluate(model, xt, yt, energy=energy).accuracy)
+    assert acc > 0.6, acc  # chance is 0.1
+    back = trained_module = model.unwrap()
+    assert type(back) is NnxCNN and not trained_module.bn1.use_running_average
+    back.eval()
+    np.testing.assert_allclose(model.eval()(xt), back(xt), rtol=1e-5, atol=1e-5)

@@ -411,3 +411,26 @@ def test_training_mode_errors_are_clear(x64):
         pccore.wrap(f, params, args=(False,), train_args=(True,))
     with pytest.raises(pccore.UnsupportedLayerError, match=r"needs a random key .* `train_args=\(True,\)`"):
         pccore.wrap(hk.transform(fwd), params, args=(True,))
+
+
+@pytest.mark.parametrize("framework", ["equinox", "flax.nnx"])
+def test_checkpoints_keep_the_running_averages(x64, tmp_path, framework):
+    """The state lives in the model's layers, so a checkpoint holds it: a restored model
+    resumes bitwise (its state arrays, then one more step)."""
+    x, y = _data()
+    optim = optax.adam(1e-2)
+    model = BUILD[framework]()
+    opt_state = optim.init(model.params)
+    model, opt_state, _ = pccore.train_step(model, optim, opt_state, x=x, y=y)
+    pccore.save_checkpoint(tmp_path / "c", model=model, opt_state=opt_state, step=1)
+    fresh = BUILD[framework]()
+    ckpt = pccore.restore_checkpoint(tmp_path / "c", model=fresh,
+                                     opt_state=optim.init(fresh.params))
+    data = lambda t: [jax.random.key_data(a) if jnp.issubdtype(a.dtype, jax.dtypes.prng_key) else a
+                      for a in jax.tree.leaves(t)]
+    for a, b in zip(data(ckpt.model.unwrap_state()), data(model.unwrap_state())):
+        np.testing.assert_array_equal(a, b)
+    once, _, _ = pccore.train_step(model, optim, opt_state, x=x, y=y)
+    again, _, _ = pccore.train_step(ckpt.model, optim, ckpt.opt_state, x=x, y=y)
+    for a, b in zip(data((once.params, once.layers)), data((again.params, again.layers))):
+        np.testing.assert_array_equal(a, b)
