@@ -540,3 +540,35 @@ class GRUNoCall(eqx.Module):
 
     def __call__(self, xs):
         return jnp.zeros(self.cell.hidden_size) + xs.sum()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["gru", "vit"])
+def test_gru_and_vit_train_on_digits(kind):
+    """The GRU reads an image's 8 rows as a sequence; the ViT its four 4x4 patches. Both
+    train above chance (0.1), and `unwrap()` gives the class whose forward equals pccore's."""
+    data = pccore.datasets.load_digits()
+    x, y = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
+    xt, yt = jnp.asarray(data.x_test), jnp.asarray(data.y_test)
+    if kind == "gru":
+        net = SeqClassifier(jax.random.key(0), n_in=8, hidden=32, n_out=10)
+        model = pccore.wrap(net, boundaries=["rnn", "head"], input_shape=(8, 8))
+        shape = (-1, 8, 8)
+    else:
+        net = ViT(jax.random.key(0), classes=10)
+        model = pccore.wrap(net, boundaries=["blocks[0]", "blocks[1]", "head"],
+                            input_shape=(1, 8, 8))
+        shape = (-1, 1, 8, 8)
+    x, xt = x.reshape(shape), xt.reshape(shape)
+    energy = pccore.PC(loss=pccore.CrossEntropy())
+    opt = optax.adam(3e-3)
+    opt_state = opt.init(model.params)
+    for epoch in range(8):
+        for i in range(0, len(x) - 63, 64):
+            model, opt_state, stats = pccore.train_step(
+                model, opt, opt_state, x=x[i:i + 64], y=y[i:i + 64], energy=energy, dt0=0.05)
+    acc = float(pccore.evaluate(model, xt, yt, energy=energy).accuracy)
+    assert acc > 0.5, acc  # chance is 0.1
+    back = model.unwrap()
+    assert type(back) is type(net)
+    np.testing.assert_allclose(jax.vmap(back)(xt), model(xt), rtol=1e-5, atol=1e-5)

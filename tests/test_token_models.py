@@ -447,3 +447,27 @@ def test_haiku_lm_learns_a_repeating_pattern_with_train_step():
                                                 t1=1.0, dt0=0.2)
     acc = float(pccore.evaluate(model, x_test, y_test, energy=CE).accuracy)
     assert acc > max(0.9, before + 0.3), (before, acc)  # chance is 1/4 over the 4 live tokens
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("framework", ["flax.linen", "flax.nnx"])
+def test_linen_and_nnx_lms_learn_the_repeating_pattern(framework):
+    """The next token is determined by the current one: above the unigram baseline (1/4
+    over the four live tokens), and the unwrapped model predicts as pccore does."""
+    if framework == "flax.linen":
+        m, v = _linen()
+        model = pccore.wrap(m, v, input_shape=(S,), boundaries=["embed", "block_0", "block_1", "head"])
+        native = lambda back, x: m.apply(back, x)
+    else:
+        model = pccore.wrap(_NnxLM(nnx.Rngs(0)), input_shape=(S,), boundaries=NNX_BOUNDARIES)
+        native = lambda back, x: back(x)
+    opt = optax.adam(3e-3)
+    state = opt.init(model.params)
+    x_test, y_test = _pattern_batch(jax.random.key(99), 64)
+    for step in range(150):
+        x, y = _pattern_batch(jax.random.key(step), 32)
+        model, state, stats = pccore.train_step(model, opt, state, x=x, y=y, energy=CE,
+                                                t1=1.0, dt0=0.2)
+    acc = float(pccore.evaluate(model, x_test, y_test, energy=CE).accuracy)
+    assert acc > 0.9, acc
+    np.testing.assert_allclose(native(model.unwrap(), x_test), model(x_test), rtol=1e-5, atol=1e-5)
