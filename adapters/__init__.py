@@ -7,13 +7,18 @@ imported by the user (a Haiku object cannot exist before `haiku` is imported), s
 
 ```toml
 [project.entry-points."pccore.adapters"]
-toyfw = "toyfw_pc:ToyAdapter"   # name = the framework's top-level module
+toyfw = "toyfw_pc:ToyAdapter"   # name = the framework's module (its full dotted path)
 ```
+
+The adapter is tried once the module its name gives is imported (`jax.example_libraries`
+waits for that submodule, not for `jax`). A plugin that fails to import is skipped with a
+warning naming it; the other adapters keep working.
 """
 
 import dataclasses
 import importlib
 import sys
+import warnings
 from importlib.metadata import entry_points
 from typing import Any
 
@@ -30,6 +35,7 @@ class _Entry:
     framework_module: str
     adapter: AbstractAdapter | str
     priority: int | None  # None: the adapter's own, read when it is first imported
+    broken: bool = False  # failed to import: skipped (warned once)
 
 
 _REGISTRY: dict[str, _Entry] = {}
@@ -51,12 +57,14 @@ def register(
     - `name`: a unique name for the adapter.
     - `adapter`: an [`pccore.adapters.AbstractAdapter`][] instance, or a
         `"package.module:attribute"` path to one (or to its class), imported on first use.
-    - `framework_module`: the framework's top-level module; the adapter is only tried once
+    - `framework_module`: the framework's module (a dotted path); the adapter is only tried once
         it is in `sys.modules`. Read from the adapter when it is an instance.
     - `priority`: higher is tried first (default: the adapter's own `priority` class
         attribute; for a path, read when its framework has been imported).
-    - `override`: replace an adapter already registered under `name`.
+    - `override`: replace an adapter already registered under `name` (also one declared as
+        an entry point, before or after entry points are read).
     """
+    _load_entry_points()
     if name in _REGISTRY and not override:
         raise ValueError(
             f"an adapter named {name!r} is already registered; pass `override=True` to "
@@ -82,7 +90,8 @@ def register(
 
 
 def unregister(name: str) -> None:
-    """Remove the adapter registered under `name`."""
+    """Remove the adapter registered under `name` (also one declared as an entry point)."""
+    _load_entry_points()
     if name not in _REGISTRY:
         raise KeyError(f"no adapter named {name!r}; registered: {sorted(_REGISTRY)}.")
     del _REGISTRY[name]
@@ -101,7 +110,7 @@ def _load_entry_points() -> None:
     _ENTRY_POINTS_LOADED = True
     for ep in entry_points(group="pccore.adapters"):  # reading them imports nothing
         if ep.name not in _REGISTRY:
-            register(ep.name, ep.value, framework_module=ep.name.split(".")[0])
+            _REGISTRY[ep.name] = _Entry(ep.name, ep.name, ep.value, None)
 
 
 def _instantiate(entry: _Entry) -> AbstractAdapter:
@@ -120,18 +129,35 @@ def _instantiate(entry: _Entry) -> AbstractAdapter:
     return entry.adapter
 
 
+def _usable(entry: _Entry) -> AbstractAdapter | None:
+    """The entry's adapter, or None (and one warning) if it cannot be imported: one broken
+    plugin must not stop the other frameworks from wrapping."""
+    try:
+        return _instantiate(entry)
+    except Exception as e:
+        entry.broken = True
+        warnings.warn(
+            f"pccore adapter {entry.name!r} ({entry.adapter}) failed to load and is skipped: "
+            f"{type(e).__name__}: {e}. Fix or uninstall the package that provides it, or "
+            f"`pccore.adapters.unregister({entry.name!r})`.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+
+
 def get_adapter(model: Any) -> AbstractAdapter:
     """The registered adapter that handles `model` (highest priority first)."""
     _load_entry_points()
-    loaded = [e for e in _REGISTRY.values() if e.framework_module in sys.modules]
+    loaded = [e for e in _REGISTRY.values() if e.framework_module in sys.modules and not e.broken]
     for entry in loaded:  # an adapter registered by path, without `priority`, has its own
         if entry.priority is None:
-            _instantiate(entry)
+            _usable(entry)
     checked = []
-    for entry in sorted(loaded, key=lambda e: -e.priority):
+    for entry in sorted((e for e in loaded if not e.broken), key=lambda e: -(e.priority or 0)):
         checked.append(entry.name)
-        adapter = _instantiate(entry)
-        if adapter.matches(model):
+        adapter = _usable(entry)
+        if adapter is not None and adapter.matches(model):
             return adapter
     kind = f"{type(model).__module__}.{type(model).__qualname__}"
     raise TypeError(

@@ -132,7 +132,7 @@ def test_adapter_registered_by_path_keeps_its_own_priority(clean_registry, monke
     elif how == "path":
         adapters.register("claims", path, framework_module="equinox")
     elif how == "entry point":
-        ep = EntryPoint(name="equinox.claims", value=path, group="pccore.adapters")
+        ep = EntryPoint(name="equinox.nn", value=path, group="pccore.adapters")  # a module
         monkeypatch.setattr(adapters, "entry_points", lambda group: [ep])
     else:  # an explicit `priority` below the built-in's still loses to it
         adapters.register("claims", path, framework_module="equinox", priority=-1)
@@ -141,3 +141,50 @@ def test_adapter_registered_by_path_keeps_its_own_priority(clean_registry, monke
     assert adapters.get_adapter(seq).name == expected
     x = jnp.ones((2, 4))
     np.testing.assert_allclose(pccore.wrap(seq)(x), jax.vmap(seq)(x), rtol=1e-6)
+
+
+def _eqx_mlp():
+    return eqx.nn.MLP(4, 3, 6, 1, key=jax.random.key(0))
+
+
+def test_a_plugin_that_fails_to_import_is_skipped_with_a_warning(clean_registry, monkeypatch):
+    adapters.unregister("equinox")  # a plugin will take the name of a built-in...
+    adapters.register("equinox.builtin", "pccore.adapters._equinox:EquinoxAdapter",
+                      framework_module="equinox", priority=0)  # ...which stays under another
+    ep = EntryPoint(name="equinox", value="tests._no_such_plugin:Adapter", group="pccore.adapters")
+    monkeypatch.setattr(adapters, "entry_points", lambda group: [ep])
+    monkeypatch.setattr(adapters, "_ENTRY_POINTS_LOADED", False)
+    with pytest.warns(RuntimeWarning, match=r"pccore adapter 'equinox' \(tests._no_such_plugin:Adapter\) "
+                                            r"failed to load and is skipped: ModuleNotFoundError"):
+        model = pccore.wrap(_eqx_mlp())
+    x = jax.random.normal(jax.random.key(1), (2, 4))
+    np.testing.assert_allclose(model(x), jax.vmap(_eqx_mlp())(x), rtol=1e-6)
+    import warnings
+    with warnings.catch_warnings():  # warned once: the broken plugin is not retried
+        warnings.simplefilter("error")
+        pccore.wrap(_eqx_mlp())
+
+
+def test_entry_points_are_gated_by_their_full_module_path(clean_registry, monkeypatch):
+    """A plugin for `jax.example_libraries` is not imported because `jax` is."""
+    ep = EntryPoint(name="jax.example_libraries_never_imported", value="tests._no_such_plugin:A",
+                    group="pccore.adapters")
+    monkeypatch.setattr(adapters, "entry_points", lambda group: [ep])
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # never tried, so never warned about
+        assert pccore.wrap(_eqx_mlp()).framework == "equinox"
+    assert "jax.example_libraries_never_imported" in adapters.registered()
+
+
+def test_unregister_and_override_work_before_and_after_entry_points_load(clean_registry, monkeypatch):
+    ep = EntryPoint(name="tests", value="tests.toy_adapter:PairsAdapter", group="pccore.adapters")
+    monkeypatch.setattr(adapters, "entry_points", lambda group: [ep])
+    adapters.unregister("tests")  # before they are read: no KeyError
+    assert "tests" not in adapters.registered()
+    monkeypatch.setattr(adapters, "_ENTRY_POINTS_LOADED", False)
+    adapters.register("tests", toy_adapter.PairsAdapter(), override=True)  # before: replaces it
+    assert adapters._REGISTRY["tests"].adapter.__class__ is toy_adapter.PairsAdapter
+    adapters.register("tests", "tests.toy_adapter:PairsAdapter", framework_module="tests",
+                      override=True)  # after: replaces it again
+    assert isinstance(adapters._REGISTRY["tests"].adapter, str)
