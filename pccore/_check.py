@@ -327,9 +327,13 @@ def thread_error(result, tree, bad):
     through one scalar instead, and make `tree` depend on it with an exact `- 0.0`.
     """
     token = result.error_if(jnp.zeros((), jnp.int32), bad)
-    return jtu.tree_map(
-        lambda a: a - token.astype(a.dtype) if eqx.is_inexact_array(a) else a, tree
-    )
+
+    def thread(a):
+        if not eqx.is_array(a) or not (jnp.issubdtype(a.dtype, jnp.number)):
+            return a  # booleans, keys and non-arrays pass as they are
+        return a - token.astype(a.dtype)
+
+    return jtu.tree_map(thread, tree)
 
 
 def check_option(owner: str, name: str, value: Any, *, strict: bool = False) -> None:

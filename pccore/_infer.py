@@ -802,7 +802,9 @@ def infer(
     - `init`, `key`: the initialiser used when `activities` is None.
     - `throw`: raise if the solve diverged, raised the energy above its start (an unstable
         step size: `RESULTS.energy_increased`, whose message names the remedies) or ran out
-        of `max_steps` (inside `jax.jit` too); with `False` check `solution.result` instead.
+        of `max_steps`. Inside `jax.jit` the error is raised when any field of the solution
+        is used (the activities, the energy, the step counts, the saved trajectory); with
+        `False` check `solution.result` instead.
 
     **Returns:** an [`pccore.InferenceSolution`][].
     """
@@ -824,5 +826,5 @@ def infer(
     if throw:
         bad = ((sol.result == RESULTS.diverged) | (sol.result == RESULTS.max_steps_reached)
                | (sol.result == RESULTS.energy_increased))
-        sol = eqx.tree_at(lambda s: s.activities, sol, thread_error(sol.result, sol.activities, bad))
+        sol = thread_error(sol.result, sol, bad)  # every field: under jax.jit, any one read raises
     return sol

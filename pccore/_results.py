@@ -19,8 +19,8 @@ class RESULTS(eqx.Enumeration):
         stiff). Gradient flow never raises the energy.
     """
 
-    completed = ""
-    converged = ""
+    completed = "Inference ran its whole budget (`t1`, or `max_steps` optimiser steps)."
+    converged = "Inference stopped at a steady state: the vector field met the tolerance."
     not_converged = (
         "Inference reached `t1` before the vector field met the steady-state tolerance. "
         "Increase `t1`, or loosen `SteadyState(rtol, atol)`."

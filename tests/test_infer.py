@@ -281,6 +281,21 @@ def test_divergence_is_reported(getkey):
     assert sol.result == pccore.RESULTS.diverged
     with pytest.raises(Exception, match="Inference diverged"):
         pccore.infer(model, x=x, y=y, dt0=50.0, t1=5000.0)
+    # under jax.jit, reading any one field of the solution raises, not only the activities
+    for field in ("energy", "num_steps", "activities"):
+        fn = eqx.filter_jit(lambda m, x, y, f=field: getattr(
+            pccore.infer(m, x=x, y=y, dt0=50.0, t1=5000.0), f))
+        with pytest.raises(Exception, match="Inference diverged"):
+            jax.block_until_ready(fn(model, x, y))
+
+
+def test_result_codes_print_their_meaning(getkey):
+    model = _tanh_mlp(getkey())
+    x, y = jnp.ones((2, 6)), jnp.ones((2, 3))
+    assert "whole budget" in str(pccore.infer(model, x=x, y=y).result)
+    steady = pccore.infer(model, x=x, y=y, t1=200.0, dt0=0.5,
+                          steady_state=pccore.SteadyState(1e-3, 1e-3))
+    assert steady.result == pccore.RESULTS.converged and "steady state" in str(steady.result)
 
 
 def test_solver_errors(getkey):

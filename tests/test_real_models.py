@@ -142,6 +142,7 @@ def test_hk_resnet_unwraps_to_params_the_native_forward_reads(x64):
     np.testing.assert_allclose(trained(x), f.apply(back, state, None, x, False)[0], **TOL)
 
 
+@pytest.mark.slow
 def test_hk_resnet_skip_around_a_boundary_is_refused():
     f, params, state = _hk_setup()
     with pytest.raises(pccore.UnsupportedLayerError,
@@ -209,6 +210,7 @@ def _hk_rnn(core, dtype=jnp.float64):
     return f, f.init(jax.random.key(1), xs), xs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("core", ["gru", "vanilla", "cell"])
 def test_hk_dynamic_unroll_named_as_one_boundary_equals_native(core, x64):
     f, params, xs = _hk_rnn(core)
@@ -317,6 +319,7 @@ def test_linen_resnet_equals_native_forward_and_hand_written_energy(x64):
                                _energy_by_hand(_ln_native_layers(v), x, zs, y), **TOL)
 
 
+@pytest.mark.slow
 def test_linen_resnet_unwraps_to_variables_the_native_forward_reads(x64):
     net, v = _ln_setup(jnp.float64)
     model = pccore.wrap(net, v, input_shape=(8, 8, 1), kwargs={"train": False},
@@ -332,6 +335,7 @@ def test_linen_resnet_unwraps_to_variables_the_native_forward_reads(x64):
     np.testing.assert_allclose(trained(x), net.apply(back, x, train=False), **TOL)
 
 
+@pytest.mark.slow
 def test_linen_resnet_skip_around_a_boundary_is_refused():
     net, v = _ln_setup()
     with pytest.raises(pccore.UnsupportedLayerError,

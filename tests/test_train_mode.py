@@ -167,6 +167,7 @@ def _hand_energy(z, x, y):
 # --- tests ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("framework", list(BUILD))
 def test_energy_uses_batch_statistics_of_the_activities(x64, framework):
     model = BUILD[framework]()
@@ -187,6 +188,7 @@ def test_energy_uses_batch_statistics_of_the_activities(x64, framework):
     assert float(jnp.abs(per(moved)[1:] - per(z)[1:]).max()) > 1e-3
 
 
+@pytest.mark.slow
 def test_the_four_frameworks_agree_in_training_mode(x64):
     x, y = _data()
     optim = optax.adam(1e-2)
@@ -252,6 +254,7 @@ def _averages(framework, model):
             for i in range(2)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("framework", list(BUILD))
 def test_unwrap_gives_the_trained_state_in_the_framework_form(x64, framework):
     x, y = _data()
@@ -299,6 +302,7 @@ def _native_equinox_train(seq, state, x, key):
                     out_axes=(0, None))(x, keys)[0]
 
 
+@pytest.mark.slow
 def test_dropout_masks_equal_the_native_training_forward(x64):
     """Equinox (a per-sample key, split over the Sequential's elements), Linen (rngs by module
     path) and Haiku (the transform's key sequence): the same key, the same masks."""
@@ -328,6 +332,7 @@ def _hand_dropout_energy(seq, z, x, y, key):
     return e + 0.5 * jnp.sum((y - (z2 @ W[2] + b[2])) ** 2)
 
 
+@pytest.mark.slow
 def test_dropout_mask_is_fixed_through_a_step_and_new_in_the_next(x64):
     seq, _, model = _equinox(0.5)
     model = pccore.wrap(seq, _equinox(0.5)[1], boundaries=[0, 3, 7])  # dropout ends layer 1
@@ -413,6 +418,7 @@ def test_training_mode_errors_are_clear(x64):
         pccore.wrap(hk.transform(fwd), params, args=(True,))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("framework", ["equinox", "flax.nnx"])
 def test_checkpoints_keep_the_running_averages(x64, tmp_path, framework):
     """The state lives in the model's layers, so a checkpoint holds it: a restored model
