@@ -294,4 +294,9 @@ def init_activities(
     x, y = check_data(model, energy, x, y, scan_device=True)
     if x is None and y is None:
         raise ValueError("`x` and `y` are both None; pass at least one to fix the batch size.")
+    return _init_activities(model, x, y, energy, init, key)
+
+
+@eqx.filter_jit
+def _init_activities(model, x, y, energy, init, key):
     return energy.init(energy.prepare(model), x, y, init, key)

@@ -295,11 +295,9 @@ class PCModel(AbstractPCModel):
         )
 
     def __call__(self, x: Float[Array, "batch ..."]) -> Float[Array, "batch ..."]:
-        """The feed-forward prediction of a batch `x` (skips included)."""
-        z = x
-        for l in range(self.num_layers):
-            z = self.predict_layer(l, z, x=x)
-        return z
+        """The feed-forward prediction of a batch `x` (skips included), compiled (`eqx.filter_jit`;
+        inside a traced function it is inlined)."""
+        return _forward(self, x)
 
     def weight_matrices(self, l: int, params: Params | None = None) -> list[Array]:
         """Layer `l`'s weight matrices in `(out, in)` layout (see [`pccore.WeightSpec`][])."""
@@ -313,6 +311,14 @@ class PCModel(AbstractPCModel):
             int(np.prod(leaves[s.index].shape)) // int(leaves[s.index].shape[s.out_axis])
             for s in self.weights[l]
         )
+
+
+@eqx.filter_jit
+def _forward(model: PCModel, x: Array) -> Array:
+    z = x
+    for l in range(model.num_layers):
+        z = model.predict_layer(l, z, x=x)
+    return z
 
 
 def scale_weights(model: PCModel, scales: tuple[tuple[float, ...], ...]) -> PCModel:
