@@ -81,7 +81,7 @@ def update(model, optim, opt_state, x, y, energy, solver, controller, t1, dt0, n
     the solver's first gradient, and a skipped update is an elementwise select fused into
     the optimiser's own update of each parameter.
     """
-    stateful = model.training and model.stateful
+    stateful = isinstance(model, PCModel) and model.training and model.stateful
     if stateful:  # one key for the masks of this step, fixed through inference and update
         model, key = _with_step_key(model, energy, key)
     prepared = energy.prepare(model)
