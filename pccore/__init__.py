@@ -41,7 +41,9 @@ from ._init import FeedForward as FeedForward
 from ._init import RandomNormal as RandomNormal
 from ._init import Zeros as Zeros
 from ._learn import param_grads as param_grads
-from ._learn import train_step as train_step
+from ._train_step import TrainStep as TrainStep
+from ._train_step import clear_caches as clear_caches
+from ._train_step import train_step as train_step
 from ._loss import MSE as MSE
 from ._loss import AbstractLoss as AbstractLoss
 from ._loss import CrossEntropy as CrossEntropy

@@ -22,7 +22,7 @@ from ._evaluate import evaluate
 from ._hybrid import Amortised, hybrid_evaluate, hybrid_train_step
 from ._infer import infer
 from ._init import AbstractInit, FeedForward, RandomNormal
-from ._learn import train_step
+from ._train_step import train_step
 from ._loss import MSE, CrossEntropy
 from ._model import PCModel
 from ._parameterisation import NTP, SP, MuPC

@@ -151,13 +151,16 @@ def test_passing_back_the_returned_objects_equals_passing_copies(getkey):
     """A loop that passes back what `train_step` returned reuses its leaves; any other
     combination (a fresh optimiser state, another optimiser, new data shapes) must read the
     objects it is given. Oracle: the same call on fresh copies, which nothing remembers."""
-    from pccore import _learn
-
     model = _model(getkey())
     x, y = jax.random.normal(getkey(), (8, 5)), jax.random.normal(getkey(), (8, 3))
     optim = optax.adam(1e-2)
+    step = pccore.TrainStep(optim)
+    m1, s1, _ = step(model, step.init(model), x=x, y=y)
+    assert step._last[id(m1)].opt_state is s1
+    expected = step(_copy(m1), _copy(s1), x=x, y=y)
+    _assert_same(step(m1, s1, x=x, y=y), expected)
+    # the same through the convenience function
     m1, s1, _ = pccore.train_step(model, optim, optim.init(model.params), x=x, y=y)
-    assert _learn._LAST[id(m1)].opt_state is s1
     expected = pccore.train_step(_copy(m1), optim, _copy(s1), x=x, y=y)
     _assert_same(pccore.train_step(m1, optim, s1, x=x, y=y), expected)
     # The returned model with a different optimiser state: that state is used.
@@ -183,12 +186,13 @@ def test_remembered_state_does_not_outlive_its_model(getkey):
     import gc
     import weakref
 
-    from pccore import _learn
+    from pccore import _train_step
 
     model = _model(getkey())
     x, y = jax.random.normal(getkey(), (8, 5)), jax.random.normal(getkey(), (8, 3))
     optim = optax.adam(1e-2)
-    m1, s1, _ = pccore.train_step(model, optim, optim.init(model.params), x=x, y=y)
+    step = pccore.TrainStep(optim)
+    m1, s1, _ = step(model, step.init(model), x=x, y=y)
     leaf = weakref.ref(jax.tree_util.tree_leaves(s1)[-1])  # an Adam moment
     key = id(m1)
     del s1  # the user drops the state, keeps the model: the entry keeps it alive ...
@@ -196,28 +200,27 @@ def test_remembered_state_does_not_outlive_its_model(getkey):
     assert leaf() is not None
     del m1  # ... until the model goes
     gc.collect()
-    assert leaf() is None and key not in _learn._LAST
-    kept = [pccore.train_step(model, optim, optim.init(model.params), x=x, y=y)
-            for _ in range(3 * _learn._MAX_LAST)]
-    assert len(_learn._LAST) <= _learn._MAX_LAST and len(kept) == 3 * _learn._MAX_LAST
+    assert leaf() is None and key not in step._last
+    kept = [step(model, optim.init(model.params), x=x, y=y)
+            for _ in range(3 * _train_step._MAX_LAST)]
+    assert len(step._last) <= _train_step._MAX_LAST and len(kept) == 3 * _train_step._MAX_LAST
 
 
 @pytest.mark.slow
 def test_release_callback_survives_interpreter_exit():
     """The callback that releases a remembered entry with its model must not read module
     globals: at interpreter exit they may already be cleared when the model dies (here an
-    entry held from `__main__` outlives `pccore._learn`'s globals). Oracle: a clean stderr."""
+    entry held from `__main__` outlives `pccore._train_step`'s globals). Oracle: a clean stderr."""
     import subprocess
     import sys
 
     script = (
         "import jax, jax.numpy as jnp, optax, equinox as eqx, pccore\n"
-        "from pccore import _learn\n"
         "model = pccore.wrap(eqx.nn.MLP(4, 2, 8, 1, key=jax.random.key(0)))\n"
-        "optim = optax.sgd(0.1)\n"
-        "model, state, stats = pccore.train_step(model, optim, optim.init(model.params),\n"
-        "                                        x=jnp.ones((3, 4)), y=jnp.ones((3, 2)))\n"
-        "entry = _learn._LAST[id(model)]\n"
+        "step = pccore.TrainStep(optax.sgd(0.1))\n"
+        "model, state, stats = step(model, step.init(model), x=jnp.ones((3, 4)),\n"
+        "                           y=jnp.ones((3, 2)))\n"
+        "entry = step._last[id(model)]\n"
         "print(entry.ref() is model)\n"
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
