@@ -15,10 +15,16 @@ from ._checkpoint import read_manifest as read_manifest
 from ._checkpoint import restore_checkpoint as restore_checkpoint
 from ._checkpoint import save_checkpoint as save_checkpoint
 from ._energy import PC as PC
+from ._energy import AbstractChainEnergy as AbstractChainEnergy
 from ._energy import AbstractEnergy as AbstractEnergy
+from ._energy import add_activity_decay as add_activity_decay
+from ._energy import chain_data_shapes as chain_data_shapes
+from ._energy import chain_variable_shapes as chain_variable_shapes
 from ._energy import energy as energy
 from ._energy import init_activities as init_activities
 from ._energy import layer_energies as layer_energies
+from ._energy import output_term as output_term
+from ._energy import sq_norm as sq_norm
 from ._epc import EPC as EPC
 from ._evaluate import Evaluation as Evaluation
 from ._evaluate import evaluate as evaluate

@@ -18,7 +18,7 @@ from jaxtyping import Array, ArrayLike, Float
 
 from ._check import check_energy_parts, check_option
 from ._custom_types import Params
-from ._energy import AbstractEnergy, _sq, add_activity_decay, chain_variable_shapes
+from ._energy import AbstractEnergy, add_activity_decay, chain_variable_shapes, sq_norm
 from ._loss import MSE
 from ._model import AbstractPCModel, PCModel
 from ._parameterisation import SP, AbstractParameterisation
@@ -135,9 +135,9 @@ class BPC(AbstractEnergy):
         z = (*((x,) if x is not None else ()), *variables, y)  # z_0 .. z_L
         L = f.num_layers
         lam = self.parameterisation.output_precision
-        fwd = [_sq(z[l] - f.predict_layer(l - 1, z[l - 1], x=x)) for l in range(1, L)]
-        fwd.append(lam * _sq(y - f.predict_layer(L - 1, z[L - 1], x=x)))
-        bwd = [_sq(z[l] - g.predict_layer(L - 1 - l, z[l + 1], x=y)) for l in range(L)]
+        fwd = [sq_norm(z[l] - f.predict_layer(l - 1, z[l - 1], x=x)) for l in range(1, L)]
+        fwd.append(lam * sq_norm(y - f.predict_layer(L - 1, z[L - 1], x=x)))
+        bwd = [sq_norm(z[l] - g.predict_layer(L - 1 - l, z[l + 1], x=y)) for l in range(L)]
         bwd[0] = lam * bwd[0]
         terms = [self.alpha_f * t for t in fwd] + [self.alpha_b * t for t in bwd]
         return jnp.stack(terms, axis=1)

@@ -9,6 +9,8 @@ over across batch sizes as in ordinary training.
 """
 
 import abc
+from collections.abc import Callable
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -25,11 +27,15 @@ from ._parameterisation import SP, AbstractParameterisation
 from ._regularise import AbstractRegulariser, penalty
 
 
-def _sq(a: Array) -> Float[Array, " batch"]:
+def sq_norm(a: Array) -> Float[Array, " batch"]:
+    r"""Per-sample $\tfrac12 \lVert a_i \rVert^2$ of a batch `a` (the sum over every axis but
+    the first): the squared-error term of an energy."""
     return 0.5 * jnp.square(a).reshape(a.shape[0], -1).sum(axis=1)
 
 
-def output_term(loss, precision, y, predict, like: Array) -> Float[Array, " batch"]:
+
+def output_term(loss: "AbstractLoss", precision: Any, y: Array | None, predict: Callable[[], Array],
+                like: Array) -> Float[Array, " batch"]:
     r"""Per-sample $\lambda E_{\mathrm{out}}(y, \mu_L)$, with `predict()` giving $\mu_L$;
     zeros shaped like `like`'s batch when the output is free (`y` is None)."""
     if y is None:
@@ -37,12 +43,12 @@ def output_term(loss, precision, y, predict, like: Array) -> Float[Array, " batc
     return precision * loss(predict(), y)
 
 
-def add_activity_decay(total, decay, activities) -> Float[Array, " batch"]:
+def add_activity_decay(total: Array, decay: Any, activities: Activities) -> Float[Array, " batch"]:
     r"""`total` plus the prior $\frac\alpha2 \sum_l \lVert z_l \rVert^2$ per sample
     (no work when $\alpha$ is a literal zero)."""
     if isinstance(decay, int | float) and decay == 0:
         return total
-    return total + decay * sum(_sq(v) for v in activities)
+    return total + decay * sum(sq_norm(v) for v in activities)
 
 
 def chain_variable_shapes(model: PCModel, x_clamped: bool) -> tuple[jax.ShapeDtypeStruct, ...]:
@@ -144,7 +150,69 @@ class AbstractEnergy(eqx.Module):
         return tuple(variables)
 
 
-class PC(AbstractEnergy):
+class AbstractChainEnergy(AbstractEnergy):
+    r"""The base of energies on a chain of layers ([`pccore.PC`][], [`pccore.EPC`][], your
+    own variant): an output loss, a parameterisation, a prior on the free activities and
+    parameter regularisers, and everything that follows from them.
+
+    A subclass declares the four fields and writes its own maths: `layer_energies`, `init`,
+    `layer_inputs` (and `per_sample` or `activities` where it reparameterises the
+    activities). The inference variables are one per layer input (`z_0` only with a free
+    bottom, as [`pccore.PC`][] has them), the prepared model is the parameterisation applied
+    once per solve, the prediction is the feed-forward pass and the penalty is the sum of the
+    regularisers. See "Writing a variant" in the docs.
+
+    **Fields:** `loss` ($E_{\mathrm{out}}$), `parameterisation` (its `output_precision` is
+    $\lambda$), `activity_decay` ($\alpha$), `regularisers` ($R(\theta)$).
+    """
+
+    loss: eqx.AbstractVar[AbstractLoss]
+    parameterisation: eqx.AbstractVar[AbstractParameterisation]
+    activity_decay: eqx.AbstractVar[float | ArrayLike]
+    regularisers: eqx.AbstractVar[tuple[AbstractRegulariser, ...]]
+
+    def __check_init__(self):
+        name = type(self).__name__
+        check_option(name, "activity_decay", self.activity_decay)
+        check_energy_parts(name, self)
+
+    def variable_shapes(self, model: PCModel, x_clamped: bool) -> tuple[jax.ShapeDtypeStruct, ...]:
+        return chain_variable_shapes(model, x_clamped)
+
+    def data_shapes(self, model: PCModel) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return chain_data_shapes(model)
+
+    def prepare(self, model: PCModel) -> PCModel:
+        return self.parameterisation.apply(model)
+
+    def penalty(self, model: PCModel) -> Scalar:
+        return penalty(self.regularisers, model)
+
+    def predict(self, model: PCModel, x: Array) -> Array:
+        return model(x)
+
+    def output_loss(self, prediction: Array, y: Array) -> Float[Array, " batch"]:
+        return self.loss(prediction, y)
+
+    def check_target(self, name: str, y: Array) -> None:
+        self.loss.check_target(name, np.asarray(y))
+
+    def output(self, model: PCModel, z_top: Array, x: Array | None, y: Array | None
+               ) -> Float[Array, " batch"]:
+        r"""The output term $\lambda E_{\mathrm{out}}(y, \mu_L(z_{L-1}))$ per sample (zeros
+        with a free output), from the top latent `z_top` on a prepared model."""
+        L = model.num_layers
+        return output_term(self.loss, self.parameterisation.output_precision, y,
+                           lambda: model.predict_layer(L - 1, z_top, x=x), z_top)
+
+    @abc.abstractmethod
+    def layer_inputs(self, model: PCModel, variables: Activities, x: Array | None
+                     ) -> tuple[Array, ...]:
+        """The input of every layer, `(z_0, ..., z_{L-1})`, that the variables stand for (on a
+        prepared model): what training-mode layers update their running averages from."""
+
+
+class PC(AbstractChainEnergy):
     r"""Standard predictive coding (discriminative, supervised generative or unsupervised).
 
     $$F(z) = \sum_{l=1}^{L-1} \tfrac12 \lVert z_l - \mu_l(z_{l-1}) \rVert^2
@@ -172,31 +240,17 @@ class PC(AbstractEnergy):
     activity_decay: float | ArrayLike = 0.0
     regularisers: tuple[AbstractRegulariser, ...] = ()
 
-    def penalty(self, model):
-        return penalty(self.regularisers, model)
-
-    def __check_init__(self):
-        check_option("PC", "activity_decay", self.activity_decay)
-        check_energy_parts("PC", self)
-
-    def variable_shapes(self, model, x_clamped):
-        return chain_variable_shapes(model, x_clamped)
-
-    def data_shapes(self, model):
-        return chain_data_shapes(model)
-
-    def prepare(self, model):
-        return self.parameterisation.apply(model)
-
     def _chain(self, variables, x):
         return variables if x is None else (x, *variables)
+
+    def layer_inputs(self, model, variables, x):
+        return tuple(self._chain(variables, x))[: model.num_layers]
 
     def layer_energies(self, model, variables, x, y):
         z = self._chain(variables, x)
         L = model.num_layers
-        terms = [_sq(z[l] - model.predict_layer(l - 1, z[l - 1], x=x)) for l in range(1, L)]
-        terms.append(output_term(self.loss, self.parameterisation.output_precision, y,
-                                 lambda: model.predict_layer(L - 1, z[L - 1], x=x), z[0]))
+        terms = [sq_norm(z[l] - model.predict_layer(l - 1, z[l - 1], x=x)) for l in range(1, L)]
+        terms.append(self.output(model, z[L - 1], x, y))
         return jnp.stack(terms, axis=1)
 
     def per_sample(self, model, variables, x, y):
@@ -205,15 +259,6 @@ class PC(AbstractEnergy):
 
     def init(self, model, x, y, initialiser, key):
         return initialiser(model, self.variable_shapes(model, x is not None), x, y, key)
-
-    def predict(self, model, x):
-        return model(x)
-
-    def output_loss(self, prediction, y):
-        return self.loss(prediction, y)
-
-    def check_target(self, name, y):
-        self.loss.check_target(name, np.asarray(y))
 
 
 def energy(

@@ -15,26 +15,17 @@ PC share their equilibria, equilibrium energies and (envelope theorem) parameter
 """
 
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import Array, ArrayLike
 
-from ._check import check_energy_parts, check_option
 from ._custom_types import Activities
-from ._energy import (
-    AbstractEnergy,
-    _sq,
-    add_activity_decay,
-    chain_data_shapes,
-    chain_variable_shapes,
-    output_term,
-)
+from ._energy import AbstractChainEnergy, add_activity_decay, sq_norm
 from ._loss import MSE, AbstractLoss
 from ._model import PCModel
 from ._parameterisation import SP, AbstractParameterisation
-from ._regularise import AbstractRegulariser, penalty
+from ._regularise import AbstractRegulariser
 
 
-class EPC(AbstractEnergy):
+class EPC(AbstractChainEnergy):
     r"""Error-reparameterised PC: the errors are the inference variables (see module docs).
 
     With a clamped input the variables are $(\epsilon_1..\epsilon_{L-1})$; with `x=None` they
@@ -53,21 +44,8 @@ class EPC(AbstractEnergy):
     activity_decay: float | ArrayLike = 0.0
     regularisers: tuple[AbstractRegulariser, ...] = ()
 
-    def __check_init__(self):
-        check_option("EPC", "activity_decay", self.activity_decay)
-        check_energy_parts("EPC", self)
-
-    def variable_shapes(self, model, x_clamped):
-        return chain_variable_shapes(model, x_clamped)
-
-    def data_shapes(self, model):
-        return chain_data_shapes(model)
-
-    def prepare(self, model):
-        return self.parameterisation.apply(model)
-
-    def penalty(self, model):
-        return penalty(self.regularisers, model)
+    def layer_inputs(self, model, variables, x):
+        return self.states(model, tuple(variables), x)
 
     def _split(self, variables, x):
         return (variables[0], tuple(variables[1:])) if x is None else (x, tuple(variables))
@@ -93,9 +71,8 @@ class EPC(AbstractEnergy):
         _, eps = self._split(variables, x)
         zs = self.states(model, variables, x)
         L = model.num_layers
-        terms = [_sq(e) for e in eps]
-        terms.append(output_term(self.loss, self.parameterisation.output_precision, y,
-                                 lambda: model.predict_layer(L - 1, zs[L - 1], x=x), zs[0]))
+        terms = [sq_norm(e) for e in eps]
+        terms.append(self.output(model, zs[L - 1], x, y))
         return jnp.stack(terms, axis=1)
 
     def per_sample(self, model, variables, x, y):
@@ -111,12 +88,3 @@ class EPC(AbstractEnergy):
         eps = tuple(chain[l + 1] - model.predict_layer(l, chain[l], x=x)
                     for l in range(len(chain) - 1))
         return (chain[0], *eps) if x is None else eps
-
-    def predict(self, model, x):
-        return model(x)
-
-    def output_loss(self, prediction, y):
-        return self.loss(prediction, y)
-
-    def check_target(self, name, y):
-        self.loss.check_target(name, np.asarray(y))

@@ -22,7 +22,7 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Float, PyTree
 
 from ._check import check_energy_parts, check_option
-from ._energy import AbstractEnergy, _sq, add_activity_decay, output_term
+from ._energy import AbstractEnergy, add_activity_decay, output_term, sq_norm
 from ._init import FeedForward
 from ._loss import MSE, AbstractLoss
 from ._model import AbstractPCModel
@@ -234,7 +234,7 @@ class GraphPC(AbstractEnergy):
 
     def layer_energies(self, model, variables, x, y):
         preds, out = model.predict(tuple(variables), x)
-        terms = [_sq(z - u) for z, u in zip(variables, preds)]
+        terms = [sq_norm(z - u) for z, u in zip(variables, preds)]
         terms.append(output_term(self.loss, self.output_precision, y, lambda: out, out))
         return jnp.stack(terms, axis=1)
 

@@ -29,7 +29,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._check import as_batch, check_data, check_opt_state
 from ._custom_types import Activities, BatchArray, Scalar
-from ._energy import PC, AbstractEnergy, _sq
+from ._energy import PC, AbstractEnergy, sq_norm
 from ._generative import generative_evaluate
 from ._infer import check_solver
 from ._init import AbstractInit, RandomNormal
@@ -97,7 +97,7 @@ def _amortiser_per_sample(amortiser, z, x, y):
     inputs = (*guesses[1:], y)  # a_1 .. a_L
     targets = jax.lax.stop_gradient(targets)
     terms = [
-        _sq(targets[L - k] - amortiser.predict_layer(k - 1, inputs[L - k], x=y))
+        sq_norm(targets[L - k] - amortiser.predict_layer(k - 1, inputs[L - k], x=y))
         for k in range(1, L + 1)
     ]
     return sum(terms)

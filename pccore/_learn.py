@@ -11,7 +11,7 @@ import optax
 
 from ._check import check_activities, check_data
 from ._custom_types import Activities, BatchArray, Params, Scalar
-from ._energy import PC, AbstractEnergy
+from ._energy import PC, AbstractChainEnergy, AbstractEnergy
 from ._infer import all_finite, solve_raw, with_stability
 from ._model import AbstractStatefulLayer, PCModel
 from ._results import RESULTS
@@ -105,13 +105,13 @@ def update(model, optim, opt_state, x, y, energy, solver, controller, t1, dt0, n
 def _with_step_key(model: PCModel, energy: AbstractEnergy, key):
     """The model with this step's key for its dropout masks, and the key left for the
     initialiser (split off only when both need one)."""
-    if not isinstance(energy, PC):
+    if not isinstance(energy, AbstractChainEnergy):
         raise TypeError(
             f"`energy`: a model in training mode with BatchNorm or Dropout "
             f"({', '.join(n for n, f in zip(model.names, model.layers) if isinstance(f, AbstractStatefulLayer))}) "
-            f"trains with pccore.PC (its running averages are updated from the chain of "
-            f"activities); got {type(energy).__name__}. Use `model.eval()` to run those layers "
-            "frozen with this energy."
+            f"trains with a chain energy such as pccore.PC or pccore.EPC (its running averages "
+            f"are updated from the layers' inputs); got {type(energy).__name__}. Use "
+            "`model.eval()` to run those layers frozen with this energy."
         )
     if not model.stochastic:
         return model, key
@@ -122,12 +122,12 @@ def _with_step_key(model: PCModel, energy: AbstractEnergy, key):
     return model.with_step_key(step_key), init_key
 
 
-def _updated_state(model: PCModel, prepared: PCModel, energy: PC, z, x, ok) -> PCModel:
-    """`model` (new parameters) with the layers' state updated from the equilibrium chain
-    (inputs `x, z_1, ..., z_{L-1}`, or `z_0, ...` with a free bottom), run through the
-    prepared model that inference used; the old state where the update was skipped."""
-    chain = energy._chain(z, x)
-    fresh = prepared.update_state(tuple(chain[: model.num_layers]), x)
+def _updated_state(model: PCModel, prepared: PCModel, energy: AbstractChainEnergy, z, x,
+                   ok) -> PCModel:
+    """`model` (new parameters) with the layers' state updated from the layers' inputs at
+    the equilibrium (`x, z_1, ..., z_{L-1}`, or `z_0, ...` with a free bottom), run through
+    the prepared model that inference used; the old state where the update was skipped."""
+    fresh = prepared.update_state(energy.layer_inputs(prepared, z, x), x)
     keep = lambda new, old: jnp.where(ok, new, old) if eqx.is_array(new) else new
     layers = jtu.tree_map(keep, fresh.layers, model.layers)
     return dataclasses.replace(model, layers=layers, step_key=None)

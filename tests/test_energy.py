@@ -126,3 +126,58 @@ def test_bad_inputs_get_clear_errors(getkey):
         pccore.init_activities(model, None, y=y)
     with pytest.raises(ValueError, match=r"`key`: `init=RandomNormal\(\)`"):
         pccore.init_activities(model, None, y=y, init=pccore.RandomNormal())
+
+
+class PrecisionPC(pccore.AbstractChainEnergy):
+    """The variant of docs/writing-a-variant.md, written with the public kit only."""
+
+    precisions: tuple[float, ...]
+    loss: pccore.AbstractLoss = pccore.MSE()
+    parameterisation: pccore.AbstractParameterisation = pccore.SP()
+    activity_decay: float = 0.0
+    regularisers: tuple[pccore.AbstractRegulariser, ...] = ()
+
+    def layer_energies(self, model, variables, x, y):
+        z = (x, *variables)
+        terms = [p * pccore.sq_norm(z[l + 1] - model.predict_layer(l, z[l], x=x))
+                 for l, p in enumerate(self.precisions)]
+        terms.append(self.output(model, z[-1], x, y))
+        return jnp.stack(terms, axis=1)
+
+    def init(self, model, x, y, initialiser, key):
+        return initialiser(model, self.variable_shapes(model, True), x, y, key)
+
+    def layer_inputs(self, model, variables, x):
+        return (x, *variables)
+
+
+@pytest.mark.slow
+def test_a_variant_written_with_the_kit_trains(x64):
+    """Oracle: its energy written by hand from the Equinox layers; then it trains on
+    digits above chance through the one update path."""
+    import equinox as eqx
+    import optax
+
+    k = jax.random.split(jax.random.key(0), 3)
+    mlp = eqx.nn.MLP(64, 10, 32, 2, activation=jnp.tanh, key=k[0], dtype=jnp.float64)
+    model = pccore.wrap(mlp)
+    energy = PrecisionPC(precisions=(1.0, 0.5), loss=pccore.CrossEntropy())
+    data = pccore.datasets.load_digits()
+    x, y = jnp.asarray(data.x_train, jnp.float64), jnp.asarray(data.y_train, jnp.float64)
+    z = tuple(jax.random.normal(kk, (16, 32), jnp.float64) for kk in k[1:])
+    L = mlp.layers
+    f = lambda l, v: jnp.tanh(jax.vmap(L[l])(v))
+    logits = jax.vmap(L[2])(z[1])
+    want = (0.5 * jnp.sum((z[0] - f(0, x[:16])) ** 2)
+            + 0.5 * 0.5 * jnp.sum((z[1] - f(1, z[0])) ** 2)
+            - jnp.sum(y[:16] * jax.nn.log_softmax(logits)))
+    np.testing.assert_allclose(pccore.energy(model, z, x=x[:16], y=y[:16], energy=energy), want,
+                               rtol=1e-12)
+    step = pccore.TrainStep(optax.adam(3e-3), energy=energy)
+    opt_state = step.init(model)
+    for epoch in range(3):
+        for i in range(0, len(x) - 31, 32):
+            model, opt_state, stats = step(model, opt_state, x=x[i:i + 32], y=y[i:i + 32])
+    acc = pccore.evaluate(model, jnp.asarray(data.x_test, jnp.float64),
+                          jnp.asarray(data.y_test, jnp.float64), energy=energy).accuracy
+    assert float(acc) > 0.8, float(acc)

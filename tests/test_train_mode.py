@@ -382,8 +382,31 @@ def test_training_mode_errors_are_clear(x64):
         pccore.train_step(model, optim, optim.init(model.params), x=x, y=y)
     with pytest.raises(ValueError, match=r"`key`: .*model.with_step_key\(key\)"):
         pccore.energy(model, pccore.init_activities(model.eval(), x), x=x, y=y)
-    with pytest.raises(TypeError, match=r"`energy`: a model in training mode .* trains with pccore.PC"):
-        pccore.train_step(model, optim, optim.init(model.params), x=x, y=y, energy=pccore.EPC(),
+
+    class Outside(pccore.AbstractEnergy):  # a variant outside the chain family
+        inner: pccore.PC = pccore.PC()
+
+        def variable_shapes(self, model, x_clamped):
+            return self.inner.variable_shapes(model, x_clamped)
+
+        def data_shapes(self, model):
+            return self.inner.data_shapes(model)
+
+        def layer_energies(self, model, variables, x, y):
+            return self.inner.layer_energies(model, variables, x, y)
+
+        def init(self, model, x, y, initialiser, key):
+            return self.inner.init(model, x, y, initialiser, key)
+
+        def predict(self, model, x):
+            return model(x)
+
+        def output_loss(self, prediction, y):
+            return self.inner.output_loss(prediction, y)
+
+    with pytest.raises(TypeError, match=r"`energy`: a model in training mode .* trains with a "
+                                        r"chain energy such as pccore.PC .* got Outside"):
+        pccore.train_step(model, optim, optim.init(model.params), x=x, y=y, energy=Outside(),
                           key=jax.random.key(0))
 
     class Custom(eqx.Module):
@@ -440,3 +463,21 @@ def test_checkpoints_keep_the_running_averages(x64, tmp_path, framework):
     again, _, _ = pccore.train_step(ckpt.model, optim, ckpt.opt_state, x=x, y=y)
     for a, b in zip(data((once.params, once.layers)), data((again.params, again.layers))):
         np.testing.assert_array_equal(a, b)
+
+
+def test_epc_updates_the_running_averages_from_the_activities_its_errors_stand_for(x64):
+    """At the feed-forward equilibrium (y = the network's own output) PC's activities and
+    ePC's zero errors stand for the same layer inputs: the same running averages."""
+    x, _ = _data()
+    optim = optax.sgd(0.1)
+    got = []
+    for energy in (pccore.PC(), pccore.EPC()):
+        model = BUILD["flax.linen"]()
+        y = model(x)
+        trained, _, stats = pccore.train_step(model, optim, optim.init(model.params), x=x, y=y,
+                                              energy=energy)
+        assert bool(stats.updated)
+        got.append(jax.tree.leaves(trained.unwrap_state()))
+    for a, b in zip(*got):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+    assert not np.allclose(got[0][0], jax.tree.leaves(BUILD["flax.linen"]().unwrap_state())[0])
