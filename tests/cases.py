@@ -14,31 +14,15 @@ Three architectures are built from framework-neutral weights:
 """
 
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 import pccore
+from pccore.testing import EPS, Built, Weights, canonical_cnn, canonical_mlp, equinox_reference
 
-Weights = list[tuple[jax.Array, jax.Array | None]]  # per layer: W (in, out) or K (h, w, in, out), b
-EPS = 1e-5  # LayerNorm epsilon, equal in every framework
-
-
-class Built(NamedTuple):
-    model: pccore.PCModel
-    forward: Callable[[Any, jax.Array], jax.Array]  # (native object from unwrap(), x) -> output
-
-
-def canonical_mlp(sizes: Sequence[int], key, dtype=jnp.float32, bias: bool = True) -> Weights:
-    """Framework-neutral weights for an MLP `sizes[0] -> ... -> sizes[-1]` (W in (in, out))."""
-    out = []
-    for k, (n_in, n_out) in zip(jax.random.split(key, len(sizes) - 1), zip(sizes[:-1], sizes[1:])):
-        kw, kb = jax.random.split(k)
-        W = jax.random.normal(kw, (n_in, n_out), dtype) / jnp.sqrt(n_in)
-        b = 0.1 * jax.random.normal(kb, (n_out,), dtype) if bias else None
-        out.append((W, b))
-    return out
+__all__ = ["EPS", "Built", "Weights", "canonical_cnn", "canonical_mlp"]  # re-exported for tests
 
 
 def linear_network(key, widths: Sequence[int]) -> pccore.PCModel:
@@ -49,15 +33,6 @@ def linear_network(key, widths: Sequence[int]) -> pccore.PCModel:
     keys = jax.random.split(key, len(widths) - 1)
     return pccore.wrap([eqx.nn.Linear(a, b, use_bias=False, key=k)
                         for a, b, k in zip(widths[:-1], widths[1:], keys)])
-
-
-def canonical_cnn(key, dtype=jnp.float32, channels: int = 3, classes: int = 10) -> Weights:
-    """Weights of the CNN: conv kernel K (3, 3, 1, channels) HWIO, dense W (9 channels, classes)."""
-    k1, k2, k3, k4 = jax.random.split(key, 4)
-    K = jax.random.normal(k1, (3, 3, 1, channels), dtype) / 3.0
-    W = jax.random.normal(k3, (9 * channels, classes), dtype) / jnp.sqrt(9 * channels)
-    return [(K, 0.1 * jax.random.normal(k2, (channels,), dtype)),
-            (W, 0.1 * jax.random.normal(k4, (classes,), dtype))]
 
 
 def cnn_input(framework: str, x_nhwc: jax.Array) -> jax.Array:
@@ -72,32 +47,8 @@ def _flatten_hwc(x):  # batched NHWC -> (B, H*W*C)
 # ---------------------------------------------------------------------------------- Equinox
 def _equinox(weights: Weights, activation: Callable = jnp.tanh, *, kind: str = "mlp",
              native: bool = False):
-    import equinox as eqx
-
-    def linear(W, b):
-        lin = eqx.nn.Linear(W.shape[0], W.shape[1], use_bias=b is not None, key=jax.random.key(0))
-        lin = eqx.tree_at(lambda m: m.weight, lin, W.T)
-        return lin if b is None else eqx.tree_at(lambda m: m.bias, lin, b)
-
-    if kind == "cnn":
-        (K, bk), (W, b) = weights
-        conv = eqx.nn.Conv2d(1, K.shape[-1], 3, key=jax.random.key(0))
-        conv = eqx.tree_at(lambda m: (m.weight, m.bias), conv,
-                           (jnp.transpose(K, (3, 2, 0, 1)), bk.reshape(-1, 1, 1)))
-        layers = [conv, eqx.nn.Lambda(jax.nn.relu), eqx.nn.AvgPool2d(2, 2),
-                  eqx.nn.Lambda(lambda x: jnp.transpose(x, (1, 2, 0)).reshape(-1)), linear(W, b)]
-        options = {"input_shape": (1, 8, 8)}
-    else:
-        layers = []
-        for i, (W, b) in enumerate(weights):
-            layers.append(linear(W, b))
-            if i < len(weights) - 1:
-                layers.append(eqx.nn.Lambda(activation))
-            if kind == "mid" and i == 0:
-                layers.append(eqx.nn.LayerNorm(W.shape[1], eps=EPS, use_weight=False, use_bias=False))
-        options = {}
-    model = pccore.wrap(eqx.nn.Sequential(layers), **options)
-    return Built(model, lambda m, x: jax.vmap(m)(x)) if native else model
+    built = equinox_reference(kind, weights, activation)  # pccore.testing's reference
+    return built if native else built.model
 
 
 # ---------------------------------------------------------------------------------- Haiku

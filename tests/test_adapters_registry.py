@@ -188,3 +188,32 @@ def test_unregister_and_override_work_before_and_after_entry_points_load(clean_r
     adapters.register("tests", "tests.toy_adapter:PairsAdapter", framework_module="tests",
                       override=True)  # after: replaces it again
     assert isinstance(adapters._REGISTRY["tests"].adapter, str)
+
+
+@pytest.mark.slow
+def test_the_shipped_conformance_suite_passes_on_a_third_party_adapter(clean_registry, x64):
+    """`pccore.testing.check_conformance`, the code the built-in adapters are tested with,
+    run on the toy adapter: a builder from the framework-neutral weights is all it needs."""
+    import pccore.testing
+
+    adapters.register("toy.pairs", toy_adapter.PairsAdapter())
+
+    def forward(pairs, x):
+        for f, p in pairs:
+            x = f(p, x)
+        return x
+
+    def build(kind, weights, activation):
+        assert kind == "mlp" and activation is jnp.tanh
+        return pccore.testing.Built(pccore.wrap(_pairs(weights)), forward)
+
+    ref = pccore.testing.check_conformance(build, "mlp")
+    assert float(ref["losses"][0][-1]) < float(ref["losses"][0][0])
+    # a broken adapter fails it, naming what differs (here: a layer that drops its bias)
+    def broken(kind, weights, activation):
+        return build(kind, [(W, 0.0 * b) for W, b in weights], activation)
+
+    with pytest.raises(AssertionError, match=r"mlp: energy differs from the Equinox reference"):
+        pccore.testing.check_conformance(broken, "mlp")
+    with pytest.raises(ValueError, match=r"`kind` must be one of"):
+        pccore.testing.check_conformance(build, "rnn")

@@ -7,100 +7,27 @@ on 8x8 digits, and a model with a parameter-free layer in the middle. After trai
 `unwrap()` gives a native object whose own forward pass equals pccore's prediction.
 """
 
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import pccore
+import pccore.testing
 from tests import cases
 
-KINDS = ("mlp", "cnn", "mid")
-STEPS = 10
+KINDS = pccore.testing.KINDS
 
 
-def _data(kind, dtype):
-    if kind == "cnn":
-        from sklearn.datasets import load_digits
-
-        d = load_digits()
-        x = jnp.asarray(d.images[:16, :, :, None] / 16.0, dtype)  # NHWC
-        y = jax.nn.one_hot(d.target[:16], 10, dtype=dtype)
-        return x, y
-    x = jax.random.normal(jax.random.key(1), (6, 5), dtype)
-    y = jax.random.normal(jax.random.key(2), (6, 3), dtype)
-    return x, y
-
-
-def _weights(kind, dtype):
-    if kind == "cnn":
-        return cases.canonical_cnn(jax.random.key(0), dtype)
-    return cases.canonical_mlp([5, 9, 4, 3], jax.random.key(0), dtype)
-
-
-def _canonical(model, template):
-    """`model`'s parameters in the Equinox reference's layout, as a flat list of arrays."""
-    return jax.tree_util.tree_leaves(pccore.transfer_weights(model, template).params)
-
-
-def _run(framework, kind, dtype):
-    w = _weights(kind, dtype)
-    act = jax.nn.relu if kind == "cnn" else jnp.tanh
-    built = cases.build(framework, kind, w, act)
-    template = cases.build("equinox", kind, w, act).model
-    model = built.model
-    x, y = _data(kind, dtype)
-    x = cases.cnn_input(framework, x) if kind == "cnn" else x
-    energy = pccore.PC()
-    z0 = pccore.init_activities(model, x=x, y=y, energy=energy)
-    keys = jax.random.split(jax.random.key(3), len(z0))  # off the feed-forward pass: all errors non-zero
-    z0 = tuple(z + 0.3 * jax.random.normal(k, z.shape, z.dtype) for z, k in zip(z0, keys))
-    E, gz = jax.jit(jax.value_and_grad(lambda z: pccore.energy(model, z, x=x, y=y, energy=energy)))(z0)
-    sol = pccore.infer(model, x=x, y=y, energy=energy, t1=1.0, dt0=0.1)
-    gp = pccore.param_grads(model, sol.activities, x=x, y=y, energy=energy)
-    optim = optax.sgd(0.05, momentum=0.9)
-    state = optim.init(model.params)
-    out = {
-        "energy": [E],
-        "activity_grads": list(gz),
-        "activities": list(sol.activities),
-        "param_grads": _canonical(model.with_params(gp), template),
-    }
-    losses = []
-    for k in range(STEPS):
-        model, state, stats = pccore.train_step(model, optim, state, x=x, y=y, energy=energy,
-                                                t1=1.0, dt0=0.1)
-        losses.append(stats.loss)
-        if k == 0:
-            out["one_update"] = _canonical(model, template)
-    out["ten_steps"] = _canonical(model, template)
-    out["losses"] = [jnp.stack(losses)]
-    native = model.unwrap()
-    return out, (built.forward(native, x), model(x))
-
-
-@functools.cache
-def _cached(framework, kind, dtype_name):
-    return _run(framework, kind, jnp.dtype(dtype_name))
+def _builder(framework):
+    return lambda kind, w, act: cases.build(framework, kind, w, act)
 
 
 def _compare(framework, kind, dtype, rtol):
-    name = jnp.dtype(dtype).name
-    out, (native_y, pc_y) = _cached(framework, kind, name) if framework == "equinox" else _run(
-        framework, kind, dtype)
-    ref = _cached("equinox", kind, name)[0]
-    for key, vals in ref.items():
-        assert len(out[key]) == len(vals), key
-        scale = max(float(jnp.max(jnp.abs(b))) for b in vals)
-        for a, b in zip(out[key], vals):
-            err = float(jnp.max(jnp.abs(jnp.asarray(a) - b))) / scale
-            assert err <= rtol, f"{framework}/{kind}: {key} differs from Equinox by {err:.2e} (rel)"
-    # unwrap() gives a native object whose own forward pass equals pccore's prediction
-    np.testing.assert_allclose(native_y, pc_y, rtol=rtol, atol=rtol * float(jnp.abs(pc_y).max()))
-    return ref
+    """`pccore.testing.check_conformance`, the suite shipped for third-party adapters."""
+    return pccore.testing.check_conformance(_builder(framework), kind, dtype=dtype, rtol=rtol,
+                                            channels_first=framework == "equinox")
 
 
 @pytest.mark.slow
