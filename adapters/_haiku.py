@@ -129,7 +129,8 @@ class HaikuAdapter(AbstractAdapter):
 
         transformed = set()  # modules called inside a JAX transform (hk.dynamic_unroll's scan)
 
-        def run(params, frozen, x, icpt):
+        def apply(params, frozen, x, icpt, rng, call_args, call_kwargs):
+            """`f.apply` with the interceptor: `(output, new state)` (`frozen` if stateless)."""
             top = get_opaque_trace_state()
 
             def hk_icpt(nf, a, kw, ctx):
@@ -143,23 +144,16 @@ class HaikuAdapter(AbstractAdapter):
 
             call = (params, frozen) if stateful else (params,)
             if with_rng:
-                call = (*call, None)
+                call = (*call, rng)
             with hk.intercept_methods(hk_icpt):
-                out = f.apply(*call, x, *args, **kwargs)
-            return out[0] if stateful else out
-
-        def train_run(params, frozen, x, icpt, key):
-            def hk_icpt(nf, a, kw, ctx):
-                if ctx.method_name == "__init__":
-                    return nf(*a, **kw)
-                return icpt(ctx.module.module_name, ctx.method_name, nf, a, kw)
-
-            call = (params, frozen) if stateful else (params,)
-            if with_rng:
-                call = (*call, key)
-            with hk.intercept_methods(hk_icpt):
-                out = f.apply(*call, x, *train_args, **train_kwargs)
+                out = f.apply(*call, x, *call_args, **call_kwargs)
             return out if stateful else (out, frozen)
+
+        def run(params, frozen, x, icpt):  # the evaluation call
+            return apply(params, frozen, x, icpt, None, args, kwargs)[0]
+
+        def train_run(params, frozen, x, icpt, key):  # the training call, with the step's key
+            return apply(params, frozen, x, icpt, key, train_args, train_kwargs)
 
         def refuse(e, where):
             msg = str(e)

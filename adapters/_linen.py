@@ -85,6 +85,22 @@ def _candidates(params) -> list[tuple[tuple[int, ...], str]]:
     return out
 
 
+def _interceptor(icpt):
+    """A Linen method interceptor calling `icpt(module path, method, next_fn, args, kwargs)`
+    for every method call of a named submodule (not for setup, nor the top-level module)."""
+
+    def ln_icpt(nf, a, kw, ctx):
+        m = ctx.module
+        if ctx.method_name in ("setup", "__post_init__") or m.scope is None:
+            return nf(*a, **kw)
+        name = "/".join(str(s) for s in m.scope.path)
+        if not name:
+            return nf(*a, **kw)
+        return icpt(name, ctx.method_name, nf, a, kw)
+
+    return ln_icpt
+
+
 class LinenAdapter(AbstractAdapter):
     """Flax Linen modules: `nn.Sequential`, modules with submodule lists built in `setup()`,
     and `@nn.compact` modules.
@@ -152,31 +168,13 @@ class LinenAdapter(AbstractAdapter):
         frozen = {k: v for k, v in variables.items() if k != "params"}
 
         def run(p, fr, x, icpt):
-            def ln_icpt(nf, a, kw, ctx):
-                m = ctx.module
-                if ctx.method_name in ("setup", "__post_init__") or m.scope is None:
-                    return nf(*a, **kw)
-                name = "/".join(str(s) for s in m.scope.path)
-                if not name:
-                    return nf(*a, **kw)
-                return icpt(name, ctx.method_name, nf, a, kw)
-
-            with nn.intercept_methods(ln_icpt):
+            with nn.intercept_methods(_interceptor(icpt)):
                 return module.apply({"params": p, **fr}, x, *args, **kwargs)
 
         def train_run(p, fr, x, icpt, key):
-            def ln_icpt(nf, a, kw, ctx):
-                m = ctx.module
-                if ctx.method_name in ("setup", "__post_init__") or m.scope is None:
-                    return nf(*a, **kw)
-                name = "/".join(str(s) for s in m.scope.path)
-                if not name:
-                    return nf(*a, **kw)
-                return icpt(name, ctx.method_name, nf, a, kw)
-
             rngs = {} if key is None else {
                 n: key if i == 0 else jax.random.fold_in(key, i) for i, n in enumerate(rng_names)}
-            with nn.intercept_methods(ln_icpt):
+            with nn.intercept_methods(_interceptor(icpt)):
                 if not fr:
                     return module.apply({"params": p}, x, *train_args, rngs=rngs,
                                         **train_kwargs), fr
