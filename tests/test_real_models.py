@@ -622,3 +622,40 @@ def test_nnx_cnn_with_batchnorm_and_dropout_trains_on_digits():
     assert type(back) is NnxCNN and not trained_module.bn1.use_running_average
     back.eval()
     np.testing.assert_allclose(model.eval()(xt), back(xt), rtol=1e-5, atol=1e-5)
+
+
+def _train_on_digits(model, epochs=4):
+    x, y, xt, yt = _digits()
+    energy = pccore.PC(loss=pccore.CrossEntropy())
+    step = pccore.TrainStep(optax.adam(1e-2), energy=energy, dt0=0.05)  # BatchNorm: stiff
+    opt_state = step.init(model)
+    for _ in range(epochs):
+        for i in range(0, len(x) - 63, 64):
+            model, opt_state, stats = step(model, opt_state, x=x[i:i + 64], y=y[i:i + 64])
+            assert bool(stats.updated)
+    # accuracy of the training-mode forward (batch statistics of the test set): what the
+    # weights learnt, apart from how far the running averages have come in a short run
+    acc = float(jnp.mean(jnp.argmax(model(xt), -1) == jnp.argmax(yt, -1)))
+    return model, acc, xt
+
+
+@pytest.mark.slow
+def test_hk_resnet_trains_on_digits_in_training_mode():
+    f, params, state = _hk_setup()
+    model = pccore.wrap(f, params, state=state, args=(False,), train_args=(True,),
+                        input_shape=(8, 8, 1), boundaries=HK_BOUNDARIES)
+    model, acc, xt = _train_on_digits(model)
+    assert acc > 0.5, acc  # chance is 0.1
+    native = f.apply(model.unwrap(), model.unwrap_state(), None, xt, False)[0]
+    np.testing.assert_allclose(model.eval()(xt), native, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_linen_resnet_trains_on_digits_in_training_mode():
+    net, v = _ln_setup()
+    model = pccore.wrap(net, v, kwargs={"train": False}, train_kwargs={"train": True},
+                        input_shape=(8, 8, 1), boundaries=LN_BOUNDARIES)
+    model, acc, xt = _train_on_digits(model)
+    assert acc > 0.5, acc
+    np.testing.assert_allclose(model.eval()(xt), net.apply(model.unwrap(), xt, False),
+                               rtol=1e-5, atol=1e-5)
