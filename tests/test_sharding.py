@@ -131,3 +131,52 @@ def test_sharding_errors():
         pccore.shard_batch(jnp.zeros((2,)), mesh="cpu")
     with pytest.raises(ValueError, match=r"`devices` is empty"):
         pccore.data_parallel_mesh([])
+
+
+_TRAIN_MODE_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import jax
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp, optax
+    import pccore
+    from tests.test_train_mode import _equinox, _data
+
+    assert len(jax.devices()) == 4, jax.devices()
+    _, _, model = _equinox(0.5)  # train-mode BatchNorm and Dropout
+    x, y = _data()
+    optim = optax.adam(1e-2)
+
+    def run(model, opt_state, x, y):
+        for i in range(2):
+            model, opt_state, stats = pccore.train_step(model, optim, opt_state, x=x, y=y,
+                                                        key=jax.random.key(i))
+        return model, stats
+
+    one = run(model, optim.init(model.params), x, y)
+    mesh, model_r, opt_r = pccore.data_parallel(model, optim.init(model.params))
+    xs, ys = pccore.shard_batch((x, y), mesh)
+    many = run(model_r, opt_r, xs, ys)
+    err = lambda s, t: max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(s, t, strict=True))
+    json.dump({
+        "param_err": err(jax.tree.leaves(one[0].params), jax.tree.leaves(many[0].params)),
+        "state_err": err(jax.tree.leaves(one[0].layers), jax.tree.leaves(many[0].layers)),
+        "energy": [float(one[1].energy), float(many[1].energy)],
+        "moved": err(jax.tree.leaves(one[0].layers), jax.tree.leaves(model.layers)),
+    }, sys.stdout)
+    """
+)
+
+
+@pytest.mark.slow
+def test_training_mode_batchnorm_and_dropout_shard_like_one_device():
+    """Batch statistics over the whole sharded batch, the same masks, the same running
+    averages: 4 devices give the one-device step (float64)."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", _TRAIN_MODE_SCRIPT], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    assert out["param_err"] < 1e-10 and out["state_err"] < 1e-10, out
+    np.testing.assert_allclose(*out["energy"], rtol=1e-10)
+    assert out["moved"] > 1e-3  # the running averages did change
