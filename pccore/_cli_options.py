@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ._custom_types import StepSizeController
 from ._bidirectional import BPC, Bidirectional
 from ._energy import PC, AbstractEnergy
 from ._epc import EPC
@@ -47,7 +48,7 @@ class SolverConfig:
 
     name: str
     solver: Any
-    stepsize_controller: diffrax.AbstractStepSizeController
+    stepsize_controller: StepSizeController
     t1: float
     dt0: float | None
     max_steps: int | None

@@ -7,7 +7,7 @@ from jaxtyping import Array, Float
 from ._check import check_data
 from ._custom_types import BatchArray
 from ._energy import PC, AbstractEnergy
-from ._model import PCModel
+from ._model import AbstractPCModel, PCModel
 
 
 class Evaluation(eqx.Module):
@@ -17,7 +17,8 @@ class Evaluation(eqx.Module):
     accuracy: Float[Array, ""]
 
 
-def evaluate(model, x: BatchArray, y: BatchArray, *, energy: AbstractEnergy = PC()) -> Evaluation:
+def evaluate(model: AbstractPCModel, x: BatchArray, y: BatchArray, *,
+             energy: AbstractEnergy = PC()) -> Evaluation:
     """Evaluate the feed-forward prediction of `model` on a labelled batch.
 
     At test time a discriminative PC network's prediction is its feed-forward pass (with the

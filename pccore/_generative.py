@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._check import as_batch
-from ._custom_types import BatchArray
+from ._custom_types import BatchArray, StepSizeController
 from ._energy import PC, AbstractEnergy
 from ._infer import infer
 from ._init import AbstractInit, RandomNormal
@@ -37,7 +37,7 @@ def generative_evaluate(
     *,
     energy: AbstractEnergy = PC(),
     solver: Any = diffrax.Euler(),
-    stepsize_controller: diffrax.AbstractStepSizeController = diffrax.ConstantStepSize(),
+    stepsize_controller: StepSizeController = diffrax.ConstantStepSize(),
     t1: float | None = None,
     dt0: float | None = 0.1,
     max_steps: int | None = None,

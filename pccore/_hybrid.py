@@ -28,7 +28,7 @@ import optax
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._check import as_batch, check_data, check_opt_state
-from ._custom_types import Activities, BatchArray, Scalar
+from ._custom_types import Activities, BatchArray, Scalar, StepSizeController
 from ._energy import PC, AbstractEnergy, sq_norm
 from ._generative import generative_evaluate
 from ._infer import check_solver
@@ -167,7 +167,7 @@ def hybrid_train_step(
     y: BatchArray,
     energy: AbstractEnergy = PC(),
     solver: Any = diffrax.Euler(),
-    stepsize_controller: diffrax.AbstractStepSizeController = diffrax.ConstantStepSize(),
+    stepsize_controller: StepSizeController = diffrax.ConstantStepSize(),
     t1: float | None = None,
     dt0: float | None = 0.1,
     max_steps: int | None = None,

@@ -47,7 +47,7 @@ from ._check import (
     thread_error,
 )
 from ._compiled import compiled
-from ._custom_types import Activities, BatchArray
+from ._custom_types import Activities, BatchArray, StepSizeController
 from ._energy import PC, AbstractEnergy
 from ._init import AbstractInit, FeedForward
 from ._model import PCModel
@@ -756,7 +756,7 @@ def infer(
     y: BatchArray | None,
     energy: AbstractEnergy = PC(),
     solver: Any = diffrax.Euler(),
-    stepsize_controller: diffrax.AbstractStepSizeController = diffrax.ConstantStepSize(),
+    stepsize_controller: StepSizeController = diffrax.ConstantStepSize(),
     t1: float | None = None,
     dt0: float | None = 0.1,
     max_steps: int | None = None,

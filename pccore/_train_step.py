@@ -31,7 +31,7 @@ from ._check import (
     check_opt_state,
 )
 from ._compiled import compiled
-from ._custom_types import BatchArray
+from ._custom_types import BatchArray, StepSizeController
 from ._energy import PC, AbstractEnergy
 from ._infer import check_solver
 from ._init import AbstractInit, FeedForward
@@ -186,7 +186,7 @@ class TrainStep:
         *,
         energy: AbstractEnergy = PC(),
         solver: Any = diffrax.Euler(),
-        stepsize_controller: diffrax.AbstractStepSizeController = diffrax.ConstantStepSize(),
+        stepsize_controller: StepSizeController = diffrax.ConstantStepSize(),
         t1: float | None = None,
         dt0: float | None = 0.1,
         max_steps: int | None = None,
@@ -497,7 +497,7 @@ def train_step(
     y: BatchArray | None,
     energy: AbstractEnergy = PC(),
     solver: Any = diffrax.Euler(),
-    stepsize_controller: diffrax.AbstractStepSizeController = diffrax.ConstantStepSize(),
+    stepsize_controller: StepSizeController = diffrax.ConstantStepSize(),
     t1: float | None = None,
     dt0: float | None = 0.1,
     max_steps: int | None = None,

@@ -68,7 +68,10 @@ class Built(NamedTuple):
     forward: Callable[[Any, jax.Array], jax.Array]
 
 
-Builder = Callable[[str, Weights, Callable[[jax.Array], jax.Array]], Built]
+Activation = Callable[[jax.Array], jax.Array]
+"""An elementwise activation function."""
+
+Builder = Callable[[str, Weights, Activation], Built]
 """`build(kind, weights, activation) -> Built`: your framework's model of that architecture."""
 
 
@@ -152,7 +155,12 @@ def _activation(kind: str) -> Callable[[jax.Array], jax.Array]:
     return jax.nn.relu if kind == "cnn" else jnp.tanh
 
 
-def run(built: Built, template: PCModel, x: jax.Array, y: jax.Array) -> tuple[dict, tuple]:
+Quantities = dict[str, list[Any]]
+"""What the checks compare: per quantity, a list of arrays."""
+
+
+def run(built: Built, template: PCModel, x: jax.Array, y: jax.Array
+        ) -> tuple[Quantities, tuple[jax.Array, jax.Array]]:
     """Every quantity the checks compare, for one built model (parameters in the
     `template`'s layout, through [`pccore.transfer_weights`][]), and `(native forward of the
     unwrapped model, pccore's prediction)` after training."""
@@ -167,7 +175,7 @@ def run(built: Built, template: PCModel, x: jax.Array, y: jax.Array) -> tuple[di
     gp = param_grads(model, sol.activities, x=x, y=y, energy=pc)
     optim = optax.sgd(0.05, momentum=0.9)
     state = optim.init(model.params)
-    out: dict[str, list] = {
+    out: Quantities = {
         "energy": [E],
         "activity_grads": list(gz),
         "activities": list(sol.activities),
@@ -186,7 +194,7 @@ def run(built: Built, template: PCModel, x: jax.Array, y: jax.Array) -> tuple[di
 
 
 @functools.lru_cache(maxsize=8)
-def _reference(kind: str, dtype_name: str) -> tuple[dict, PCModel]:
+def _reference(kind: str, dtype_name: str) -> tuple[Quantities, PCModel]:
     dtype = jnp.dtype(dtype_name)
     built = equinox_reference(kind, conformance_weights(kind, dtype), _activation(kind))
     x, y = conformance_data(kind, dtype)
@@ -196,7 +204,7 @@ def _reference(kind: str, dtype_name: str) -> tuple[dict, PCModel]:
 
 
 def check_conformance(build: Builder, kind: str = "mlp", *, dtype: Any = jnp.float64,
-                      rtol: float | None = None, channels_first: bool = False) -> dict:
+                      rtol: float | None = None, channels_first: bool = False) -> Quantities:
     """Build `kind` with `build` and check it against the Equinox reference.
 
     **Arguments:**

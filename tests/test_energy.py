@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jaxtyping import ArrayLike
 
 import pccore
 
@@ -134,7 +135,7 @@ class PrecisionPC(pccore.AbstractChainEnergy):
     precisions: tuple[float, ...]
     loss: pccore.AbstractLoss = pccore.MSE()
     parameterisation: pccore.AbstractParameterisation = pccore.SP()
-    activity_decay: float = 0.0
+    activity_decay: float | ArrayLike = 0.0
     regularisers: tuple[pccore.AbstractRegulariser, ...] = ()
 
     def layer_energies(self, model, variables, x, y):
