@@ -42,6 +42,9 @@ from ._hybrid import amortiser_energy as amortiser_energy
 from ._hybrid import hybrid_evaluate as hybrid_evaluate
 from ._hybrid import hybrid_train_step as hybrid_train_step
 from ._infer import infer as infer
+from ._inference import AbstractInference as AbstractInference
+from ._inference import Fields as Fields
+from ._inference import OptaxInference as OptaxInference
 from ._init import AbstractInit as AbstractInit
 from ._init import FeedForward as FeedForward
 from ._init import RandomNormal as RandomNormal

@@ -48,6 +48,7 @@ from ._check import (
 )
 from ._compiled import compiled
 from ._custom_types import Activities, BatchArray, StepSizeController
+from ._inference import AbstractInference, Fields, OptaxInference, drive
 from ._energy import PC, AbstractEnergy
 from ._init import AbstractInit, FeedForward
 from ._model import PCModel
@@ -59,7 +60,7 @@ _FAMILIES = (
     "diffrax.Heun(), diffrax.Tsit5()); an optax GradientTransformation stepping the "
     "activities (e.g. optax.sgd(0.1), optax.adam(0.1)); or an optimistix minimiser (e.g. "
     "optx.BFGS(rtol=1e-6, atol=1e-6), optx.NonlinearCG(...), needs `pip install "
-    '"pccore[optimistix]"`)'
+    '"pccore[optimistix]"`); or an inference method of your own, a pccore.AbstractInference'
 )
 
 
@@ -99,6 +100,12 @@ def all_finite(tree):
 
 def is_optax(solver: Any) -> bool:
     return isinstance(solver, optax.GradientTransformation)
+
+
+def is_stepped(solver: Any) -> bool:
+    """A method of the step driver: an `AbstractInference`, or an optax optimiser (its
+    shorthand). Its budget is a number of steps, not a time horizon."""
+    return is_optax(solver) or isinstance(solver, AbstractInference)
 
 
 def is_optimistix(solver: Any) -> bool:
@@ -159,13 +166,14 @@ def check_solver(solver, stepsize_controller, t1, dt0, max_steps, steady_state, 
     """
     t1, dt0 = as_number("t1", t1), as_number("dt0", dt0)
     ode = isinstance(solver, diffrax.AbstractSolver)
-    if not (ode or is_optax(solver) or is_optimistix(solver)):
+    if not (ode or is_stepped(solver) or is_optimistix(solver)):
         raise TypeError(f"`solver` must be {_FAMILIES}; got {type(solver).__name__}.")
     if ode:
         t1 = 2.0 if t1 is None else t1
         _check_ode_solver(solver)
     else:
-        family = "optax optimiser" if is_optax(solver) else "optimistix minimiser"
+        family = ("optax optimiser" if is_optax(solver) else "optimistix minimiser"
+                  if is_optimistix(solver) else f"inference method ({type(solver).__name__})")
         if t1 is not None:
             raise ValueError(
                 f"`t1={t1!r}`: `solver` is an {family}, which has no time horizon; expected "
@@ -211,7 +219,7 @@ def _check_budget(solver, stepsize_controller, t1, dt0, max_steps, steady_state,
         raise ValueError(f"`max_steps` must be a positive int; got {max_steps!r}.")
     max_steps = None if max_steps is None else int(max_steps)
     _check_saveat(saveat)
-    if is_optax(solver):
+    if is_stepped(solver):
         n = 20 if max_steps is None else max_steps
         if saveat is not None:
             sub = saveat.subs
@@ -338,56 +346,16 @@ def _keep(done, new, old):
     return jtu.tree_map(lambda a, b: jnp.where(done, b, a), new, old)
 
 
-def _solve_optax(opt, energy, model, z0, x, y, n, steady, saveat):
-    grad = lambda z: activity_grad(energy, model, z, x, y)
-    s0 = opt.init(z0)
+def _solve_method(method: AbstractInference, energy, model, z0, x, y, n, steady, saveat) -> Raw:
+    """An inference method's steps, run by the one driver (`_inference.drive`)."""
+    fields = Fields(
+        grad=lambda z: activity_grad(energy, model, z, x, y),
+        energy=lambda z: energy.per_sample(model, z, x, y).sum(),
+    )
     ts = None if saveat is None else jnp.asarray(saveat.subs.ts)
-
-    if steady is None and ts is None:
-
-        def body(_, c):
-            z, s = c
-            upd, s = opt.update(grad(z), s, z)
-            return optax.apply_updates(z, upd), s
-
-        z, _ = jax.lax.fori_loop(0, n, body, (z0, s0))
-        return Raw(z, n, n, RESULTS.completed, n)
-
-    def save(buf, z, k):
-        if buf is None:
-            return None
-        hit = ts == k
-        return jtu.tree_map(
-            lambda b, a: jnp.where(hit.reshape((-1,) + (1,) * a.ndim), a[None], b), buf, z
-        )
-
-    # a save time the solve does not reach (after a steady-state stop) holds inf, as in diffrax
-    buf0 = None if ts is None else jtu.tree_map(
-        lambda a: jnp.full((ts.size, *a.shape), jnp.inf, a.dtype), z0)
-    buf0 = save(buf0, z0, 0)
-    check = (lambda g, z: jnp.array(False)) if steady is None else ft.partial(is_steady, steady)
-
-    # The carry holds the gradient at the current state: one evaluation per update, and
-    # the steady-state test reads the same gradient.
-    def cond(c):
-        k, _, _, _, done, _ = c
-        return (k < n) & ~done
-
-    def body(c):
-        k, z, s, g, _, buf = c
-        upd, s = opt.update(g, s, z)
-        z = optax.apply_updates(z, upd)
-        g = grad(z)
-        return k + 1, z, s, g, check(g, z), save(buf, z, k + 1)
-
-    e0, g0 = energy_and_grad(energy, model, z0, x, y)
-    c0 = (0, z0, s0, g0, check(g0, z0), buf0)
-    k, z, _, g, done, buf = jax.lax.while_loop(cond, body, c0)
-    if steady is None:
-        result = RESULTS.completed
-    else:
-        result = RESULTS.where(done, RESULTS.converged, RESULTS.max_steps_reached)
-    return Raw(z, k, k, result, k + 1, g, ts, buf, e0)
+    test = None if steady is None else ft.partial(is_steady, steady)
+    z, k, result, evals, g, buf, e0 = drive(method, fields, z0, n, test, ts)
+    return Raw(z, k, k, result, evals, g, ts, buf, e0)
 
 
 def _vector_field(t, z, args):
@@ -718,9 +686,11 @@ def _no_variables(z0, saveat, optax_times: bool, n: int) -> Raw:
 def solve_raw(model, z0, x, y, energy, solver, controller, t1, dt0, n, steady, saveat) -> Raw:
     """Run the route for `solver` on a prepared model (traceable); unpackaged."""
     if not jtu.tree_leaves(z0):
-        return _no_variables(z0, saveat, is_optax(solver), n)
+        return _no_variables(z0, saveat, is_stepped(solver), n)
     if is_optax(solver):
-        return _solve_optax(solver, energy, model, z0, x, y, n, steady, saveat)
+        solver = OptaxInference(solver)
+    if isinstance(solver, AbstractInference):
+        return _solve_method(solver, energy, model, z0, x, y, n, steady, saveat)
     if is_optimistix(solver):
         from ._infer_optimistix import solve_optimistix
 

@@ -1,0 +1,148 @@
+r"""Inference methods as objects: a step contract, and the one driver loop that runs it.
+
+An inference method moves the activities $z$ towards a minimum of the energy
+$\mathcal F = \sum_i F_i$. A family subclasses [`pccore.AbstractInference`][] and writes one
+step; the driver owns everything else: the gradient at each new point, the steady-state test
+([`pccore.SteadyState`][]) on that gradient, the count of gradient evaluations, the step
+budget (`max_steps`), saving at step counts (`diffrax.SaveAt(ts=...)`), and (in `_finish`)
+the divergence and stability checks. Pass an instance as `solver=` to [`pccore.infer`][],
+[`pccore.train_step`][] or [`pccore.TrainStep`][].
+
+Optax optimisers on the activities run through this driver ([`pccore.OptaxInference`][]; an
+optax `GradientTransformation` given as `solver=` is the shorthand). Diffrax solvers and
+optimistix minimisers keep their specialised loops (a time axis and adaptive steps; an
+optimistix state machine), which fuse work the contract cannot express.
+"""
+
+import abc
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import optax
+
+from ._custom_types import Activities, Scalar
+from ._results import RESULTS
+
+
+class Fields(NamedTuple):
+    r"""What a step may evaluate: the activity gradient $\nabla_z \mathcal F$ and the energy
+    $\mathcal F$ (batch sums), on the model, data and energy of the solve."""
+
+    grad: Callable[[Activities], Activities]
+    energy: Callable[[Activities], Scalar]
+
+
+class AbstractInference(eqx.Module):
+    r"""An inference method: one step of a descent of the energy over the activities.
+
+    A subclass implements `init` and `step`; the driver calls
+    `state = init(z0)`, then, until `max_steps` steps or a steady state,
+    `z, state = step(fields, z, g, state)` with `g` the gradient at `z`. The driver evaluates
+    the gradient at each new point (once per step) and tests it; a step that needs more
+    evaluations calls `fields.grad` or `fields.energy` itself (each `fields.grad` call in the
+    traced step counts as one evaluation per step in `num_grad_evals`; calls inside a loop
+    transform count once).
+
+    Steps are traced once and run in a `jax.lax` loop: they must be pure functions of their
+    arguments, and the state a pytree of arrays of fixed shapes.
+    """
+
+    @abc.abstractmethod
+    def init(self, z0: Activities) -> Any:
+        """The method's state at the start `z0` (e.g. an optimiser's moments)."""
+
+    @abc.abstractmethod
+    def step(self, fields: Fields, z: Activities, g: Activities,
+             state: Any) -> tuple[Activities, Any]:
+        """One step from `z`, where the gradient is `g`: the new activities and state."""
+
+
+class OptaxInference(AbstractInference):
+    r"""An optax optimiser on the activities: $z \leftarrow z + \mathrm{update}(\nabla_z \mathcal F)$.
+
+    `OptaxInference(optax.sgd(0.1))` is Euler's method with step 0.1; momentum, Adam and
+    noise injection (`optax.add_noise`) are descents of their own. `solver=optim` with an
+    optax `GradientTransformation` is the shorthand for `solver=OptaxInference(optim)`.
+
+    **Arguments:** `optim`, an optax `GradientTransformation`.
+    """
+
+    optim: optax.GradientTransformation = eqx.field(static=True)
+
+    def init(self, z0: Activities) -> Any:
+        return self.optim.init(z0)
+
+    def step(self, fields: Fields, z: Activities, g: Activities,
+             state: Any) -> tuple[Activities, Any]:
+        updates, state = self.optim.update(g, state, z)
+        return optax.apply_updates(z, updates), state
+
+
+def _counted(fields: Fields) -> tuple[Fields, list[int]]:
+    """`fields` whose gradient counts its calls while a step is traced."""
+    calls = [0]
+
+    def grad(z):
+        calls[0] += 1
+        return fields.grad(z)
+
+    return Fields(grad, fields.energy), calls
+
+
+def drive(method: AbstractInference, fields: Fields, z0: Activities, n: int,
+          is_steady: Callable[[Activities, Activities], Any] | None, ts: Any):
+    """The loop: `n` steps of `method` or fewer (a steady state by `is_steady(g, z)`),
+    saving at the step counts `ts`. **Returns** `(z, k, result, evals, g, saved, e0)`: the
+    end, the steps taken, the result code, gradient evaluations, the gradient at the end (None
+    on the fast path), the buffer of saved activities, and the starting energy (or None)."""
+    counting, calls = _counted(fields)
+    if is_steady is None and ts is None:
+        # No test, nothing saved: the gradient at the start of each step is all it needs.
+        def body(_, c):
+            z, s = c
+            return method.step(counting, z, fields.grad(z), s)
+
+        z, _ = jax.lax.fori_loop(0, n, body, (z0, method.init(z0)))
+        return z, n, RESULTS.completed, n * (1 + calls[0]), None, None, None
+
+    def save(buf, z, k):
+        if buf is None:
+            return None
+        hit = ts == k
+        return jtu.tree_map(
+            lambda b, a: jnp.where(hit.reshape((-1,) + (1,) * a.ndim), a[None], b), buf, z
+        )
+
+    # a save time the solve does not reach (after a steady-state stop) holds inf, as in diffrax
+    buf0 = None if ts is None else jtu.tree_map(
+        lambda a: jnp.full((ts.size, *a.shape), jnp.inf, a.dtype), z0)
+    buf0 = save(buf0, z0, 0)
+    check = (lambda g, z: jnp.array(False)) if is_steady is None else is_steady
+
+    # The carry holds the gradient at the current point: one evaluation per step, and the
+    # steady-state test reads the same gradient as the next step.
+    def cond(c):
+        k, _, _, _, done, _ = c
+        return (k < n) & ~done
+
+    def body(c):
+        k, z, s, g, _, buf = c
+        z, s = method.step(counting, z, g, s)
+        g = fields.grad(z)
+        return k + 1, z, s, g, check(g, z), save(buf, z, k + 1)
+
+    e0, g0 = jax.value_and_grad(fields.energy)(z0)
+    c0 = (0, z0, method.init(z0), g0, check(g0, z0), buf0)
+    k, z, _, g, done, buf = jax.lax.while_loop(cond, body, c0)
+    if is_steady is None:
+        result = RESULTS.completed
+    else:
+        result = RESULTS.where(done, RESULTS.converged, RESULTS.max_steps_reached)
+    return z, k, result, 1 + k * (1 + calls[0]), g, buf, e0
+
+
+__all__ = ["AbstractInference", "Fields", "OptaxInference", "drive"]

@@ -1,0 +1,123 @@
+"""Inference methods as objects: families written outside pccore run through the one driver.
+
+Two families are written here, on the public step contract only (`pccore.AbstractInference`):
+plain gradient descent, and gradient descent with a backtracking (Armijo) line search. They
+run through `pccore.infer`, `pccore.train_step` and `pccore.TrainStep` with no edit to pccore.
+Oracles: optax SGD (the same descent), the closed-form equilibrium of a deep linear network,
+and the counted gradient evaluations.
+"""
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+import optax
+import pytest
+
+import pccore
+from tests import cases
+
+
+class GradientDescent(pccore.AbstractInference):
+    """z <- z - lr * g."""
+
+    lr: float = 0.1
+
+    def init(self, z0):
+        return None
+
+    def step(self, fields, z, g, state):
+        return jtu.tree_map(lambda a, b: a - self.lr * b, z, g), state
+
+
+class LineSearch(pccore.AbstractInference):
+    """Gradient descent with the largest step in lr * 2^-j (j < 12) that decreases the energy
+    by at least c * step * |g|^2 (Armijo); a monotone descent by construction. It checks the
+    gradient at the accepted point once more (an extra evaluation per step, to be counted)."""
+
+    lr: float = 4.0
+    c: float = 1e-4
+
+    def init(self, z0):
+        return None
+
+    def step(self, fields, z, g, state):
+        e = fields.energy(z)
+        g2 = sum(jnp.sum(b * b) for b in jtu.tree_leaves(g))
+        steps = self.lr * 0.5 ** jnp.arange(12.0)
+        trial = lambda h: jtu.tree_map(lambda a, b: a - h * b, z, g)
+        energies = jax.vmap(lambda h: fields.energy(trial(h)))(steps)
+        ok = energies <= e - self.c * steps * g2
+        h = jnp.where(jnp.any(ok), steps[jnp.argmax(ok)], 0.0)
+        new = trial(h)
+        fields.grad(new)  # an extra evaluation (unused): num_grad_evals must count it
+        return new, state
+
+
+def _mlp(dtype=jnp.float64):
+    return cases.build_mlp("equinox", cases.canonical_mlp([5, 8, 6, 3], jax.random.key(0), dtype))
+
+
+def _data(dtype=jnp.float64):
+    return (jax.random.normal(jax.random.key(1), (6, 5), dtype),
+            jax.random.normal(jax.random.key(2), (6, 3), dtype))
+
+
+def test_a_family_of_your_own_equals_the_same_descent_by_optax(x64):
+    model, (x, y) = _mlp(), _data()
+    ours = pccore.infer(model, x=x, y=y, solver=GradientDescent(0.1), max_steps=15)
+    sgd = pccore.infer(model, x=x, y=y, solver=optax.sgd(0.1), max_steps=15)
+    for a, b in zip(ours.activities, sgd.activities):
+        np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-15)
+    assert int(ours.num_steps) == 15 and int(ours.num_grad_evals) == 15
+    # the object form of the optax shorthand is the same too
+    wrapped = pccore.infer(model, x=x, y=y, solver=pccore.OptaxInference(optax.sgd(0.1)),
+                           max_steps=15)
+    for a, b in zip(wrapped.activities, sgd.activities):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_the_driver_stops_at_a_steady_state_and_counts_every_evaluation(x64):
+    """A line search on a deep linear network reaches the closed-form equilibrium; the energy
+    never rises; the extra gradient a step evaluates is counted."""
+    model = cases.linear_network(jax.random.key(3), [4, 6, 5, 3])
+    model = jax.tree.map(lambda a: a.astype(jnp.float64) if eqx.is_inexact_array(a) else a, model)
+    x = jax.random.normal(jax.random.key(4), (5, 4), jnp.float64)
+    y = jax.random.normal(jax.random.key(5), (5, 3), jnp.float64)
+    atol = 1e-6  # (an energy-based line search stalls near 1e-9: decreases below rounding)
+    steady = pccore.SteadyState(rtol=0.0, atol=atol)
+    sol = pccore.infer(model, x=x, y=y, solver=LineSearch(), max_steps=2000, steady_state=steady,
+                       saveat=diffrax.SaveAt(ts=jnp.arange(0, 40)))
+    assert sol.result == pccore.RESULTS.converged
+    k = int(sol.num_steps)
+    assert int(sol.num_grad_evals) == 1 + 2 * k  # the start, and two per step
+    want = pccore.theory.linear_equilibrium_activities(model, x, y)
+    # |z - z*|_inf <= sqrt(d) atol / lambda_min(H) per sample, d latent units per sample
+    lam_min = float(jnp.linalg.eigvalsh(pccore.theory.linear_activity_hessian(model)).min())
+    bound = np.sqrt(6 + 5) * atol / lam_min
+    for a, b in zip(sol.activities, want):
+        np.testing.assert_allclose(a, b, rtol=0, atol=bound)
+    reached = np.asarray(sol.energies)[np.isfinite(np.asarray(sol.energies))]
+    assert len(reached) > 2 and np.all(np.diff(reached) <= 1e-12 * abs(reached[0]))
+
+
+def test_a_family_of_your_own_trains_through_train_step_and_TrainStep(x64):
+    model, (x, y) = _mlp(), _data()
+    optim = optax.sgd(0.05)
+    ours = pccore.TrainStep(optim, solver=GradientDescent(0.1), max_steps=10)
+    a = ours(model, ours.init(model), x=x, y=y)
+    b = pccore.train_step(model, optim, optim.init(model.params), x=x, y=y,
+                          solver=optax.sgd(0.1), max_steps=10)
+    for u, v in zip(jax.tree.leaves((a[0].params, a[2].energy)), jax.tree.leaves((b[0].params, b[2].energy))):
+        np.testing.assert_allclose(u, v, rtol=1e-13, atol=1e-15)
+    assert int(a[2].num_grad_evals) == 10
+
+
+def test_an_inference_method_takes_no_time_horizon():
+    model = _mlp(jnp.float32)
+    x, y = _data(jnp.float32)
+    with pytest.raises(ValueError, match=r"`t1=1.0`: `solver` is an inference method "
+                                         r"\(GradientDescent\), which has no time horizon"):
+        pccore.infer(model, x=x, y=y, solver=GradientDescent(), t1=1.0)
