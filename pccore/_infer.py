@@ -48,7 +48,7 @@ from ._check import (
 )
 from ._compiled import compiled
 from ._custom_types import Activities, BatchArray, StepSizeController
-from ._inference import AbstractInference, Fields, OptaxInference, drive
+from ._inference import AbstractInference, Fields, OptaxInference, drive, split_key
 from ._energy import PC, AbstractEnergy
 from ._init import AbstractInit, FeedForward
 from ._model import PCModel
@@ -292,6 +292,7 @@ class Raw(NamedTuple):
     ts: Any = None
     traj: Any = None
     e0: Any = None  # the energy at the start, where the loop's first evaluation gives it
+    descends: bool = True  # whether ending above the start is reported (not for a sampler)
 
 
 def raised(e, e0):
@@ -318,7 +319,9 @@ def _finish(energy, model, z0, x, y, raw: Raw) -> InferenceSolution:
     e = energy.per_sample(model, z, x, y).sum()
     e0 = raw.e0 if raw.e0 is not None else energy.per_sample(model, z0, x, y).sum()
     finite = all_finite(z) & jnp.isfinite(e)
-    result = with_stability(RESULTS.where(finite, raw.result, RESULTS.diverged), e, e0)
+    result = RESULTS.where(finite, raw.result, RESULTS.diverged)
+    if raw.descends:
+        result = with_stability(result, e, e0)
     energies = None
     if traj is not None and not jtu.tree_leaves(traj):  # no variables: the energy is constant
         energies = jnp.where(jnp.isinf(raw.ts), jnp.inf, e)
@@ -346,7 +349,8 @@ def _keep(done, new, old):
     return jtu.tree_map(lambda a, b: jnp.where(done, b, a), new, old)
 
 
-def _solve_method(method: AbstractInference, energy, model, z0, x, y, n, steady, saveat) -> Raw:
+def _solve_method(method: AbstractInference, energy, model, z0, x, y, n, steady, saveat,
+                  key=None) -> Raw:
     """An inference method's steps, run by the one driver (`_inference.drive`)."""
     fields = Fields(
         grad=lambda z: activity_grad(energy, model, z, x, y),
@@ -354,8 +358,8 @@ def _solve_method(method: AbstractInference, energy, model, z0, x, y, n, steady,
     )
     ts = None if saveat is None else jnp.asarray(saveat.subs.ts)
     test = None if steady is None else ft.partial(is_steady, steady)
-    z, k, result, evals, g, buf, e0 = drive(method, fields, z0, n, test, ts)
-    return Raw(z, k, k, result, evals, g, ts, buf, e0)
+    z, k, result, evals, g, buf, e0 = drive(method, fields, z0, n, test, ts, key)
+    return Raw(z, k, k, result, evals, g, ts, buf, e0, method.descends)
 
 
 def _vector_field(t, z, args):
@@ -683,14 +687,16 @@ def _no_variables(z0, saveat, optax_times: bool, n: int) -> Raw:
     return Raw(z0, 0, 0.0, RESULTS.converged, 0, g=z0, ts=ts, traj=None if ts is None else ())
 
 
-def solve_raw(model, z0, x, y, energy, solver, controller, t1, dt0, n, steady, saveat) -> Raw:
-    """Run the route for `solver` on a prepared model (traceable); unpackaged."""
+def solve_raw(model, z0, x, y, energy, solver, controller, t1, dt0, n, steady, saveat,
+              key=None) -> Raw:
+    """Run the route for `solver` on a prepared model (traceable); unpackaged. `key`: the
+    solve's own key, for an inference method that draws random numbers."""
     if not jtu.tree_leaves(z0):
         return _no_variables(z0, saveat, is_stepped(solver), n)
     if is_optax(solver):
         solver = OptaxInference(solver)
     if isinstance(solver, AbstractInference):
-        return _solve_method(solver, energy, model, z0, x, y, n, steady, saveat)
+        return _solve_method(solver, energy, model, z0, x, y, n, steady, saveat, key)
     if is_optimistix(solver):
         from ._infer_optimistix import solve_optimistix
 
@@ -706,8 +712,8 @@ def solve_raw(model, z0, x, y, energy, solver, controller, t1, dt0, n, steady, s
     return _solve_fixed(solver, energy, model, z0, x, y, t1, dt0, n, steady)
 
 
-def _solve(model, z0, x, y, energy, solver, controller, t1, dt0, n, steady, saveat):
-    raw = solve_raw(model, z0, x, y, energy, solver, controller, t1, dt0, n, steady, saveat)
+def _solve(model, z0, x, y, energy, solver, controller, t1, dt0, n, steady, saveat, key=None):
+    raw = solve_raw(model, z0, x, y, energy, solver, controller, t1, dt0, n, steady, saveat, key)
     return _finish(energy, model, z0, x, y, raw)
 
 
@@ -785,13 +791,14 @@ def infer(
     if x is None and y is None:
         raise ValueError("`x` and `y` are both None; pass at least one clamped value.")
     prepared = energy.prepare(model)
+    key, solve_key = split_key(solver, key)
     if activities is None:
         activities = energy.init(prepared, x, y, init, key)
     else:
         activities = check_activities(model, energy, activities, x, y)
     sol = solve(
         prepared, tuple(activities), x, y, energy, solver, stepsize_controller, t1, dt0, n,
-        steady_state, saveat,
+        steady_state, saveat, solve_key,
     )
     if throw:
         bad = ((sol.result == RESULTS.diverged) | (sol.result == RESULTS.max_steps_reached)

@@ -16,13 +16,14 @@ optimistix state machine), which fuse work the contract cannot express.
 
 import abc
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import optax
+from jaxtyping import PRNGKeyArray
 
 from ._custom_types import Activities, Scalar
 from ._results import RESULTS
@@ -40,7 +41,7 @@ class AbstractInference(eqx.Module):
     r"""An inference method: one step of a descent of the energy over the activities.
 
     A subclass implements `init` and `step`; the driver calls
-    `state = init(z0)`, then, until `max_steps` steps or a steady state,
+    `state = init(z0, key)`, then, until `max_steps` steps or a steady state,
     `z, state = step(fields, z, g, state)` with `g` the gradient at `z`. The driver evaluates
     the gradient at each new point (once per step) and tests it; a step that needs more
     evaluations calls `fields.grad` or `fields.energy` itself (each `fields.grad` call in the
@@ -51,9 +52,18 @@ class AbstractInference(eqx.Module):
     arguments, and the state a pytree of arrays of fixed shapes.
     """
 
+    descends: ClassVar[bool] = True
+    """Whether the method descends the energy: a solve that ends above its starting energy is
+    then reported (`RESULTS.energy_increased`). A sampler (Langevin dynamics) sets False."""
+
+    needs_key: ClassVar[bool] = False
+    """Whether the method draws random numbers (Langevin noise): it then gets a key per solve,
+    split from the `key` given to [`pccore.infer`][] or [`pccore.train_step`][] (required)."""
+
     @abc.abstractmethod
-    def init(self, z0: Activities) -> Any:
-        """The method's state at the start `z0` (e.g. an optimiser's moments)."""
+    def init(self, z0: Activities, key: PRNGKeyArray | None) -> Any:
+        """The method's state at the start `z0` (e.g. an optimiser's moments); `key` is this
+        solve's key if `needs_key`, else None."""
 
     @abc.abstractmethod
     def step(self, fields: Fields, z: Activities, g: Activities,
@@ -73,7 +83,7 @@ class OptaxInference(AbstractInference):
 
     optim: optax.GradientTransformation = eqx.field(static=True)
 
-    def init(self, z0: Activities) -> Any:
+    def init(self, z0: Activities, key: PRNGKeyArray | None) -> Any:
         return self.optim.init(z0)
 
     def step(self, fields: Fields, z: Activities, g: Activities,
@@ -94,7 +104,8 @@ def _counted(fields: Fields) -> tuple[Fields, list[int]]:
 
 
 def drive(method: AbstractInference, fields: Fields, z0: Activities, n: int,
-          is_steady: Callable[[Activities, Activities], Any] | None, ts: Any):
+          is_steady: Callable[[Activities, Activities], Any] | None, ts: Any,
+          key: PRNGKeyArray | None = None):
     """The loop: `n` steps of `method` or fewer (a steady state by `is_steady(g, z)`),
     saving at the step counts `ts`. **Returns** `(z, k, result, evals, g, saved, e0)`: the
     end, the steps taken, the result code, gradient evaluations, the gradient at the end (None
@@ -106,7 +117,7 @@ def drive(method: AbstractInference, fields: Fields, z0: Activities, n: int,
             z, s = c
             return method.step(counting, z, fields.grad(z), s)
 
-        z, _ = jax.lax.fori_loop(0, n, body, (z0, method.init(z0)))
+        z, _ = jax.lax.fori_loop(0, n, body, (z0, method.init(z0, key)))
         return z, n, RESULTS.completed, n * (1 + calls[0]), None, None, None
 
     def save(buf, z, k):
@@ -136,7 +147,7 @@ def drive(method: AbstractInference, fields: Fields, z0: Activities, n: int,
         return k + 1, z, s, g, check(g, z), save(buf, z, k + 1)
 
     e0, g0 = jax.value_and_grad(fields.energy)(z0)
-    c0 = (0, z0, method.init(z0), g0, check(g0, z0), buf0)
+    c0 = (0, z0, method.init(z0, key), g0, check(g0, z0), buf0)
     k, z, _, g, done, buf = jax.lax.while_loop(cond, body, c0)
     if is_steady is None:
         result = RESULTS.completed
@@ -145,4 +156,24 @@ def drive(method: AbstractInference, fields: Fields, z0: Activities, n: int,
     return z, k, result, 1 + k * (1 + calls[0]), g, buf, e0
 
 
-__all__ = ["AbstractInference", "Fields", "OptaxInference", "drive"]
+def descends(solver: Any) -> bool:
+    """Whether a solve with `solver` must not end above its starting energy."""
+    return not isinstance(solver, AbstractInference) or solver.descends
+
+
+def split_key(solver: Any, key: PRNGKeyArray | None) -> tuple[PRNGKeyArray | None, PRNGKeyArray | None]:
+    """`(key for the initialiser, key for the solve)`: the given key is split only for a
+    method that draws random numbers (which then must have one)."""
+    if not (isinstance(solver, AbstractInference) and solver.needs_key):
+        return key, None
+    if key is None:
+        raise ValueError(
+            f"`key`: the inference method {type(solver).__name__} draws random numbers, so each "
+            "solve needs a key. Pass `key=` (a new one every call for a new sample, e.g. "
+            "`jax.random.fold_in(key, step)`); the same key gives the same sample."
+        )
+    init_key, solve_key = jax.random.split(key)
+    return init_key, solve_key
+
+
+__all__ = ["AbstractInference", "Fields", "OptaxInference", "descends", "drive", "split_key"]

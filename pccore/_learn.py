@@ -13,6 +13,7 @@ from ._check import check_activities, check_data
 from ._custom_types import Activities, BatchArray, Params, Scalar
 from ._energy import PC, AbstractChainEnergy, AbstractEnergy
 from ._infer import all_finite, solve_raw, with_stability
+from ._inference import descends, split_key
 from ._model import AbstractStatefulLayer, PCModel
 from ._results import RESULTS
 from ._solution import TrainStats
@@ -70,8 +71,10 @@ def update(model, optim, opt_state, x, y, energy, solver, controller, t1, dt0, n
     if stateful:  # one key for the masks of this step, fixed through inference and update
         model, key = _with_step_key(model, energy, key)
     prepared = energy.prepare(model)
+    key, solve_key = split_key(solver, key)
     z0 = energy.init(prepared, x, y, init, key)
-    raw = solve_raw(prepared, z0, x, y, energy, solver, controller, t1, dt0, n, steady, None)
+    raw = solve_raw(prepared, z0, x, y, energy, solver, controller, t1, dt0, n, steady, None,
+                    solve_key)
     # The energy at the start comes from the solver's first evaluation where it has one (a
     # separate pass over the initial activities, kept alive across the loop, put XLA's CPU
     # schedule of the whole step into a measurably slower mode).
@@ -86,7 +89,8 @@ def update(model, optim, opt_state, x, y, energy, solver, controller, t1, dt0, n
     B = (x if x is not None else y).shape[0]
     # Inference that raised the energy (an unstable step size) is said in the result code,
     # whose message names the remedies; the update is still applied (its gradient is finite).
-    result = with_stability(result, e * B, e0)
+    if descends(solver):
+        result = with_stability(result, e * B, e0)
     ok = (result != RESULTS.diverged) & jnp.isfinite(value)
     params, opt_state, ok = guarded_update(optim, grads, opt_state, model.params, ok)
     if stateful:  # running averages: once per step, at the equilibrium, kept if updated

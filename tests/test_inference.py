@@ -25,7 +25,7 @@ class GradientDescent(pccore.AbstractInference):
 
     lr: float = 0.1
 
-    def init(self, z0):
+    def init(self, z0, key):
         return None
 
     def step(self, fields, z, g, state):
@@ -40,7 +40,7 @@ class LineSearch(pccore.AbstractInference):
     lr: float = 4.0
     c: float = 1e-4
 
-    def init(self, z0):
+    def init(self, z0, key):
         return None
 
     def step(self, fields, z, g, state):
@@ -121,3 +121,52 @@ def test_an_inference_method_takes_no_time_horizon():
     with pytest.raises(ValueError, match=r"`t1=1.0`: `solver` is an inference method "
                                          r"\(GradientDescent\), which has no time horizon"):
         pccore.infer(model, x=x, y=y, solver=GradientDescent(), t1=1.0)
+
+
+class Langevin(pccore.AbstractInference):
+    """Unadjusted Langevin dynamics, z <- z - lr g + sqrt(2 lr T) xi: a sampler of
+    exp(-F / T) (Monte Carlo PC's inference). Its noise comes from the solve's key."""
+
+    lr: float = 0.05
+    temperature: float = 1.0
+    needs_key = True
+    descends = False  # a sampler: its energy fluctuates above the minimum
+
+    def init(self, z0, key):
+        traces.append(1)  # counts compilations (a Python side effect at trace time)
+        return key
+
+    def step(self, fields, z, g, key):
+        key, sub = jax.random.split(key)
+        keys = jax.random.split(sub, len(z))
+        scale = jnp.sqrt(2 * self.lr * self.temperature)
+        return tuple(a - self.lr * b + scale * jax.random.normal(k, a.shape, a.dtype)
+                     for a, b, k in zip(z, g, keys)), key
+
+
+traces: list = []
+
+
+def test_a_stochastic_method_gets_a_new_key_every_solve_without_recompiling(x64):
+    """Same key, same sample; a new key, a new sample; one compilation for all of them. Over
+    many chains on a deep linear network the samples' mean is the equilibrium (within
+    sampling error)."""
+    model = cases.linear_network(jax.random.key(3), [4, 6, 5, 3])
+    model = jax.tree.map(lambda a: a.astype(jnp.float64) if eqx.is_inexact_array(a) else a, model)
+    x = jnp.tile(jax.random.normal(jax.random.key(4), (1, 4), jnp.float64), (400, 1))
+    y = jnp.tile(jax.random.normal(jax.random.key(5), (1, 3), jnp.float64), (400, 1))
+    run = lambda k: pccore.infer(model, x=x, y=y, solver=Langevin(), max_steps=300, key=k)
+    traces.clear()
+    a, b, c = run(jax.random.key(0)), run(jax.random.key(0)), run(jax.random.key(1))
+    assert len(traces) == 1  # one trace: the key is an argument, not a constant
+    for u, v in zip(a.activities, b.activities):
+        np.testing.assert_array_equal(u, v)
+    assert float(jnp.abs(a.activities[0] - c.activities[0]).max()) > 1e-2
+    # 400 chains (one per sample, all with the same data): the mean is z*, within 5 standard
+    # errors (the stationary covariance is T H^-1, so the standard error is ~ 1/sqrt(400))
+    want = pccore.theory.linear_equilibrium_activities(model, x[:1], y[:1])
+    for z, w in zip(a.activities, want):
+        se = z.std(axis=0) / np.sqrt(z.shape[0])
+        assert np.all(np.abs(z.mean(axis=0) - w[0]) < 5 * se + 1e-3), (z.mean(0), w[0])
+    with pytest.raises(ValueError, match=r"`key`: the inference method Langevin draws random numbers"):
+        pccore.infer(model, x=x, y=y, solver=Langevin())
