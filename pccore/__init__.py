@@ -43,6 +43,7 @@ from ._hybrid import hybrid_evaluate as hybrid_evaluate
 from ._hybrid import hybrid_train_step as hybrid_train_step
 from ._infer import infer as infer
 from ._inference import AbstractInference as AbstractInference
+from ._inference import AbstractJointInference as AbstractJointInference
 from ._inference import Fields as Fields
 from ._inference import OptaxInference as OptaxInference
 from ._init import AbstractInit as AbstractInit

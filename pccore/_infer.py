@@ -358,7 +358,7 @@ def _solve_method(method: AbstractInference, energy, model, z0, x, y, n, steady,
     )
     ts = None if saveat is None else jnp.asarray(saveat.subs.ts)
     test = None if steady is None else ft.partial(is_steady, steady)
-    z, k, result, evals, g, buf, e0 = drive(method, fields, z0, n, test, ts, key)
+    z, k, result, evals, g, buf, e0, _ = drive(method, fields, z0, n, test, ts, key)
     return Raw(z, k, k, result, evals, g, ts, buf, e0, method.descends)
 
 

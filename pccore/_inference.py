@@ -31,10 +31,19 @@ from ._results import RESULTS
 
 class Fields(NamedTuple):
     r"""What a step may evaluate: the activity gradient $\nabla_z \mathcal F$ and the energy
-    $\mathcal F$ (batch sums), on the model, data and energy of the solve."""
+    $\mathcal F$ (batch sums), on the model, data and energy of the solve.
+
+    Inside a training step a joint method ([`pccore.AbstractJointInference`][]) also gets
+    `param_grad(z, params)`, the gradient $\nabla_\theta \mathcal L$ of the batch-mean
+    parameter objective (regularisers included) at the activities `z`, and
+    `param_update(grads, opt_state, params) -> (params, opt_state)`, one update of the
+    training step's optax optimiser; both None elsewhere.
+    """
 
     grad: Callable[[Activities], Activities]
     energy: Callable[[Activities], Scalar]
+    param_grad: Callable[[Activities, Any], Any] | None = None
+    param_update: Callable[[Any, Any, Any], tuple[Any, Any]] | None = None
 
 
 class AbstractInference(eqx.Module):
@@ -92,33 +101,72 @@ class OptaxInference(AbstractInference):
         return optax.apply_updates(z, updates), state
 
 
-def _counted(fields: Fields) -> tuple[Fields, list[int]]:
-    """`fields` whose gradient counts its calls while a step is traced."""
-    calls = [0]
+class AbstractJointInference(AbstractInference):
+    r"""A method that steps the activities and the parameters together, as incremental PC
+    does: every step may update the parameters, and the next steps see the new ones.
+
+    It runs in a training step ([`pccore.TrainStep`][], [`pccore.train_step`][]), which gives it
+    the parameters and the optimiser state (`init_joint`) and takes them back at the end
+    (`params`), instead of one update at the equilibrium. Its steps reach the parameters
+    through `fields.param_grad` and `fields.param_update` (see [`pccore.Fields`][]); the
+    driver evaluates the activity gradient at the parameters the state holds.
+    """
+
+    descends = False  # the energy changes with the parameters too
+
+    def init(self, z0: Activities, key: PRNGKeyArray | None) -> Any:
+        raise TypeError(
+            f"`solver={type(self).__name__}(...)` steps the parameters too, so it runs in a "
+            "training step (pccore.TrainStep or pccore.train_step), which holds them; "
+            "pccore.infer has no parameters to update."
+        )
+
+    @abc.abstractmethod
+    def init_joint(self, z0: Activities, key: PRNGKeyArray | None, params: Any,
+                   opt_state: Any) -> Any:
+        """The state at the start, holding the model's parameters and optimiser state."""
+
+    @abc.abstractmethod
+    def params(self, state: Any) -> tuple[Any, Any]:
+        """The parameters and optimiser state a state holds."""
+
+
+def _counted(fields: Fields, calls: list[int]) -> Fields:
+    """`fields` whose gradient adds its calls to `calls` while a step is traced."""
 
     def grad(z):
         calls[0] += 1
         return fields.grad(z)
 
-    return Fields(grad, fields.energy), calls
+    return fields._replace(grad=grad)
 
 
 def drive(method: AbstractInference, fields: Fields, z0: Activities, n: int,
           is_steady: Callable[[Activities, Activities], Any] | None, ts: Any,
-          key: PRNGKeyArray | None = None):
+          key: PRNGKeyArray | None = None, *, state0: Any = None,
+          fields_at: Callable[[Any], Fields] | None = None):
     """The loop: `n` steps of `method` or fewer (a steady state by `is_steady(g, z)`),
-    saving at the step counts `ts`. **Returns** `(z, k, result, evals, g, saved, e0)`: the
-    end, the steps taken, the result code, gradient evaluations, the gradient at the end (None
-    on the fast path), the buffer of saved activities, and the starting energy (or None)."""
-    counting, calls = _counted(fields)
+    saving at the step counts `ts`.
+
+    `state0`: the method's starting state (default `method.init(z0, key)`); `fields_at(state)`:
+    the fields at the parameters a joint method's state holds (default: `fields` throughout).
+
+    **Returns** `(z, k, result, evals, g, saved, e0, state)`: the end, the steps taken, the
+    result code, gradient evaluations, the gradient at the end (None on the fast path), the
+    buffer of saved activities, the starting energy (or None) and the method's final state.
+    """
+    calls = [0]
+    at = (lambda s: fields) if fields_at is None else fields_at
+    s0 = method.init(z0, key) if state0 is None else state0
     if is_steady is None and ts is None:
         # No test, nothing saved: the gradient at the start of each step is all it needs.
         def body(_, c):
             z, s = c
-            return method.step(counting, z, fields.grad(z), s)
+            f = at(s)
+            return method.step(_counted(f, calls), z, f.grad(z), s)
 
-        z, _ = jax.lax.fori_loop(0, n, body, (z0, method.init(z0, key)))
-        return z, n, RESULTS.completed, n * (1 + calls[0]), None, None, None
+        z, s = jax.lax.fori_loop(0, n, body, (z0, s0))
+        return z, n, RESULTS.completed, n * (1 + calls[0]), None, None, None, s
 
     def save(buf, z, k):
         if buf is None:
@@ -142,18 +190,18 @@ def drive(method: AbstractInference, fields: Fields, z0: Activities, n: int,
 
     def body(c):
         k, z, s, g, _, buf = c
-        z, s = method.step(counting, z, g, s)
-        g = fields.grad(z)
+        z, s = method.step(_counted(at(s), calls), z, g, s)
+        g = at(s).grad(z)
         return k + 1, z, s, g, check(g, z), save(buf, z, k + 1)
 
-    e0, g0 = jax.value_and_grad(fields.energy)(z0)
-    c0 = (0, z0, method.init(z0, key), g0, check(g0, z0), buf0)
-    k, z, _, g, done, buf = jax.lax.while_loop(cond, body, c0)
+    e0, g0 = jax.value_and_grad(at(s0).energy)(z0)
+    c0 = (0, z0, s0, g0, check(g0, z0), buf0)
+    k, z, s, g, done, buf = jax.lax.while_loop(cond, body, c0)
     if is_steady is None:
         result = RESULTS.completed
     else:
         result = RESULTS.where(done, RESULTS.converged, RESULTS.max_steps_reached)
-    return z, k, result, 1 + k * (1 + calls[0]), g, buf, e0
+    return z, k, result, 1 + k * (1 + calls[0]), g, buf, e0, s
 
 
 def descends(solver: Any) -> bool:
@@ -176,4 +224,4 @@ def split_key(solver: Any, key: PRNGKeyArray | None) -> tuple[PRNGKeyArray | Non
     return init_key, solve_key
 
 
-__all__ = ["AbstractInference", "Fields", "OptaxInference", "descends", "drive", "split_key"]
+__all__ = ["AbstractInference", "AbstractJointInference", "Fields", "OptaxInference", "descends", "drive", "split_key"]

@@ -2,6 +2,7 @@
 body of a training step (compiled by [`pccore.TrainStep`][], in `_train_step.py`)."""
 
 import dataclasses
+import functools as ft
 
 import equinox as eqx
 import jax
@@ -12,8 +13,8 @@ import optax
 from ._check import check_activities, check_data
 from ._custom_types import Activities, BatchArray, Params, Scalar
 from ._energy import PC, AbstractChainEnergy, AbstractEnergy
-from ._infer import all_finite, solve_raw, with_stability
-from ._inference import descends, split_key
+from ._infer import activity_grad, all_finite, is_steady, solve_raw, with_stability
+from ._inference import AbstractJointInference, Fields, descends, drive, split_key
 from ._model import AbstractStatefulLayer, PCModel
 from ._results import RESULTS
 from ._solution import TrainStats
@@ -67,6 +68,8 @@ def update(model, optim, opt_state, x, y, energy, solver, controller, t1, dt0, n
     the solver's first gradient, and a skipped update is an elementwise select fused into
     the optimiser's own update of each parameter.
     """
+    if isinstance(solver, AbstractJointInference):
+        return _joint_update(model, optim, opt_state, x, y, energy, solver, n, steady, init, key)
     stateful = isinstance(model, PCModel) and model.training and model.stateful
     if stateful:  # one key for the masks of this step, fixed through inference and update
         model, key = _with_step_key(model, energy, key)
@@ -104,6 +107,49 @@ def update(model, optim, opt_state, x, y, energy, solver, controller, t1, dt0, n
         num_grad_evals=jnp.asarray(raw.evals, jnp.int32),
     )
     return model.with_params(params), opt_state, stats, z
+
+
+def _joint_update(model, optim, opt_state, x, y, energy, solver, n, steady, init, key):
+    """A training step whose inference method also steps the parameters (incremental PC):
+    the driver runs it with fields at the parameters its state holds; the parameters and
+    optimiser state it ends with are the step's (kept only if everything is finite)."""
+    prepared = energy.prepare(model)
+    key, solve_key = split_key(solver, key)
+    z0 = energy.init(prepared, x, y, init, key)
+
+    def fields_at(state):
+        params, _ = solver.params(state)
+        pm = energy.prepare(model.with_params(params))
+        return Fields(
+            grad=lambda z: activity_grad(energy, pm, z, x, y),
+            energy=lambda z: energy.per_sample(pm, z, x, y).sum(),
+            param_grad=lambda z, p: jax.grad(
+                lambda q: objective(q, model, energy, jax.lax.stop_gradient(z), x, y)[0])(p),
+            param_update=lambda g, s, p: _update(optim, g, s, p),
+        )
+
+    s0 = solver.init_joint(z0, solve_key, model.params, opt_state)
+    test = None if steady is None else ft.partial(is_steady, steady)
+    z, k, result, evals, _, _, e0, s = drive(solver, fields_at(s0), z0, n, test, None, solve_key,
+                                             state0=s0, fields_at=fields_at)
+    if e0 is None:  # the driver's fast path has no starting energy
+        e0 = energy.per_sample(prepared, z0, x, y).sum()
+    params, new_state = solver.params(s)
+    value, e = objective(params, model, energy, jax.lax.stop_gradient(z), x, y)
+    result = RESULTS.where(jnp.isfinite(e) & all_finite(z), result, RESULTS.diverged)
+    ok = (result != RESULTS.diverged) & jnp.isfinite(value) & all_finite(params)
+    keep = lambda new, old: jnp.where(ok, new, old) if eqx.is_array(new) else new
+    B = (x if x is not None else y).shape[0]
+    stats = TrainStats(
+        loss=e0 / B,
+        energy=e,
+        num_steps=jnp.asarray(k, jnp.int32),
+        result=result,
+        updated=ok,
+        num_grad_evals=jnp.asarray(evals, jnp.int32),
+    )
+    return (model.with_params(jtu.tree_map(keep, params, model.params)),
+            jtu.tree_map(keep, new_state, opt_state), stats, z)
 
 
 def _with_step_key(model: PCModel, energy: AbstractEnergy, key):

@@ -170,3 +170,62 @@ def test_a_stochastic_method_gets_a_new_key_every_solve_without_recompiling(x64)
         assert np.all(np.abs(z.mean(axis=0) - w[0]) < 5 * se + 1e-3), (z.mean(0), w[0])
     with pytest.raises(ValueError, match=r"`key`: the inference method Langevin draws random numbers"):
         pccore.infer(model, x=x, y=y, solver=Langevin())
+
+
+class IPC(pccore.AbstractJointInference):
+    """Incremental PC: every step moves the activities by -lr dF/dz, then takes one step of
+    the training optimiser on the parameters at the new activities."""
+
+    lr: float = 0.1
+
+    def init_joint(self, z0, key, params, opt_state):
+        return params, opt_state
+
+    def params(self, state):
+        return state
+
+    def step(self, fields, z, g, state):
+        params, opt_state = state
+        z = tuple(a - self.lr * b for a, b in zip(z, g))
+        grads = fields.param_grad(z, params)
+        return z, fields.param_update(grads, opt_state, params)
+
+
+def test_incremental_pc_equals_a_hand_written_joint_step(x64):
+    """Oracle: T joint steps written by hand with jax.grad of pccore.energy and the same SGD."""
+    model, (x, y) = _mlp(), _data()
+    optim, T, lr, eta = optax.sgd(0.05), 5, 0.1, 0.05
+    step = pccore.TrainStep(optim, solver=IPC(lr), max_steps=T)
+    new, _, stats = step(model, step.init(model), x=x, y=y)
+    assert bool(stats.updated) and int(stats.num_grad_evals) == T
+    z = pccore.init_activities(model, x, y=y)
+    params = model.params
+    for _ in range(T):
+        m = model.with_params(params)
+        g = jax.grad(lambda z: pccore.energy(m, z, x=x, y=y))(z)
+        z = tuple(a - lr * b for a, b in zip(z, g))
+        gp = jax.grad(lambda p: pccore.energy(model.with_params(p), z, x=x, y=y) / x.shape[0])(params)
+        params = jax.tree.map(lambda p, q: p - eta * q, params, gp)
+    for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(params)):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(stats.energy, pccore.energy(model.with_params(params), z, x=x, y=y)
+                               / x.shape[0], rtol=1e-12)
+    with pytest.raises(TypeError, match=r"`solver=IPC\(...\)` steps the parameters too"):
+        pccore.infer(model, x=x, y=y, solver=IPC())
+
+
+@pytest.mark.slow
+def test_incremental_pc_trains_on_digits():
+    data = pccore.datasets.load_digits()
+    x, y = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
+    mlp = eqx.nn.MLP(64, 10, 64, 2, activation=jnp.tanh, key=jax.random.key(0))
+    model = pccore.wrap(mlp)
+    energy = pccore.PC(loss=pccore.CrossEntropy())
+    step = pccore.TrainStep(optax.adam(1e-3), energy=energy, solver=IPC(0.1), max_steps=20)
+    opt_state = step.init(model)
+    for epoch in range(3):
+        for i in range(0, len(x) - 31, 32):
+            model, opt_state, stats = step(model, opt_state, x=x[i:i + 32], y=y[i:i + 32])
+    acc = float(pccore.evaluate(model, jnp.asarray(data.x_test), jnp.asarray(data.y_test),
+                                energy=energy).accuracy)
+    assert acc > 0.85, acc  # chance is 0.1
