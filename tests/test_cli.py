@@ -91,6 +91,7 @@ def test_compare_mnist_from_idx_files(mnist_dir, mnist_run, capsys):
     assert bp["inference_steps"] == 0 and bp["weight_difference"] > 0
 
 
+@pytest.mark.slow
 def test_figure_is_a_real_png(mnist_run):
     plt = pytest.importorskip("matplotlib.pyplot")
     out, frameworks = mnist_run

@@ -60,6 +60,7 @@ def test_mupc_scalings_identical_across_frameworks():
     assert all(s == ((1 / 3.0,), (1 / 27,)) for s in cnn), cnn  # conv fan-in 1*3*3; dense 9*3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("framework", cases.FRAMEWORKS)
 def test_layer_functions_are_pure(framework):
     """Each apply_l agrees eagerly, under jax.jit, jax.vmap (an extra batch axis) and jax.grad

@@ -79,6 +79,7 @@ def test_a_family_of_your_own_equals_the_same_descent_by_optax(x64):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_the_driver_stops_at_a_steady_state_and_counts_every_evaluation(x64):
     """A line search on a deep linear network reaches the closed-form equilibrium; the energy
     never rises; the extra gradient a step evaluates is counted."""
@@ -147,6 +148,7 @@ class Langevin(pccore.AbstractInference):
 traces: list = []
 
 
+@pytest.mark.slow
 def test_a_stochastic_method_gets_a_new_key_every_solve_without_recompiling(x64):
     """Same key, same sample; a new key, a new sample; one compilation for all of them. Over
     many chains on a deep linear network the samples' mean is the equilibrium (within

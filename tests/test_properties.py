@@ -133,6 +133,7 @@ CORRUPTIONS = {
 }
 
 
+@pytest.mark.slow
 @given(
     batch=st.integers(1, 3),
     # Valid values drawn more often than invalid ones, so both paths are exercised.

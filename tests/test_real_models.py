@@ -230,6 +230,7 @@ def test_hk_dynamic_unroll_named_as_one_boundary_equals_native(core, x64):
         assert _changed(back["enc/cell/lin"], params["enc/cell/lin"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("core, boundaries, inside", [
     ("cell", None, ["enc/cell/lin"]),  # used to wrap, then die with UnexpectedTracerError
     ("cell", ["inp", "enc/cell/lin", "head"], ["enc/cell/lin"]),

@@ -213,6 +213,7 @@ def _equilibrium(model, x, y):
     return pccore.infer(model, x=x, y=y).activities
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("framework", list(BUILD))
 def test_running_averages_after_one_step_follow_the_framework_rule(x64, framework):
     """Updated once, at the equilibrium, with the parameters inference used."""
@@ -465,6 +466,7 @@ def test_checkpoints_keep_the_running_averages(x64, tmp_path, framework):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_epc_updates_the_running_averages_from_the_activities_its_errors_stand_for(x64):
     """At the feed-forward equilibrium (y = the network's own output) PC's activities and
     ePC's zero errors stand for the same layer inputs: the same running averages."""

@@ -53,6 +53,7 @@ def test_a_step_equals_inference_then_param_grads_then_the_optimiser(x64):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_it_compiles_once_per_structure_until_cleared():
     model, traces = _counting_model()
     step = pccore.TrainStep(optax.sgd(0.1))
@@ -83,6 +84,7 @@ def test_clear_caches_drops_what_train_step_keeps():
     assert len(traces) == 2 * once
 
 
+@pytest.mark.slow
 def test_an_optimiser_built_inside_the_loop_is_named_once():
     """Each new optax object compiles a new step (counted by traces); the warning says which
     argument to build outside the loop."""
