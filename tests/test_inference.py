@@ -116,6 +116,7 @@ def test_a_family_of_your_own_trains_through_train_step_and_TrainStep(x64):
     assert int(a[2].num_grad_evals) == 10
 
 
+@pytest.mark.slow
 def test_an_inference_method_takes_no_time_horizon():
     model = _mlp(jnp.float32)
     x, y = _data(jnp.float32)

@@ -426,6 +426,7 @@ def test_jpc_resnet_unwraps_to_its_class_after_train_step(x64):
     np.testing.assert_allclose(trained(x), jax.vmap(back)(x), **TOL)
 
 
+@pytest.mark.slow
 def test_jpc_resnet_skip_around_a_boundary_is_refused():
     with pytest.raises(pccore.UnsupportedLayerError,
                        match=r"not a chain of its layers: layer 3 \('head'\) reads the output of "
@@ -502,6 +503,7 @@ def test_nnx_resnet_equals_native_forward_and_hand_written_energy(x64):
     assert not np.array_equal(back.head.kernel[...], net.head.kernel[...])
 
 
+@pytest.mark.slow
 def test_nnx_resnet_skip_around_a_boundary_is_refused():
     with pytest.raises(pccore.UnsupportedLayerError,
                        match=r"not a chain of its layers: layer 2 \('blocks/0/conv_1'\) reads .*"

@@ -284,6 +284,7 @@ def test_unwrap_gives_the_trained_state_in_the_framework_form(x64, framework):
     np.testing.assert_allclose(ev.loss, pccore.MSE()(want, y).mean(), rtol=1e-12)
 
 
+@pytest.mark.slow
 def test_a_skipped_update_keeps_the_running_averages(x64):
     model = BUILD["flax.linen"]()
     x, y = _data()
@@ -359,6 +360,7 @@ def test_dropout_mask_is_fixed_through_a_step_and_new_in_the_next(x64):
         np.testing.assert_allclose(new, old - 0.1 * g, rtol=1e-10, atol=1e-13)
 
 
+@pytest.mark.slow
 def test_nnx_dropout_masks_are_fixed_per_key_and_scale_the_kept_units(x64):
     m, _, model = _nnx(0.5)
     assert model.stochastic

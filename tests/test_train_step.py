@@ -71,6 +71,7 @@ def test_it_compiles_once_per_structure_until_cleared():
     assert len(traces) == 2 * once
 
 
+@pytest.mark.slow
 def test_clear_caches_drops_what_train_step_keeps():
     model, traces = _counting_model()
     optim = optax.sgd(0.1)
