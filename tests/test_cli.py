@@ -129,6 +129,7 @@ def test_native_builders_match_numpy(framework):
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_adaptive_solvers_agree(mnist_dir, tmp_path):
     """`adaptive-euler` and `tsit5` at a tight tolerance integrate the same flow: the whole
     runs agree, down to the energy along the final model's inference on the first test

@@ -84,6 +84,7 @@ def _converge(model, x, y, energy):
     )
 
 
+@pytest.mark.slow
 def test_converged_epc_equals_converged_pc(x64, getkey):
     """(b) same equilibrium energy, activities and parameter gradients; (c) non-zero learning signal."""
     model = cases.build_mlp("equinox", cases.canonical_mlp(SIZES, getkey(), jnp.float64))

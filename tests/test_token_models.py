@@ -377,6 +377,7 @@ def test_nnx_lm_equals_native_and_round_trips():
     np.testing.assert_array_equal(back(x), m(x))
 
 
+@pytest.mark.slow
 def test_nnx_lm_energy_equals_hand_written(x64):
     m = _NnxLM(nnx.Rngs(0), jnp.float64)
     model = pccore.wrap(m, input_shape=(S,), dtype=jnp.int32, boundaries=NNX_BOUNDARIES)
