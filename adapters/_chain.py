@@ -528,8 +528,6 @@ class StatefulChainLayer(ChainLayer, AbstractStatefulLayer):
     stochastic: bool = eqx.field(static=True)
 
     def train(self, params, z, key, x=None):
-        if self.plan.per_sample:
-            raise NotImplementedError("a training forward of a per-sample plan")
         y, new = self._run(params, z, (z.shape[0],), x, train=(self.train_run, key))
         old_leaves, treedef = jtu.tree_flatten(self.frozen)
         new_leaves = jtu.tree_leaves(new)
@@ -561,6 +559,11 @@ def chain_layers(plan: Plan, frozen: Any, train_run: TrainRun | None = None,
     n = len(plan.names)
     if train_run is None:
         return tuple(ChainLayer(i, plan, frozen) for i in range(n))
+    if plan.per_sample:  # batch statistics need the batch: the framework must run batched
+        raise ValueError(
+            "a training forward (batch statistics, dropout) needs a plan that runs on the "
+            "whole batch (`discover(..., per_sample=False)`); this one runs per sample."
+        )
     return tuple(
         StatefulChainLayer(i, plan, frozen, train_run, tuple(o == i for o in owners), stochastic)
         for i in range(n)
