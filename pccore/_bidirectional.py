@@ -19,6 +19,7 @@ from jaxtyping import Array, ArrayLike, Float
 from ._check import check_energy_parts, check_option
 from ._custom_types import Params
 from ._energy import AbstractEnergy, add_activity_decay, chain_variable_shapes, sq_norm
+from ._init import Amortised
 from ._loss import MSE
 from ._model import AbstractPCModel, PCModel
 from ._parameterisation import SP, AbstractParameterisation
@@ -35,7 +36,9 @@ class Bidirectional(AbstractPCModel):
         many layers; its layer $j$ is $g_{L-1-j}$.
 
     `params` is `(forward.params, backward.params)`, the tree an optimiser trains, and
-    `unwrap()` returns both native models.
+    `unwrap()` returns both native models. The backward network is also the model's
+    `amortiser`: `init=pccore.Amortised()` starts inference at its sweep down from `y`, with
+    the weights the model has at that call.
     """
 
     forward: PCModel
@@ -65,6 +68,15 @@ class Bidirectional(AbstractPCModel):
     def num_layers(self) -> int:
         return self.forward.num_layers
 
+    @property
+    def amortiser(self) -> PCModel:
+        """The backward network, which [`pccore.Amortised`][]`()` initialises from.
+
+        Its sweep from the top, $\\hat z_L = y$, $\\hat z_l = g_l(\\hat z_{l+1})$, guesses every
+        latent; read at every call, so the guesses use the current backward weights.
+        """
+        return self.backward
+
     def with_params(self, params) -> "Bidirectional":
         return Bidirectional(
             self.forward.with_params(params[0]), self.backward.with_params(params[1])
@@ -92,6 +104,11 @@ class BPC(AbstractEnergy):
 
     Per-layer energies come back as $[\alpha_f E^f_1, \dots, \alpha_f E^f_L,
     \alpha_b E^b_0, \dots, \alpha_b E^b_{L-1}]$. The output `y` must be clamped.
+
+    Initialisers see the forward network ([`pccore.FeedForward`][] is its feed-forward
+    pass), except [`pccore.Amortised`][], which sees the whole model: `Amortised()` starts
+    at the backward network's sweep from `y` (with this energy's parameterisation applied),
+    read at every call.
     """
 
     alpha_f: float | ArrayLike = 1.0
@@ -149,7 +166,10 @@ class BPC(AbstractEnergy):
     def init(self, model, x, y, initialiser, key):
         if y is None:
             raise ValueError("`y`: bidirectional PC needs a clamped output `y`; got None.")
-        return initialiser(model.forward, self.variable_shapes(model, x is not None), x, y, key)
+        # Amortised() reads the backward network from the model at call time; every other
+        # initialiser sees the forward network, as before
+        net = model if isinstance(initialiser, Amortised) else model.forward
+        return initialiser(net, self.variable_shapes(model, x is not None), x, y, key)
 
     def predict(self, model, x):
         return model.forward(x)

@@ -32,18 +32,10 @@ from ._custom_types import Activities, BatchArray, Scalar, StepSizeController
 from ._energy import PC, AbstractEnergy, sq_norm
 from ._generative import generative_evaluate
 from ._infer import check_solver
-from ._init import AbstractInit, RandomNormal
+from ._init import AbstractInit, Amortised, RandomNormal, amortise
 from ._learn import guarded_update, update
 from ._model import PCModel
 from ._solution import SteadyState, TrainStats
-
-
-def amortise(amortiser: PCModel, y: Array) -> tuple[Array, ...]:
-    r"""The amortiser's guesses $(\hat a_0, \hat a_1, \dots, \hat a_{L-1})$ of the latents from `y`."""
-    guesses = [y]
-    for l in range(amortiser.num_layers):
-        guesses.append(amortiser.predict_layer(l, guesses[-1], x=y))
-    return tuple(guesses[1:][::-1])
 
 
 def _check_amortiser(amortiser: Any, generator_shapes: tuple, where: str = "amortiser") -> None:
@@ -57,31 +49,6 @@ def _check_amortiser(amortiser: Any, generator_shapes: tuple, where: str = "amor
             f"`{where}` maps through shapes {got[::-1]}; expected the generator's shapes "
             f"reversed, {want[::-1]} (layer k maps the guess of z_(L-k+1) to one of z_(L-k))."
         )
-
-
-class Amortised(AbstractInit):
-    r"""Initialise inference at an amortiser's guesses $\hat a$ of the latents (from `y`).
-
-    **Arguments:**
-
-    - `amortiser`: a [`pccore.PCModel`][] mapping the generator's top back to its bottom
-        through every latent (shapes: the generator's, reversed).
-    """
-
-    amortiser: PCModel
-
-    def __call__(self, model, shapes, x, y, key):
-        if y is None:
-            raise ValueError("`init=Amortised(...)` maps `y` to the latents; `y` is None.")
-        guesses = amortise(self.amortiser, y)
-        guesses = guesses[len(guesses) - len(shapes):]
-        for i, (g, s) in enumerate(zip(guesses, shapes)):
-            if g.shape[1:] != s.shape:
-                raise ValueError(
-                    f"`Amortised`: the amortiser's guess for variable {i} has per-sample shape "
-                    f"{g.shape[1:]}; the energy expects {s.shape}."
-                )
-        return tuple(g.astype(s.dtype) for g, s in zip(guesses, shapes))
 
 
 def _amortiser_per_sample(amortiser, z, x, y):
@@ -131,6 +98,11 @@ class HybridStats(eqx.Module):
     **Fields:** `generator` (the generator's [`pccore.TrainStats`][], whose `loss` is the
     energy at the amortised initialisation), and `amortiser_loss` (batch mean of
     $F_{\\mathrm{amort}}$ before the amortiser update).
+
+    All are batch **means** (see [Units](../concepts.md#units)): `amortiser_loss` times the
+    batch size is [`pccore.amortiser_energy`][] (a batch sum) at the equilibrium activities,
+    and `generator.loss` times the batch size is [`pccore.energy`][] at the guesses
+    `pccore.amortise(amortiser, y)` of the amortiser this step was given.
     """
 
     generator: TrainStats
@@ -175,9 +147,12 @@ def hybrid_train_step(
 ) -> tuple[PCModel, optax.OptState, PCModel, optax.OptState, HybridStats]:
     """One jitted hybrid PC step: amortised init, inference, generator and amortiser updates.
 
+    Inference starts at the guesses of `amortiser` as given to this call (never a copy held
+    from an earlier step): pass the amortiser the previous step returned.
+
     **Arguments:** `generator`, `optim`, `opt_state`, `x`, `y`, `energy` and the solver options
-    as in [`pccore.train_step`][] (the initialiser is [`pccore.Amortised`][]); `amortiser` and
-    its optax `amortiser_optim` and `amortiser_state`.
+    as in [`pccore.train_step`][] (the initialiser is `pccore.Amortised(amortiser)`, built
+    here); `amortiser` and its optax `amortiser_optim` and `amortiser_state`.
 
     **Returns:** `(generator, opt_state, amortiser, amortiser_state, stats)` with a
     [`pccore.HybridStats`][].
@@ -236,9 +211,11 @@ def hybrid_evaluate(
 ) -> HybridEvaluation:
     """The three accuracies of a supervised hybrid model (generator: label $\\to$ data).
 
-    **Arguments:** `generator`, `amortiser`; observations `y` and one-hot `labels`; `energy`;
-    `init` and `key` for the inference-alone run; `**solver_options` (`solver`, `t1`, `dt0`,
-    ...) as in [`pccore.generative_evaluate`][].
+    **Arguments:** `generator`, `amortiser` (its current weights are used); observations `y`
+    and one-hot `labels`; `energy`; `init` and `key` for the inference-alone run;
+    `**solver_options` (`solver`, `t1`, `dt0`, ...) as in [`pccore.generative_evaluate`][].
+
+    **Returns:** a [`pccore.HybridEvaluation`][].
     """
     x_shape, y_shape = energy.data_shapes(generator)
     y = as_batch("y", y, y_shape)
