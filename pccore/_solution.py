@@ -40,7 +40,9 @@ class InferenceSolution(eqx.Module):
 
     - `activities`: the final inference variables.
     - `num_steps`: steps taken (optimiser updates, or solver steps including rejected ones).
-    - `energy`: the final energy $\\sum_i F_i$ (a batch sum).
+    - `energy`: the final energy $\\sum_i F_i$, a batch **sum** (as [`pccore.energy`][]);
+        `mean_energy` is the batch mean, the unit of [`pccore.TrainStats`][] (see
+        [Units](../concepts.md#units)).
     - `result`: a [`pccore.RESULTS`][] code.
     - `t`: the final time (for optax solvers, the number of updates).
     - `vector_field_norm`: the largest per-sample, per-variable max-norm of
@@ -51,7 +53,8 @@ class InferenceSolution(eqx.Module):
         the final diagnostics of this solution are not counted). Exact for Euler, explicit
         Runge-Kutta solvers, optax and optimistix minimisers; -1 for other diffrax solvers.
     - `ts`, `trajectory`, `energies`: the save times, the variables at those times (each
-        with a leading time axis) and the energy there; `None` unless `saveat` was given.
+        with a leading time axis) and the energy there (batch sums); `None` unless `saveat`
+        was given.
     """
 
     activities: Activities
@@ -65,9 +68,37 @@ class InferenceSolution(eqx.Module):
     trajectory: Activities | None = None
     energies: Float[Array, " times"] | None = None
 
+    @property
+    def batch_size(self) -> int:
+        """The number of samples $B$: the leading axis of the inference variables.
+
+        Raises a ValueError for a solution without inference variables (a one-layer model
+        with both ends clamped), which does not know its batch; divide by `x.shape[0]` there.
+        """
+        if not self.activities:
+            raise ValueError(
+                "`InferenceSolution.batch_size`: this solution has no inference variables (a "
+                "one-layer model with both ends clamped), so it does not know its batch size; "
+                "divide `energy` by the batch size of your data, `x.shape[0]`."
+            )
+        return self.activities[0].shape[0]
+
+    @property
+    def mean_energy(self) -> Float[Array, ""]:
+        r"""The final energy as a batch mean, $\frac1B \sum_i F_i$ = `energy / batch_size`.
+
+        The unit of [`pccore.TrainStats`][]`.energy`: after `pccore.train_step` with the same
+        initialisation and solver options, the two are equal.
+        """
+        return self.energy / self.batch_size
+
 
 class TrainStats(eqx.Module):
     """What one [`pccore.train_step`][] did.
+
+    Both energies are batch **means** (see [Units](../concepts.md#units)): times the batch
+    size they are [`pccore.energy`][] (a batch sum) at the same activities. Neither includes
+    the parameter regularisers $R(\\theta)$; activity regularisers are included.
 
     **Fields:**
 

@@ -14,7 +14,10 @@ $y = A_L z_{L-1} + \epsilon_L$, $\epsilon_L \sim \mathcal N(0, I/\lambda)$.
   ($c_{L-1} = \lambda$, else 1; $\alpha$ the activity decay), $H_{l+1,l} = -A_{l+1}$;
 - equilibrium activities: $z^* = H^{-1} b$, $b_1 = A_1 x$, $b_{L-1} \mathrel{+}= \lambda A_L^\top y$.
 
-Energies are batch sums, as [`pccore.energy`][] returns.
+Energies are batch **sums**, as [`pccore.energy`][] and [`pccore.InferenceSolution`][]`.energy`
+return; divide by the batch size for the batch means of [`pccore.TrainStats`][] (see the
+Units section of the concepts page). Gradients are of the batch mean, as
+[`pccore.param_grads`][] returns.
 """
 
 import equinox as eqx
@@ -110,7 +113,7 @@ def linear_equilibrium_energy(
     model: PCModel, x: Float[Array, "batch ..."], y: Float[Array, "batch ..."], *,
     energy: PC = PC(),
 ) -> Float[Array, ""]:
-    """The energy at equilibrium (a batch sum).
+    """The energy at equilibrium, a batch **sum** $\\sum_i F_i^*$ (as [`pccore.energy`][]).
 
     Without activity decay, $F^* = \\tfrac12 \\sum_i r_i^\\top S^{-1} r_i$. With an activity
     decay $\\alpha$ (a number or an array, also traced), $F$ is the quadratic
