@@ -7,8 +7,10 @@ from jaxtyping import Array, ArrayLike, Float, Int, PyTree
 
 if TYPE_CHECKING:  # a pytree of arrays of any structure: static checkers see `Any`
     Params: TypeAlias = Any
+    EnergyParams: TypeAlias = Any
 else:
     Params: TypeAlias = PyTree[Array]
+    EnergyParams: TypeAlias = PyTree[Array]
 """The trainable parameters of one layer, in the framework's own structure."""
 
 Activities: TypeAlias = tuple[Float[Array, "batch ..."], ...]
@@ -22,5 +24,5 @@ StepSizeController: TypeAlias = diffrax.AbstractStepSizeController[Any, Any]
 Model: TypeAlias = Any
 """A user's native model object (an Equinox module, a Haiku transform, ...)."""
 
-__all__ = ["Activities", "BatchArray", "IntScalar", "Model", "Params", "Scalar",
+__all__ = ["Activities", "BatchArray", "EnergyParams", "IntScalar", "Model", "Params", "Scalar",
            "StepSizeController"]

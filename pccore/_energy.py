@@ -19,7 +19,7 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
 from ._check import _is_float, check_activities, check_data, check_energy_parts, check_option
-from ._custom_types import Activities, BatchArray, Scalar
+from ._custom_types import Activities, BatchArray, EnergyParams, Scalar
 from ._init import AbstractInit, FeedForward
 from ._loss import MSE, AbstractLoss
 from ._model import PCModel
@@ -137,6 +137,28 @@ class AbstractEnergy(eqx.Module):
     def penalty(self, model: PCModel) -> Scalar:
         """Parameter regulariser $R(\\theta)$, added once to the batch-mean objective."""
         return jnp.zeros(())
+
+    def init_params(self, model: PCModel) -> EnergyParams | None:
+        r"""The initial values of this variant's own trainable parameters (learnable precisions,
+        say), or None (the default) for a variant without any.
+
+        A variant with parameters overrides this; the user stores them in the model once,
+        `model = model.with_energy_params(energy.init_params(model))`, and the variant reads
+        them back as `model.energy_params` in `per_sample`, `layer_energies` or `penalty`.
+        A training step ([`pccore.TrainStep`][]) then differentiates the batch-mean objective
+        $\mathcal L$ in them and updates them with the network's parameters
+        ([`pccore.PCModel.trainable`][]); inference holds them constant, as it does the
+        network's parameters.
+
+        **Arguments:**
+
+        - `model`: the [`pccore.PCModel`][] (unprepared) the parameters are for, e.g. for
+            its number of layers or its dtype.
+
+        **Returns:** a pytree of float32/float64 arrays, e.g.
+        `jnp.zeros(model.num_layers - 1)` for one log-precision per hidden layer, or None.
+        """
+        return None
 
     def check_target(self, name: str, y: Array) -> None:
         """Raise a clear error if the values of a concrete clamped top `y` are invalid for this

@@ -14,7 +14,7 @@ import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ._custom_types import Params
+from ._custom_types import EnergyParams, Params
 
 LayerFn = Callable[..., Array]
 """`apply_l(params_l, z) -> y`: pure, batched on axis 0, jit/grad/vmap safe. A layer flagged in
@@ -96,6 +96,18 @@ class AbstractPCModel(eqx.Module):
     def with_params(self, params: Any) -> "AbstractPCModel":
         """A copy of this model with `params` in place of its parameters."""
 
+    @property
+    def trainable(self) -> Any:
+        """Everything a training step differentiates and updates, the tree an optax optimiser
+        is initialised with: `optim.init(model.trainable)`. Here, `model.params`;
+        [`pccore.PCModel.trainable`][] adds the energy's own parameters when it holds any."""
+        return getattr(self, "params")
+
+    def with_trainable(self, trainable: Any) -> "AbstractPCModel":
+        """A copy of this model with `trainable` (structured as `model.trainable`) in place of
+        everything it trains: the inverse of `trainable`."""
+        return self.with_params(trainable)
+
     @abc.abstractmethod
     def unwrap(self) -> Any:
         """The user's own model object(s), with the current parameters."""
@@ -115,7 +127,8 @@ class PCModel(AbstractPCModel):
         A layer function may be a pytree (an `eqx.Module`) holding frozen, non-trainable
         state such as BatchNorm running averages; it is never differentiated.
     - `params`: per-layer trainable parameter pytrees, in the framework's own structure.
-        This is the tree an optax optimiser is initialised with: `optim.init(model.params)`.
+        With no `energy_params`, this is the tree an optax optimiser is initialised with:
+        `optim.init(model.params)` (in general `optim.init(model.trainable)`).
     - `in_shape`: per-sample shape and dtype of the input $z_0$.
     - `out_shapes`: per-sample shape and dtype of each layer's output $z_1, \dots, z_L$.
     - `names`: a readable name per layer (module paths in the source framework).
@@ -142,6 +155,14 @@ class PCModel(AbstractPCModel):
         non-parameter collections, NNX's non-parameter state) for a model whose layers
         hold state that training updates; None for a model without state. Use
         [`pccore.PCModel.unwrap_state`][].
+    - `energy_params`: the trainable parameters of the energy (the variant), not of the
+        network: a pytree of float arrays, e.g. one log-precision per layer, or None (the
+        default: the variant has none). Set it once with
+        `model = model.with_energy_params(energy.init_params(model))`
+        ([`pccore.AbstractEnergy.init_params`][]); the variant reads `model.energy_params` in
+        its energy. Training updates it with the network's parameters
+        ([`pccore.PCModel.trainable`][]); inference holds it constant. It is not part of the
+        native model: `unwrap()` returns the network alone.
     """
 
     layers: tuple[LayerFn, ...]
@@ -157,8 +178,11 @@ class PCModel(AbstractPCModel):
     training: bool = eqx.field(static=True, default=False)
     step_key: PRNGKeyArray | None = None
     restate: Callable[[tuple[LayerFn, ...]], Any] | None = eqx.field(static=True, default=None)
+    energy_params: EnergyParams = None  # None (an empty pytree): the energy has none
 
     def __check_init__(self):
+        if self.energy_params is not None:
+            check_energy_params(self.energy_params)
         n = len(self.layers)
         for name in ("params", "out_shapes", "names", "weights", "skips", "reads_input"):
             if name == "reads_input" and not self.reads_input:
@@ -241,8 +265,49 @@ class PCModel(AbstractPCModel):
         return self.step_key
 
     def with_params(self, params: tuple[Params, ...]) -> "PCModel":
-        """A copy of this model with `params` in place of its parameters."""
+        """A copy of this model with `params` in place of its parameters (the energy's
+        parameters, `energy_params`, are kept)."""
         return eqx.tree_at(lambda m: m.params, self, tuple(params))
+
+    def with_energy_params(self, energy_params: EnergyParams | None) -> "PCModel":
+        """A copy of this model holding `energy_params`, the energy's own trainable parameters.
+
+        **Arguments:**
+
+        - `energy_params`: a pytree of float32/float64 arrays (at least one), usually
+            `energy.init_params(model)` ([`pccore.AbstractEnergy.init_params`][]); None
+            removes them.
+
+        **Returns:** the model with `energy_params` set; its [`pccore.PCModel.trainable`][]
+        becomes `(params, energy_params)`, so start the optimiser again with
+        `optim.init(model.trainable)` (or `step.init(model)`).
+        """
+        if energy_params is not None:
+            check_energy_params(energy_params)
+        return dataclasses.replace(self, energy_params=energy_params)
+
+    @property
+    def trainable(self) -> Any:
+        """What a training step differentiates and updates, and the tree an optax optimiser is
+        initialised with (`optim.init(model.trainable)`, as [`pccore.TrainStep.init`][] does).
+
+        **Returns:** `model.params` when `energy_params` is None (so an optimiser state made
+        with `optim.init(model.params)` fits), else the pair
+        `(model.params, model.energy_params)`.
+        """
+        if self.energy_params is None:
+            return self.params
+        return (self.params, self.energy_params)
+
+    def with_trainable(self, trainable: Any) -> "PCModel":
+        """A copy of this model with `trainable`, a tree structured as
+        [`pccore.PCModel.trainable`][] (the parameters, or the pair `(params, energy_params)`
+        when the model holds energy parameters), in place of what it trains: the inverse of
+        `trainable`. Gradients of the training objective have this structure."""
+        if self.energy_params is None:
+            return self.with_params(trainable)
+        params, energy_params = trainable
+        return dataclasses.replace(self, params=tuple(params), energy_params=energy_params)
 
     def with_skips(self, skips: bool | tuple[bool, ...] = True) -> "PCModel":
         """A copy with identity residual skips.
@@ -311,6 +376,30 @@ class PCModel(AbstractPCModel):
             int(np.prod(leaves[s.index].shape)) // int(leaves[s.index].shape[s.out_axis])
             for s in self.weights[l]
         )
+
+
+def check_energy_params(energy_params: Any) -> None:
+    """`energy_params` is a pytree of float32/float64 arrays with at least one array."""
+    leaves = jtu.tree_leaves(energy_params)
+    fix = ("Pass a pytree of float arrays, e.g. `jnp.zeros(model.num_layers)`, usually "
+           "`model.with_energy_params(energy.init_params(model))`; None for none.")
+    if not leaves:
+        raise ValueError(
+            f"`energy_params` holds no arrays (got {energy_params!r}): an energy's trainable "
+            f"parameters need at least one array. {fix}"
+        )
+    for path, leaf in jtu.tree_leaves_with_path(energy_params):
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is None or not hasattr(leaf, "shape"):
+            raise TypeError(
+                f"`energy_params{jtu.keystr(path)}` is a {type(leaf).__name__}, not an array. "
+                f"{fix}"
+            )
+        if not jnp.issubdtype(dtype, jnp.floating) or jnp.dtype(dtype).itemsize < 4:
+            raise TypeError(
+                f"`energy_params{jtu.keystr(path)}` has dtype {dtype}; expected float32 or "
+                f"float64 (training takes gradient steps on it). {fix}"
+            )
 
 
 @eqx.filter_jit
