@@ -483,6 +483,16 @@ def read_manifest(path: str | os.PathLike, *, verify: bool = True) -> dict:
     return manifest
 
 
+def _energy_params_hint(*paths: str) -> str:
+    """The fix when a mismatch is the energy's parameters held on one side only."""
+    if not any(".energy_params" in p for p in paths):
+        return ""
+    return (" The model of one side holds energy parameters (`model.energy_params`) and the "
+            "other does not: build the template as the saved run did, "
+            "`model = model.with_energy_params(energy.init_params(model))` and "
+            "`opt_state = optim.init(model.trainable)`.")
+
+
 def _check_fits(path: Path, saved: list[dict], expected: list[dict]) -> None:
     for got, want in zip(saved, expected):
         if got["path"] != want["path"]:
@@ -491,6 +501,7 @@ def _check_fits(path: Path, saved: list[dict], expected: list[dict]) -> None:
                 f"parameter is `{want['path']}` in the template but `{got['path']}` in the "
                 "checkpoint (a different architecture or optimiser). Build the model and "
                 "optimiser exactly as for the saved run."
+                + _energy_params_hint(got["path"], want["path"])
             )
         if (got["shape"], got["dtype"], got.get("impl")) != (
             want["shape"], want["dtype"], want.get("impl")
@@ -508,7 +519,7 @@ def _check_fits(path: Path, saved: list[dict], expected: list[dict]) -> None:
             f"Checkpoint {str(path)!r} does not fit the template: the checkpoint has "
             f"{len(saved)} saved leaves, the template {len(expected)}; the first mismatching "
             f"parameter is `{extra}`, present only in the {side}. Build the model and optimiser "
-            "exactly as for the saved run."
+            "exactly as for the saved run." + _energy_params_hint(extra)
         )
 
 
@@ -527,9 +538,12 @@ def restore_checkpoint(path: str | os.PathLike, *, model: Any, opt_state: Any) -
     **Arguments:**
 
     - `path`: a checkpoint directory written by [`pccore.save_checkpoint`][].
-    - `model`, `opt_state`: a freshly built model and `optim.init(model.params)` of the same
+    - `model`, `opt_state`: a freshly built model and `optim.init(model.trainable)` (for a
+        model without energy parameters, `optim.init(model.params)`) of the same
         architecture, dtype and optimiser; they give the types and structure to fill (and,
-        on one host, the device placement of each array).
+        on one host, the device placement of each array). A model saved with energy
+        parameters needs a template holding them too:
+        `model.with_energy_params(energy.init_params(model))`.
 
     **Returns:** a [`pccore.Checkpoint`][] with your own model type.
 

@@ -20,10 +20,13 @@ from ._results import RESULTS
 from ._solution import TrainStats
 
 
-def objective(params, model: PCModel, energy: AbstractEnergy, z, x, y) -> tuple[Scalar, Scalar]:
+def objective(trainable, model: PCModel, energy: AbstractEnergy, z, x, y) -> tuple[Scalar, Scalar]:
     r"""$\mathcal L(\theta) = \frac1B \sum_i F_i(z_i, \theta) + R(\theta)$, and the batch-mean
-    energy $\frac1B \sum_i F_i$ from the same forward pass (an auxiliary output)."""
-    m = model.with_params(params)
+    energy $\frac1B \sum_i F_i$ from the same forward pass (an auxiliary output).
+
+    $\theta$ is `trainable`, structured as `model.trainable`: the network's parameters, and
+    the energy's own (`model.energy_params`) where the model holds any."""
+    m = model.with_trainable(trainable)
     e = energy.per_sample(energy.prepare(m), z, x, y).mean()
     return e + energy.penalty(m), e
 
@@ -40,8 +43,11 @@ def param_grads(
 
     The activities are held constant (no gradient flows through inference); at an
     equilibrium this is the gradient of the equilibrium energy (envelope theorem).
+    $\theta$ is everything the model trains, [`pccore.PCModel.trainable`][]: its parameters,
+    and the energy's own parameters (`model.energy_params`) where it holds any.
 
-    **Returns:** a gradient with the structure of `model.params`.
+    **Returns:** a gradient with the structure of `model.trainable`: of `model.params` for a
+    model without energy parameters, else the pair `(params, energy_params)`.
     """
     x, y = check_data(model, energy, x, y)
     z = check_activities(model, energy, activities, x, y)
@@ -50,7 +56,7 @@ def param_grads(
 
 @eqx.filter_jit
 def _param_grads(model, energy, z, x, y):
-    return jax.grad(objective, has_aux=True)(model.params, model, energy, z, x, y)[0]
+    return jax.grad(objective, has_aux=True)(model.trainable, model, energy, z, x, y)[0]
 
 
 def _update(optim, grads, opt_state, params):
@@ -84,7 +90,7 @@ def update(model, optim, opt_state, x, y, energy, solver, controller, t1, dt0, n
     e0 = raw.e0 if raw.e0 is not None else energy.per_sample(prepared, z0, x, y).sum()
     z = jax.lax.stop_gradient(raw.z)
     (value, e), grads = jax.value_and_grad(objective, has_aux=True)(
-        model.params, model, energy, z, x, y
+        model.trainable, model, energy, z, x, y
     )
     # A non-finite energy at the inferred activities means inference diverged (every
     # variable enters the energy through its own error, so a NaN/inf anywhere shows here).
@@ -95,7 +101,7 @@ def update(model, optim, opt_state, x, y, energy, solver, controller, t1, dt0, n
     if descends(solver):
         result = with_stability(result, e * B, e0)
     ok = (result != RESULTS.diverged) & jnp.isfinite(value)
-    params, opt_state, ok = guarded_update(optim, grads, opt_state, model.params, ok)
+    trainable, opt_state, ok = guarded_update(optim, grads, opt_state, model.trainable, ok)
     if stateful:  # running averages: once per step, at the equilibrium, kept if updated
         model = _updated_state(model, prepared, energy, z, x, ok)
     stats = TrainStats(
@@ -106,20 +112,21 @@ def update(model, optim, opt_state, x, y, energy, solver, controller, t1, dt0, n
         updated=ok,
         num_grad_evals=jnp.asarray(raw.evals, jnp.int32),
     )
-    return model.with_params(params), opt_state, stats, z
+    return model.with_trainable(trainable), opt_state, stats, z
 
 
 def _joint_update(model, optim, opt_state, x, y, energy, solver, n, steady, init, key):
     """A training step whose inference method also steps the parameters (incremental PC):
     the driver runs it with fields at the parameters its state holds; the parameters and
-    optimiser state it ends with are the step's (kept only if everything is finite)."""
+    optimiser state it ends with are the step's (kept only if everything is finite). The
+    parameters are `model.trainable` (the energy's own parameters included)."""
     prepared = energy.prepare(model)
     key, solve_key = split_key(solver, key)
     z0 = energy.init(prepared, x, y, init, key)
 
     def fields_at(state):
         params, _ = solver.params(state)
-        pm = energy.prepare(model.with_params(params))
+        pm = energy.prepare(model.with_trainable(params))
         return Fields(
             grad=lambda z: activity_grad(energy, pm, z, x, y),
             energy=lambda z: energy.per_sample(pm, z, x, y).sum(),
@@ -128,7 +135,7 @@ def _joint_update(model, optim, opt_state, x, y, energy, solver, n, steady, init
             param_update=lambda g, s, p: _update(optim, g, s, p),
         )
 
-    s0 = solver.init_joint(z0, solve_key, model.params, opt_state)
+    s0 = solver.init_joint(z0, solve_key, model.trainable, opt_state)
     test = None if steady is None else ft.partial(is_steady, steady)
     z, k, result, evals, _, _, e0, s = drive(solver, fields_at(s0), z0, n, test, None, solve_key,
                                              state0=s0, fields_at=fields_at)
@@ -148,7 +155,7 @@ def _joint_update(model, optim, opt_state, x, y, energy, solver, n, steady, init
         updated=ok,
         num_grad_evals=jnp.asarray(evals, jnp.int32),
     )
-    return (model.with_params(jtu.tree_map(keep, params, model.params)),
+    return (model.with_trainable(jtu.tree_map(keep, params, model.trainable)),
             jtu.tree_map(keep, new_state, opt_state), stats, z)
 
 
@@ -185,7 +192,8 @@ def _updated_state(model: PCModel, prepared: PCModel, energy: AbstractChainEnerg
 
 def guarded_update(optim, grads, opt_state, params, ok):
     """One optax update if `ok` and the new parameters are finite, else parameters and
-    optimiser state unchanged. Also returns whether the update was applied.
+    optimiser state unchanged. Also returns whether the update was applied. `params` is
+    whatever is trained (`model.trainable`), `grads` its gradient.
 
     An elementwise select that XLA fuses into the optimiser's own pass over each parameter:
     no branch, and no copy of the parameters and optimiser state (a

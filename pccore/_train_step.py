@@ -39,7 +39,8 @@ from ._learn import update
 from ._model import PCModel
 from ._solution import SteadyState, TrainStats
 
-_STATIC = tuple(f.name for f in dataclasses.fields(PCModel) if f.name != "params")
+_TRAINED = ("params", "energy_params")  # the fields a step updates (`PCModel.trainable`)
+_STATIC = tuple(f.name for f in dataclasses.fields(PCModel) if f.name not in _TRAINED)
 _MAX_STRUCTURES = 16  # model structures (skeletons) one TrainStep compiles for
 _MAX_LAST = 4  # returned (model, optimiser state) pairs one TrainStep remembers
 
@@ -56,12 +57,48 @@ def _fields(model: PCModel) -> dict:
     return object.__getattribute__(model, "__dict__")
 
 
-def _with_params(model: PCModel, params) -> PCModel:
-    """`model.with_params(params)` sharing every other field (no flatten/unflatten)."""
+def _with_trained(model: PCModel, params, energy_params) -> PCModel:
+    """`model` with `params` and `energy_params` in place, sharing every other field (no
+    flatten/unflatten, no checks)."""
     new = object.__new__(type(model))
     _fields(new).update(_fields(model))
     _fields(new)["params"] = params
+    _fields(new)["energy_params"] = energy_params
     return new
+
+
+def _trained(model: PCModel) -> tuple:
+    """`(params, energy_params)` of a PCModel, the pair the fast path flattens: with no
+    energy parameters its leaves are those of `model.params` alone."""
+    fields = _fields(model)
+    return fields["params"], fields["energy_params"]
+
+
+def check_trainable_state(optim: optax.GradientTransformation, opt_state: Any, model: Any) -> None:
+    """`opt_state` is `optim`'s state for `model.trainable`: refused with the fix otherwise.
+
+    For a model without energy parameters this is the check of `optim.init(model.params)`;
+    with them, a state made for the parameters alone (the usual mistake) or any other
+    mismatch names `step.init(model)`, i.e. `optim.init(model.trainable)`."""
+    if getattr(model, "energy_params", None) is None:
+        check_opt_state(optim, opt_state, model.params)
+        return
+    fix = ("Start the optimiser on everything the model trains, `opt_state = step.init(model)` "
+           "(a pccore.TrainStep) or `opt_state = optim.init(model.trainable)`, after "
+           "`model = model.with_energy_params(...)`, and pass back the state each call returns.")
+    if opt_state is None:
+        raise TypeError(f"`opt_state` is None; expected the optimiser's state for this model. {fix}")
+    try:
+        check_opt_state(optim, opt_state, model.trainable)
+    except (TypeError, ValueError):
+        try:
+            check_opt_state(optim, opt_state, model.params)
+            what = ("it was made for `model.params` alone, but this model also trains its "
+                    "energy's parameters (`model.energy_params`)")
+        except (TypeError, ValueError):
+            what = ("it does not fit `optim.init(model.trainable)` (a state from another "
+                    "optimiser or another model)")
+        raise ValueError(f"`opt_state` does not match this model: {what}. {fix}") from None
 
 
 def _immutable(treedef) -> bool:
@@ -110,13 +147,14 @@ class _Skeleton:
     __slots__ = ("model", "flat", "sigs")
 
     def __init__(self, model: PCModel):
-        self.model = _with_params(model, jax.eval_shape(lambda: model.params))
+        self.model = _with_trained(model, jax.eval_shape(lambda: model.params), None)
         self.flat: OrderedDict = OrderedDict()  # (pdef, sdef) -> _FlatStep
         self.sigs: set = set()  # data shapes and dtypes already validated for it
 
 
 class _FlatStep:
-    """The step on flat lists of leaves, for one parameter and optimiser-state structure.
+    """The step on flat lists of leaves, for one structure of the trained pair
+    `(params, energy_params)` and of the optimiser state.
 
     `jax.jit` flattens pytree arguments and rebuilds pytree outputs on every call, and
     Equinox modules flatten in Python: on a 20-layer MLP the parameters and Adam state cost
@@ -131,10 +169,10 @@ class _FlatStep:
         self.reusable = None  # whether its results can be remembered (see `_immutable`)
 
         def flat(p_leaves, s_leaves, x, y, key):
-            params, opt_state, stats = step(
+            trained, opt_state, stats = step(
                 jtu.tree_unflatten(pdef, p_leaves), jtu.tree_unflatten(sdef, s_leaves), x, y, key
             )
-            p, self.p_out = jtu.tree_flatten(params)
+            p, self.p_out = jtu.tree_flatten(trained)
             s, self.s_out = jtu.tree_flatten(opt_state)
             return p, s, stats
 
@@ -222,8 +260,14 @@ class TrainStep:
         self._last: dict = {}  # id(returned model) -> _Last, oldest first
 
     def init(self, model: PCModel) -> optax.OptState:
-        """The optimiser's initial state for `model`: `optim.init(model.params)`."""
-        return self.optim.init(model.params)
+        """The optimiser's initial state for `model`: `optim.init(model.trainable)`.
+
+        **Arguments:** `model`, the model to train; where it holds energy parameters
+        ([`pccore.PCModel.with_energy_params`][]), set them before this call.
+
+        **Returns:** `optim.init(model.params)` for a model without energy parameters, else
+        the state for the pair `(model.params, model.energy_params)`."""
+        return self.optim.init(model.trainable)
 
     def clear(self) -> None:
         """Drop the compiled steps and the remembered results (the next call compiles again)."""
@@ -258,21 +302,21 @@ class TrainStep:
             check_init(self.initialiser, key)
             check_devices(model, x, y)
             if opt_state is None:  # refused with the fix (a state is otherwise checked on failure)
-                check_opt_state(self.optim, None, model.params)
-        if skel is not None and all(eqx.is_array(a) for a in jtu.tree_leaves((model.params, opt_state))):
-            p_leaves, pdef = jtu.tree_flatten(model.params)
+                check_trainable_state(self.optim, None, model)
+        if skel is not None and all(eqx.is_array(a) for a in jtu.tree_leaves((_trained(model), opt_state))):
+            p_leaves, pdef = jtu.tree_flatten(_trained(model))
             s_leaves, sdef = jtu.tree_flatten(opt_state)
             flat = skel.flat.get((pdef, sdef))
             if flat is None:
                 flat = _FlatStep(self._step_fn(skel), pdef, sdef)
                 _remember(skel.flat, (pdef, sdef), flat, 8)
-            out = self._execute(opt_state, model.params, self._run, flat, model, p_leaves,
+            out = self._execute(opt_state, model, self._run, flat, model, p_leaves,
                                 s_leaves, x, y, key, sig)
             if all(a is None or isinstance(a, tuple) for a in sig):
                 skel.sigs.add(sig)  # device data, validated and run: later calls skip checks
             return out
         t1, dt0, n = self._checked
-        return self._execute(opt_state, model.params, _generic_step, model, self.optim,
+        return self._execute(opt_state, model, _generic_step, model, self.optim,
                              opt_state, x, y, self.energy, self.solver, self.stepsize_controller,
                              t1, dt0, n, self.steady_state, self.initialiser, key)
 
@@ -290,7 +334,7 @@ class TrainStep:
         if any(eqx.is_array(a) for a in jtu.tree_leaves(model.layers)):
             return None
         # another object of a structure compiled before (a copy, a restored checkpoint)
-        structure = jtu.tree_structure(_with_params(model, None))
+        structure = jtu.tree_structure(_with_trained(model, None, None))
         try:
             skel = self._structures.get(structure)
         except TypeError:  # an unhashable static field
@@ -307,19 +351,22 @@ class TrainStep:
         optim, energy, solver = self.optim, self.energy, self.solver
         controller, steady, init = self.stepsize_controller, self.steady_state, self.initialiser
 
-        def _train_step(params, opt_state, x, y, key):
+        def _train_step(trained, opt_state, x, y, key):
+            params, energy_params = trained
             model = skel.model.with_params(params)
+            if energy_params is not None:
+                model = model.with_energy_params(energy_params)
             check_model(model, energy)  # at trace time: dtypes of new parameters
             model, opt_state, stats, _ = update(model, optim, opt_state, x, y, energy, solver,
                                                 controller, t1, dt0, n, steady, init, key)
-            return model.params, opt_state, stats
+            return _trained(model), opt_state, stats
 
         return _train_step
 
     def _run(self, flat: _FlatStep, model, p_leaves, s_leaves, x, y, key, sig):
         """Call a compiled step on leaves; remember what it returned for the next call."""
         p, s, stats = flat.jitted(p_leaves, s_leaves, x, y, key)
-        new = _with_params(model, jtu.tree_unflatten(flat.p_out, p))
+        new = _with_trained(model, *jtu.tree_unflatten(flat.p_out, p))
         opt_state = jtu.tree_unflatten(flat.s_out, s)
         if flat.reusable is None:
             flat.reusable = _immutable(flat.p_out) and _immutable(flat.s_out)
@@ -336,14 +383,14 @@ class TrainStep:
             self._last.pop(next(iter(self._last)), None)
         return new, opt_state, stats
 
-    def _execute(self, opt_state, params, fn, *args):
+    def _execute(self, opt_state, model, fn, *args):
         """`fn(*args)`, a compiled step; an optimiser state from another optimiser or model
         fails inside the optimiser's update (at trace time), and is named instead (costs
         nothing when the step succeeds)."""
         try:
             return fn(*args)
         except (TypeError, ValueError, AttributeError, KeyError, IndexError):
-            check_opt_state(self.optim, opt_state, params)
+            check_trainable_state(self.optim, opt_state, model)
             raise
 
 
@@ -512,7 +559,9 @@ def train_step(
     3. take $\\nabla_\\theta \\mathcal L$ at the result ([`pccore.param_grads`][]);
     4. apply one `optim` update.
 
-    `opt_state = optim.init(model.params)` starts the optimiser; thread the returned state
+    `opt_state = optim.init(model.trainable)` starts the optimiser (`model.trainable` is
+    `model.params` unless the model holds energy parameters, see
+    [`pccore.PCModel.trainable`][]); thread the returned state
     into the next call. Calling again with new data of the same shapes does not recompile
     (hyper-parameters given as Python numbers are compile-time constants: changing one
     recompiles). If inference diverges, the objective is non-finite, or the update would make
