@@ -40,6 +40,29 @@ class ScaledPC(pccore.AbstractChainEnergy):
         return ((x, *variables) if x is not None else variables)[: model.num_layers]
 
 
+class LearnedScalePC(ScaledPC):
+    """A downstream variant with a trainable parameter of its own (`model.energy_params`)."""
+
+    def init_params(self, model: pccore.PCModel) -> np.ndarray:
+        return np.zeros((), np.float32)  # the log of the scale
+
+    def layer_energies(self, model: pccore.PCModel, variables: tuple[jax.Array, ...],
+                       x: jax.Array | None, y: jax.Array | None) -> jax.Array:
+        log_scale: jax.Array = model.energy_params
+        return jnp.exp(log_scale) * super().layer_energies(model, variables, x, y)
+
+
+def train_energy_params(x: jax.Array, y: jax.Array) -> jax.Array:
+    energy = LearnedScalePC()
+    model = pccore.wrap(eqx.nn.MLP(4, 3, 8, 1, key=jax.random.key(0)))
+    model = model.with_energy_params(energy.init_params(model))
+    optim = optax.sgd(1e-2)
+    opt_state = optim.init(model.trainable)
+    model, opt_state, _ = pccore.train_step(model, optim, opt_state, x=x, y=y, energy=energy)
+    model = model.with_trainable(model.trainable)
+    return model.energy_params
+
+
 def train(x: jax.Array, y: jax.Array) -> float:
     mlp = eqx.nn.MLP(4, 3, 8, 1, key=jax.random.key(0))
     model = pccore.wrap(mlp)
