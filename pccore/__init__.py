@@ -45,7 +45,9 @@ from ._infer import infer as infer
 from ._inference import AbstractInference as AbstractInference
 from ._inference import AbstractJointInference as AbstractJointInference
 from ._inference import Fields as Fields
+from ._inference import GradientFlow as GradientFlow
 from ._inference import OptaxInference as OptaxInference
+from ._inference import OptimistixInference as OptimistixInference
 from ._init import AbstractInit as AbstractInit
 from ._init import FeedForward as FeedForward
 from ._init import RandomNormal as RandomNormal

@@ -22,6 +22,7 @@ from ._epc import EPC
 from ._evaluate import evaluate
 from ._hybrid import Amortised, hybrid_evaluate, hybrid_train_step
 from ._infer import infer
+from ._inference import AbstractInference, GradientFlow, OptaxInference
 from ._init import AbstractInit, FeedForward, RandomNormal
 from ._train_step import train_step
 from ._loss import MSE, CrossEntropy
@@ -44,36 +45,44 @@ class TrainingFailed(CLIError):
 
 @dataclasses.dataclass(frozen=True)
 class SolverConfig:
-    """Everything [`pccore.infer`][] needs about the solver, as the CLI chose it."""
+    """The inference method the CLI chose (`--solver` and its options) and its step budget."""
 
     name: str
-    solver: Any
-    stepsize_controller: StepSizeController
-    t1: float
-    dt0: float | None
+    method: AbstractInference
     max_steps: int | None
 
     @property
     def kwargs(self) -> dict[str, Any]:
-        return dict(
-            solver=self.solver, stepsize_controller=self.stepsize_controller,
-            t1=None if self.is_optax else self.t1,  # an optax solver has no horizon
-            dt0=self.dt0, max_steps=self.max_steps,
-        )
+        return dict(solver=self.method, max_steps=self.max_steps)
+
+    @property
+    def flow(self) -> GradientFlow | None:
+        return self.method if isinstance(self.method, GradientFlow) else None
 
     @property
     def adaptive(self) -> bool:
-        return isinstance(self.stepsize_controller, diffrax.AbstractAdaptiveStepSizeController)
+        return self.flow is not None and self.flow.adaptive
 
     @property
     def is_optax(self) -> bool:
-        return isinstance(self.solver, optax.GradientTransformation)
+        return self.flow is None
+
+    @property
+    def t1(self) -> float:
+        assert self.flow is not None
+        return self.flow.t1
+
+    @property
+    def dt0(self) -> float:
+        assert self.flow is not None and self.flow.dt0 is not None
+        return self.flow.dt0
 
     def save_times(self, points: int = 21) -> jax.Array:
         """Times at which to record the energy along a solve (update counts for optax)."""
         import jax.numpy as jnp
 
         if self.is_optax:
+            assert self.max_steps is not None
             return jnp.arange(self.max_steps + 1)
         if self.adaptive:
             return jnp.linspace(0.0, self.t1, points)
@@ -126,17 +135,16 @@ def make_solver(name: str, *, steps: int, dt0: float, t1: float | None, rtol: fl
                 f"--t1 {t1:g}: the optax solver {name!r} takes --steps updates of the activities "
                 "and has no time horizon; drop --t1 and set --steps."
             )
-        return SolverConfig(name, _OPTAX[name](dt0), diffrax.ConstantStepSize(), steps * dt0,
-                            None, steps)
+        return SolverConfig(name, OptaxInference(_OPTAX[name](dt0)), steps)
     if name not in _ODE:
         raise CLIError(f"--solver: unknown solver {name!r}; choose from {', '.join(SOLVERS)}.")
     if name in _ADAPTIVE:
         controller = diffrax.PIDController(rtol=rtol, atol=atol)
-        return SolverConfig(name, _ODE[name](), controller, horizon, dt0, 4096)
+        return SolverConfig(name, GradientFlow(_ODE[name](), controller, horizon, dt0), 4096)
     if t1 is not None:
         steps = max(1, round(t1 / dt0))
         dt0 = t1 / steps
-    return SolverConfig(name, _ODE[name](), diffrax.ConstantStepSize(), horizon, dt0, None)
+    return SolverConfig(name, GradientFlow(_ODE[name](), t1=horizon, dt0=dt0), None)
 
 
 LOSSES = {"ce": CrossEntropy, "mse": MSE}

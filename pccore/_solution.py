@@ -52,6 +52,10 @@ class InferenceSolution(eqx.Module):
         controller's choice of `dt0=None`;
         the final diagnostics of this solution are not counted). Exact for Euler, explicit
         Runge-Kutta solvers, optax and optimistix minimisers; -1 for other diffrax solvers.
+    - `num_accepted_steps`: the steps an adaptive step-size controller accepted (equal to
+        `num_steps` for every other route). A trajectory saved with
+        `diffrax.SaveAt(steps=True)` holds accepted steps only: index it with this count
+        (`trajectory[:num_accepted_steps]`); the slots after it hold inf.
     - `ts`, `trajectory`, `energies`: the save times, the variables at those times (each
         with a leading time axis) and the energy there (batch sums); `None` unless `saveat`
         was given.
@@ -67,6 +71,7 @@ class InferenceSolution(eqx.Module):
     ts: Float[Array, " times"] | None = None
     trajectory: Activities | None = None
     energies: Float[Array, " times"] | None = None
+    num_accepted_steps: Int[Array, ""] | None = None
 
     @property
     def batch_size(self) -> int:

@@ -330,18 +330,18 @@ def test_solver_objects():
     assert s.max_steps == 7 and s.is_optax
     # the momentum optimiser is optax's: same updates on a quadratic
     g = {"a": jnp.ones(3)}
-    m = make_solver("momentum", steps=3, dt0=0.1, t1=None, rtol=1e-3, atol=1e-3).solver
+    m = make_solver("momentum", steps=3, dt0=0.1, t1=None, rtol=1e-3, atol=1e-3).method.optim
     ref = optax.sgd(0.1, momentum=0.5)
     u1, _ = m.update(g, m.init(g))
     u2, _ = ref.update(g, ref.init(g))
     assert jax.tree.map(lambda a, b: bool(jnp.all(a == b)), u1, u2) == {"a": True}
     s = make_solver("tsit5", steps=10, dt0=0.1, t1=3.0, rtol=1e-4, atol=1e-5)
     assert s.adaptive and s.t1 == 3.0 and s.dt0 == 0.1
-    assert (s.stepsize_controller.rtol, s.stepsize_controller.atol) == (1e-4, 1e-5)
+    assert (s.method.stepsize_controller.rtol, s.method.stepsize_controller.atol) == (1e-4, 1e-5)
     assert float(s.save_times()[-1]) == 3.0
     s = make_solver("adaptive-euler", steps=10, dt0=0.1, t1=3.0, rtol=1e-4, atol=1e-5)
-    assert isinstance(s.solver, pccore.AdaptiveEuler) and s.adaptive
-    assert (s.stepsize_controller.rtol, s.stepsize_controller.atol) == (1e-4, 1e-5)
+    assert isinstance(s.method.solver, pccore.AdaptiveEuler) and s.adaptive
+    assert (s.method.stepsize_controller.rtol, s.method.stepsize_controller.atol) == (1e-4, 1e-5)
 
 
 def test_generative_accuracy_is_the_least_squares_label():

@@ -25,7 +25,7 @@ class GradientDescent(pccore.AbstractInference):
 
     lr: float = 0.1
 
-    def init(self, z0, key):
+    def init(self, fields, z0, key):
         return None
 
     def step(self, fields, z, g, state):
@@ -40,7 +40,7 @@ class LineSearch(pccore.AbstractInference):
     lr: float = 4.0
     c: float = 1e-4
 
-    def init(self, z0, key):
+    def init(self, fields, z0, key):
         return None
 
     def step(self, fields, z, g, state):
@@ -134,7 +134,7 @@ class Langevin(pccore.AbstractInference):
     needs_key = True
     descends = False  # a sampler: its energy fluctuates above the minimum
 
-    def init(self, z0, key):
+    def init(self, fields, z0, key):
         traces.append(1)  # counts compilations (a Python side effect at trace time)
         return key
 
@@ -232,3 +232,190 @@ def test_incremental_pc_trains_on_digits():
     acc = float(pccore.evaluate(model, jnp.asarray(data.x_test), jnp.asarray(data.y_test),
                                 energy=energy).accuracy)
     assert acc > 0.85, acc  # chance is 0.1
+
+
+# --- the families as objects: gradient flow and optimistix --------------------------------
+
+
+class ViaDriver(pccore.AbstractInference):
+    """Any method's steps, run by the plain driver (pccore runs GradientFlow and
+    OptimistixInference on fused routes; this makes it take the driver instead)."""
+
+    method: pccore.AbstractInference
+
+    def init(self, fields, z0, key):
+        return self.method.init(fields, z0, key)
+
+    def step(self, fields, z, g, state):
+        return self.method.step(fields, z, g, state)
+
+    def finished(self, state):
+        return self.method.finished(state)
+
+
+_FLOWS = {
+    "euler": pccore.GradientFlow(diffrax.Euler(), t1=1.0, dt0=0.1),
+    "euler, t1 not a whole number of steps": pccore.GradientFlow(diffrax.Euler(), t1=1.05,
+                                                                 dt0=0.1),
+    "heun": pccore.GradientFlow(diffrax.Heun(), t1=1.0, dt0=0.1),
+    "tsit5": pccore.GradientFlow(diffrax.Tsit5(), t1=1.0, dt0=0.25),
+    "tsit5 + pid": pccore.GradientFlow(diffrax.Tsit5(),
+                                       diffrax.PIDController(rtol=1e-6, atol=1e-6), t1=3.0,
+                                       dt0=None),
+}
+
+
+@pytest.mark.parametrize("name", list(_FLOWS))
+def test_gradient_flow_through_the_driver_equals_its_fused_route(x64, name):
+    """The fused gradient-flow routes take exactly the steps of the step contract: the same
+    end state, time reached, and (adaptive) the same number of steps."""
+    model, (x, y) = _mlp(), _data()
+    flow = _FLOWS[name]
+    fused = pccore.infer(model, x=x, y=y, solver=flow)
+    driven = pccore.infer(model, x=x, y=y, solver=ViaDriver(flow), max_steps=4096)
+    for a, b in zip(fused.activities, driven.activities):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+    assert driven.result == fused.result == pccore.RESULTS.completed
+    assert int(driven.num_steps) == int(fused.num_steps)
+    # an adaptive solve ends exactly at t1 on both routes
+    assert float(fused.t) == flow.t1
+
+
+def test_gradient_flow_with_a_steady_state_stops_where_its_fused_route_stops(x64):
+    model, (x, y) = _mlp(), _data()
+    flow = pccore.GradientFlow(diffrax.Euler(), t1=50.0, dt0=0.2)
+    steady = pccore.SteadyState(rtol=0.0, atol=1e-5)
+    fused = pccore.infer(model, x=x, y=y, solver=flow, steady_state=steady)
+    driven = pccore.infer(model, x=x, y=y, solver=ViaDriver(flow), steady_state=steady,
+                          max_steps=flow.num_constant_steps)
+    assert fused.result == driven.result == pccore.RESULTS.converged
+    assert int(fused.num_steps) == int(driven.num_steps)
+    assert int(fused.num_grad_evals) == int(driven.num_grad_evals) == int(fused.num_steps) + 1
+    for a, b in zip(fused.activities, driven.activities):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+    # the horizon reached first: not converged on both (a steady state was asked for)
+    short = pccore.GradientFlow(diffrax.Euler(), t1=0.4, dt0=0.2)
+    a = pccore.infer(model, x=x, y=y, solver=short, steady_state=steady, throw=False)
+    b = pccore.infer(model, x=x, y=y, solver=ViaDriver(short), steady_state=steady,
+                     max_steps=100, throw=False)
+    assert a.result == b.result == pccore.RESULTS.not_converged
+
+
+def test_gradient_flow_object_equals_the_keyword_shorthand(x64):
+    model, (x, y) = _mlp(), _data()
+    pid = diffrax.PIDController(rtol=1e-4, atol=1e-4)
+    steady = pccore.SteadyState(1e-3, 1e-3)
+    a = pccore.infer(model, x=x, y=y, solver=pccore.GradientFlow(diffrax.Tsit5(), pid, t1=5.0,
+                                                                 dt0=None),
+                     steady_state=steady)
+    b = pccore.infer(model, x=x, y=y, solver=diffrax.Tsit5(), stepsize_controller=pid, t1=5.0,
+                     dt0=None, steady_state=steady)
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(u, v)
+    optim = optax.sgd(0.05)
+    flow = pccore.GradientFlow(diffrax.Heun(), t1=0.6, dt0=0.2)
+    step = pccore.TrainStep(optim, solver=flow)
+    m1, _, s1 = step(model, step.init(model), x=x, y=y)
+    m2, _, s2 = pccore.train_step(model, optim, optim.init(model.params), x=x, y=y,
+                                  solver=diffrax.Heun(), t1=0.6, dt0=0.2)
+    for u, v in zip(jax.tree.leaves((m1.params, s1)), jax.tree.leaves((m2.params, s2))):
+        np.testing.assert_array_equal(u, v)
+
+
+def test_gradient_flow_options_live_on_the_object():
+    model, (x, y) = _mlp(jnp.float32), _data(jnp.float32)
+    flow = pccore.GradientFlow(diffrax.Euler(), t1=1.0, dt0=0.1)
+    with pytest.raises(ValueError, match=r"`t1=3.0` given with `solver=GradientFlow\(\.\.\.\)`"
+                                         r".*expected them on the object only"):
+        pccore.infer(model, x=x, y=y, solver=flow, t1=3.0)
+    with pytest.raises(ValueError, match=r"`stepsize_controller=PIDController\(\.\.\.\), "
+                                         r"dt0=0.5` given"):
+        pccore.TrainStep(optax.sgd(0.1), solver=flow, dt0=0.5,
+                         stepsize_controller=diffrax.PIDController(rtol=1e-3, atol=1e-3))
+    with pytest.raises(TypeError, match=r"`GradientFlow\(solver\)`: `solver` must be a diffrax "
+                                        r"ODE solver.*got GradientTransformationExtraArgs"):
+        pccore.infer(model, x=x, y=y, solver=pccore.GradientFlow(optax.sgd(0.1)))
+    # `method=` takes the object; the shorthand keywords must not be given with it
+    a = pccore.infer(model, x=x, y=y, method=flow)
+    b = pccore.infer(model, x=x, y=y, solver=diffrax.Euler(), t1=1.0, dt0=0.1)
+    for u, v in zip(a.activities, b.activities):
+        np.testing.assert_array_equal(u, v)
+    with pytest.raises(ValueError, match=r"`solver=Tsit5\(\.\.\.\), t1=2.0` given with "
+                                         r"`method=GradientFlow\(\.\.\.\)`; expected one"):
+        pccore.infer(model, x=x, y=y, method=flow, solver=diffrax.Tsit5(), t1=2.0)
+    with pytest.raises(TypeError, match=r"`method` must be a pccore.AbstractInference.*got "
+                                        r"Tsit5. A bare diffrax solver"):
+        pccore.infer(model, x=x, y=y, method=diffrax.Tsit5())
+    # the object's own options are checked as the keywords are
+    with pytest.raises(ValueError, match=r"`dt0` must be a finite positive number; got -1.0"):
+        pccore.infer(model, x=x, y=y, solver=pccore.GradientFlow(diffrax.Euler(), dt0=-1.0))
+
+
+def test_optimistix_minimiser_as_an_object_and_through_the_driver(x64):
+    """`OptimistixInference(m)` equals the shorthand `solver=m`; its steps through the driver
+    reach the closed-form equilibrium of a deep linear network within the steady-state
+    tolerance's bound."""
+    optx = pytest.importorskip("optimistix")
+    model = cases.linear_network(jax.random.key(3), [4, 6, 5, 3])
+    model = jax.tree.map(lambda a: a.astype(jnp.float64) if eqx.is_inexact_array(a) else a, model)
+    x = jax.random.normal(jax.random.key(4), (5, 4), jnp.float64)
+    y = jax.random.normal(jax.random.key(5), (5, 3), jnp.float64)
+    atol = 1e-8
+    steady = pccore.SteadyState(rtol=0.0, atol=atol)
+    cg = optx.NonlinearCG(rtol=1e-10, atol=1e-10)
+    a = pccore.infer(model, x=x, y=y, solver=pccore.OptimistixInference(cg), steady_state=steady)
+    b = pccore.infer(model, x=x, y=y, solver=cg, steady_state=steady)
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(u, v)
+    driven = pccore.infer(model, x=x, y=y, solver=ViaDriver(pccore.OptimistixInference(cg)),
+                          steady_state=steady, max_steps=500)
+    assert driven.result == pccore.RESULTS.converged
+    want = pccore.theory.linear_equilibrium_activities(model, x, y)
+    lam_min = float(jnp.linalg.eigvalsh(pccore.theory.linear_activity_hessian(model)).min())
+    bound = np.sqrt(6 + 5) * atol / lam_min
+    for got in (a, driven):
+        for u, v in zip(got.activities, want):
+            np.testing.assert_allclose(u, v, rtol=0, atol=bound)
+    with pytest.raises(TypeError, match=r"`minimiser` must be an optimistix minimiser"):
+        pccore.OptimistixInference(optax.sgd(0.1))
+
+
+def _flops(f, *args):
+    cost = jax.jit(f).lower(*args).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float(cost["flops"])
+
+
+def test_a_saved_trajectory_costs_what_it_saves_not_max_steps():
+    """`SaveAt(steps=True)` keeps a buffer of `max_steps` slots; the energies of the saved
+    points are computed as they are saved, so the compiled work does not grow with the
+    buffer (the energy of every slot used to be computed after the solve: ~16x the work at
+    4096 slots against 256)."""
+    model, (x, y) = _mlp(jnp.float32), _data(jnp.float32)
+    pid = diffrax.PIDController(rtol=1e-3, atol=1e-3)
+
+    def solve(n):
+        return lambda x, y: pccore.infer(model, x=x, y=y, solver=diffrax.Tsit5(),
+                                         stepsize_controller=pid, t1=3.0, dt0=None,
+                                         max_steps=n, saveat=diffrax.SaveAt(steps=True),
+                                         throw=False).energies
+    small, large = _flops(solve(256), x, y), _flops(solve(4096), x, y)
+    assert large < 1.5 * small, (small, large)
+
+
+def test_a_trajectory_saved_at_steps_is_indexed_by_accepted_steps(x64):
+    model, (x, y) = _mlp(), _data()
+    sol = pccore.infer(model, x=x, y=y, solver=diffrax.Tsit5(),
+                       stepsize_controller=diffrax.PIDController(rtol=1e-8, atol=1e-8),
+                       t1=3.0, dt0=1.0, max_steps=256, saveat=diffrax.SaveAt(steps=True))
+    acc, k = int(sol.num_accepted_steps), int(sol.num_steps)
+    assert 0 < acc < k  # dt0=1.0 is far too large at these tolerances: steps were rejected
+    assert np.all(np.isfinite(np.asarray(sol.energies[:acc])))
+    assert np.all(np.isinf(np.asarray(sol.energies[acc:])))
+    for traj, z in zip(sol.trajectory, sol.activities):
+        np.testing.assert_array_equal(traj[acc - 1], z)
+    # each saved energy is the energy of the saved activities
+    want = jax.vmap(lambda *zs: pccore.energy(model, zs, x=x, y=y))(
+        *(t[:acc] for t in sol.trajectory))
+    np.testing.assert_allclose(sol.energies[:acc], want, rtol=1e-12)
+    np.testing.assert_array_equal(np.asarray(sol.ts[acc - 1]), np.asarray(sol.t))

@@ -26,15 +26,65 @@ then report the slowest sample (each evaluation covers the whole batch).
 
 optimistix is imported only here, and only when such a solver is passed (the family check
 in `_infer.py` looks optimistix up in `sys.modules` and never imports it).
+
+[`pccore.OptimistixInference`][] holds the minimiser. It implements the step contract (one
+`step` of the minimiser on the whole batch), so the driver can run it like any method; the
+engine runs the fused loop below, which also stops by the minimiser's own tolerances and
+keeps dense quasi-Newton estimates per sample.
 """
+
+from typing import Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
+from jaxtyping import PRNGKeyArray
 
-from ._infer import Raw, activity_grad, is_steady
-from ._results import RESULTS
+from .._custom_types import Activities
+from .._results import RESULTS
+from ._base import AbstractInference, Fields
+from ._common import Raw, activity_grad, is_steady
+
+
+class OptimistixInference(AbstractInference):
+    r"""Minimise $\mathcal F$ over the activities with an optimistix minimiser.
+
+    `OptimistixInference(optx.BFGS(rtol=1e-6, atol=1e-6))`; `solver=optx.BFGS(...)` is the
+    shorthand. It stops at a [`pccore.SteadyState`][] if the solve has one, else by the
+    minimiser's own `rtol`/`atol`; `max_steps` defaults to 256. Dense quasi-Newton
+    minimisers (BFGS, DFP) work on each sample separately, the others (L-BFGS,
+    NonlinearCG, ...) on the whole batch at once. Needs `pip install "pccore[optimistix]"`.
+
+    **Arguments:** `minimiser`, an `optimistix.AbstractMinimiser`.
+    """
+
+    minimiser: Any
+
+    def __check_init__(self) -> None:
+        import sys
+
+        optx = sys.modules.get("optimistix")
+        if optx is None or not isinstance(self.minimiser, optx.AbstractMinimiser):
+            raise TypeError(
+                "`OptimistixInference(minimiser)`: `minimiser` must be an optimistix "
+                f"minimiser (e.g. optx.BFGS(rtol=1e-6, atol=1e-6)); got "
+                f"{type(self.minimiser).__name__}."
+            )
+
+    def init(self, fields: Fields, z0: Activities, key: PRNGKeyArray | None) -> Any:
+        f_struct = jax.eval_shape(fields.energy, z0)
+        return self.minimiser.init(_objective(fields), z0, None, {}, f_struct, None,
+                                   frozenset())
+
+    def step(self, fields: Fields, z: Activities, g: Activities,
+             state: Any) -> tuple[Activities, Any]:
+        z, state, _ = self.minimiser.step(_objective(fields), z, None, {}, state, frozenset())
+        return z, state
+
+
+def _objective(fields: Fields) -> Any:
+    return lambda z, _: (fields.energy(z), None)
 
 
 def _accepted_grad(optx, solver, state):
@@ -111,3 +161,6 @@ def _loop(optx, solver, energy, model, z0, x, y, n, steady):
     state = eqx.combine(dyn, static)
     z, _, _ = solver.postprocess(fn, z, None, None, options, state, tags, optx.RESULTS.successful)
     return k, z, done, failed, jnp.asarray(extra)
+
+
+__all__ = ["OptimistixInference", "solve_optimistix"]
