@@ -11,6 +11,7 @@ from ._check import as_batch
 from ._custom_types import BatchArray, StepSizeController
 from ._energy import PC, AbstractEnergy
 from ._infer import infer
+from ._inference import AbstractInference
 from ._init import AbstractInit, RandomNormal
 from ._solution import SteadyState
 
@@ -36,6 +37,7 @@ def generative_evaluate(
     labels: BatchArray,
     *,
     energy: AbstractEnergy = PC(),
+    method: AbstractInference | None = None,
     solver: Any = diffrax.Euler(),
     stepsize_controller: StepSizeController = diffrax.ConstantStepSize(),
     t1: float | None = None,
@@ -55,9 +57,9 @@ def generative_evaluate(
 
     - `model`: the generative model (bottom = label, top = data).
     - `y`: observations, `(batch, *data_shape)`; `labels`: one-hot labels `(batch, classes)`.
-    - `energy`, `solver`, `stepsize_controller`, `t1`, `dt0`, `max_steps`, `steady_state`,
-        `init`, `key`: as in [`pccore.infer`][] (inference with `x=None`); `t1` defaults to
-        20.0 with a diffrax solver (a random start needs a longer horizon than a
+    - `energy`, `method`, `solver`, `stepsize_controller`, `t1`, `dt0`, `max_steps`,
+        `steady_state`, `init`, `key`: as in [`pccore.infer`][] (inference with `x=None`); `t1`
+        defaults to 20.0 with the diffrax solver shorthand (a random start needs a longer horizon than a
         feed-forward one).
 
     **Returns:** a [`pccore.GenerativeEvaluation`][].
@@ -67,7 +69,7 @@ def generative_evaluate(
     if t1 is None and isinstance(solver, diffrax.AbstractSolver):
         t1 = 20.0
     sol = infer(
-        model, x=None, y=y, energy=energy, solver=solver, stepsize_controller=stepsize_controller,
+        model, x=None, y=y, energy=energy, method=method, solver=solver, stepsize_controller=stepsize_controller,
         t1=t1, dt0=dt0, max_steps=max_steps, steady_state=steady_state, init=init, key=key,
     )
     if labels.shape[0] != sol.activities[0].shape[0]:

@@ -31,7 +31,8 @@ from ._check import as_batch, check_data, check_opt_state
 from ._custom_types import Activities, BatchArray, Scalar, StepSizeController
 from ._energy import PC, AbstractEnergy, sq_norm
 from ._generative import generative_evaluate
-from ._infer import check_solver
+from ._infer import check_solver, with_method
+from ._inference import AbstractInference
 from ._init import AbstractInit, Amortised, RandomNormal, amortise
 from ._learn import guarded_update, update
 from ._model import PCModel
@@ -138,6 +139,7 @@ def hybrid_train_step(
     x: BatchArray | None = None,
     y: BatchArray,
     energy: AbstractEnergy = PC(),
+    method: AbstractInference | None = None,
     solver: Any = diffrax.Euler(),
     stepsize_controller: StepSizeController = diffrax.ConstantStepSize(),
     t1: float | None = None,
@@ -150,8 +152,8 @@ def hybrid_train_step(
     Inference starts at the guesses of `amortiser` as given to this call (never a copy held
     from an earlier step): pass the amortiser the previous step returned.
 
-    **Arguments:** `generator`, `optim`, `opt_state`, `x`, `y`, `energy` and the solver options
-    as in [`pccore.train_step`][] (the initialiser is `pccore.Amortised(amortiser)`, built
+    **Arguments:** `generator`, `optim`, `opt_state`, `x`, `y`, `energy`, `method` and the
+    solver options as in [`pccore.train_step`][] (the initialiser is `pccore.Amortised(amortiser)`, built
     here); `amortiser` and its optax `amortiser_optim` and `amortiser_state`.
 
     **Returns:** `(generator, opt_state, amortiser, amortiser_state, stats)` with a
@@ -164,6 +166,7 @@ def hybrid_train_step(
     shapes = (x_shape, *(s.shape for s in energy.variable_shapes(generator, True)),
               energy.data_shapes(generator)[1])
     _check_amortiser(amortiser, shapes)
+    solver = with_method(method, solver, stepsize_controller, t1, dt0)
     n, t1, dt0 = check_solver(solver, stepsize_controller, t1, dt0, max_steps, steady_state,
                               None)
     for name, o in (("optim", optim), ("amortiser_optim", amortiser_optim)):

@@ -33,7 +33,8 @@ from ._check import (
 from ._compiled import compiled
 from ._custom_types import BatchArray, StepSizeController
 from ._energy import PC, AbstractEnergy
-from ._infer import check_solver
+from ._infer import check_solver, with_method
+from ._inference import AbstractInference
 from ._init import AbstractInit, FeedForward
 from ._learn import update
 from ._model import PCModel
@@ -213,8 +214,9 @@ class TrainStep:
     returned unchanged and `stats.updated` is False. A model in training mode (BatchNorm,
     Dropout) runs as [`pccore.train_step`][] describes.
 
-    **Arguments:** `optim`, an optax optimiser for the parameters; `energy`, `solver`,
-    `stepsize_controller`, `t1`, `dt0`, `max_steps`, `steady_state` and `init` as in
+    **Arguments:** `optim`, an optax optimiser for the parameters; `energy`, `method` (an
+    inference-method object such as [`pccore.GradientFlow`][]) or its shorthand `solver`,
+    `stepsize_controller`, `t1`, `dt0`; `max_steps`, `steady_state` and `init` as in
     [`pccore.infer`][] and [`pccore.train_step`][].
     """
 
@@ -223,6 +225,7 @@ class TrainStep:
         optim: optax.GradientTransformation,
         *,
         energy: AbstractEnergy = PC(),
+        method: AbstractInference | None = None,
         solver: Any = diffrax.Euler(),
         stepsize_controller: StepSizeController = diffrax.ConstantStepSize(),
         t1: float | None = None,
@@ -242,6 +245,7 @@ class TrainStep:
                 f"{type(energy).__name__}."
             )
         t1, dt0 = as_number("t1", t1), as_number("dt0", dt0)
+        solver = with_method(method, solver, stepsize_controller, t1, dt0)
         n, t1_, dt0_ = check_solver(solver, stepsize_controller, t1, dt0, max_steps,
                                     steady_state, None)
         self.optim = optim
@@ -543,6 +547,7 @@ def train_step(
     x: BatchArray | None = None,
     y: BatchArray | None,
     energy: AbstractEnergy = PC(),
+    method: AbstractInference | None = None,
     solver: Any = diffrax.Euler(),
     stepsize_controller: StepSizeController = diffrax.ConstantStepSize(),
     t1: float | None = None,
@@ -584,12 +589,14 @@ def train_step(
     the equilibrium, with the parameters inference used, and returned in the model
     ([`pccore.PCModel.unwrap_state`][]); they are kept unchanged when the update is skipped.
 
-    **Arguments:** `model`, `x`, `y`, `energy` and the solver options as in
+    **Arguments:** `model`, `x`, `y`, `energy`, `method` and the solver options as in
     [`pccore.infer`][]; `optim` an optax optimiser for the parameters, `opt_state` its state;
     `key` for random initialisers and dropout masks.
 
     **Returns:** `(model, opt_state, stats)` with a [`pccore.TrainStats`][].
     """
+    if method is not None:
+        solver = with_method(method, solver, stepsize_controller, t1, dt0)
     step = step_for(optim, energy, solver, stepsize_controller, t1, dt0, max_steps, steady_state,
                     init, model)
     return step(model, opt_state, x=x, y=y, key=key)

@@ -320,6 +320,13 @@ def test_gradient_flow_object_equals_the_keyword_shorthand(x64):
                                   solver=diffrax.Heun(), t1=0.6, dt0=0.2)
     for u, v in zip(jax.tree.leaves((m1.params, s1)), jax.tree.leaves((m2.params, s2))):
         np.testing.assert_array_equal(u, v)
+    step = pccore.TrainStep(optim, method=flow)
+    m3, _, s3 = step(model, step.init(model), x=x, y=y)
+    m4, _, s4 = pccore.train_step(model, optim, optim.init(model.params), x=x, y=y, method=flow)
+    for u, v, w in zip(jax.tree.leaves((m1.params, s1)), jax.tree.leaves((m3.params, s3)),
+                       jax.tree.leaves((m4.params, s4))):
+        np.testing.assert_array_equal(u, v)
+        np.testing.assert_array_equal(u, w)
 
 
 def test_gradient_flow_options_live_on_the_object():
