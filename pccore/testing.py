@@ -1,4 +1,5 @@
-"""Conformance checks for adapters: the checks pccore's own adapters pass, for yours.
+"""Conformance checks for adapters, and a checklist for energy variants: the checks pccore's
+own adapters and variants pass, for yours ([`pccore.testing.check_energy`][] for a variant).
 
 An adapter conforms when a model built natively in its framework from the same
 framework-neutral weights as pccore's Equinox reference behaves the same under predictive
@@ -41,7 +42,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ._energy import PC, energy, init_activities
+from ._energy import PC, AbstractEnergy, energy, init_activities
+from ._energy import energy as _total_energy  # `energy` is the variant in check_energy
+from ._init import AbstractInit
 from ._infer import infer
 from ._learn import param_grads
 from ._model import PCModel
@@ -244,3 +247,163 @@ def check_conformance(build: Builder, kind: str = "mlp", *, dtype: Any = jnp.flo
     np.testing.assert_allclose(native_y, pc_y, rtol=rtol, atol=rtol * float(jnp.abs(pc_y).max()),
                                err_msg=f"{kind}: the unwrapped model's own forward pass")
     return ref
+
+
+# --- the energy-variant checklist -----------------------------------------------------------
+
+
+def _fd(f: Callable[[Any], jax.Array], at: Any, direction: Any, h: float) -> float:
+    """Central finite difference of the scalar `f` at `at` along `direction`."""
+    up = jax.tree.map(lambda a, d: a + h * d, at, direction)
+    down = jax.tree.map(lambda a, d: a - h * d, at, direction)
+    return float((f(up) - f(down)) / (2 * h))
+
+
+def _dot(a: Any, b: Any) -> float:
+    return float(sum(jnp.vdot(u, v) for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b))))
+
+
+def _random_like(tree: Any, key: jax.Array) -> Any:
+    leaves, treedef = jax.tree.flatten(tree)
+    keys = jax.random.split(key, max(len(leaves), 1))
+    return jax.tree.unflatten(treedef, [jax.random.normal(k, a.shape, a.dtype)
+                                        for k, a in zip(keys, leaves)])
+
+
+def _agree(what: str, got: float, want: float, rtol: float) -> None:
+    if not abs(got - want) <= rtol * max(abs(want), 1.0):
+        raise AssertionError(f"{what}: got {got!r}, expected {want!r} (rtol {rtol:g}).")
+
+
+def check_energy(energy: AbstractEnergy, model: PCModel, x: jax.Array | None,
+                 y: jax.Array | None, *, key: jax.Array | None = None,
+                 init: AbstractInit | None = None) -> None:
+    r"""The checklist for an energy variant: the properties pccore's engine relies on, each
+    checked against an independent oracle. Run it in float64
+    (`jax.config.update("jax_enable_x64", True)`, with a model and data in float64); it
+    raises an `AssertionError` naming the first property that fails.
+
+    1. **Variables.** `init` gives one array per entry of `variable_shapes`, with that
+       per-sample shape and dtype, and the batch of the data.
+    2. **Total energy.** [`pccore.energy`][] equals the sum of `per_sample`, and `per_sample`
+       is finite. This and the checks below run at the initial variables moved by a random
+       perturbation (a feed-forward start zeroes every hidden error, and with them the terms
+       a wrong gradient could lose).
+    3. **Samples are independent.** `per_sample` of the batch equals `per_sample` of each
+       sample alone (a variant must not couple the samples of a batch; batch-statistics
+       layers in training mode are the documented exception and are not checked here).
+    4. **Activity gradient.** `jax.grad` of the energy in the variables equals a central
+       finite difference along a random direction (the gradient inference follows).
+    5. **Inference descends it.** A short Euler gradient flow ([`pccore.infer`][]) ends below
+       its start and with a smaller vector field.
+    6. **Parameter gradient.** [`pccore.param_grads`][] equals a finite difference of the
+       batch-mean objective $\frac1B\sum_i F_i + R(\theta)$ along a random direction in the
+       parameters, at fixed variables (the one update path); and, where the variant has
+       parameters of its own (`init_params`), the same in those.
+    7. **Activities.** `activities` gives arrays of the shapes [`pccore.PC`][] infers for
+       this model (the free activities the variables stand for).
+    8. **Compiled.** The energy under `jax.jit` equals the eager one.
+
+    **Arguments:**
+
+    - `energy`: the variant, an [`pccore.AbstractEnergy`][].
+    - `model`: a [`pccore.PCModel`][] it applies to (float64), e.g. a small wrapped MLP.
+    - `x`, `y`: a small batch of clamped data (one of them may be None, as the variant
+        allows).
+    - `key`: for the random directions and a random initialiser (default `key(0)`).
+    - `init`: the initialiser (default feed-forward from `x`, or random normal when `x` is
+        None).
+    """
+    from ._init import FeedForward, RandomNormal
+    from ._learn import objective
+
+    if not jax.config.jax_enable_x64:
+        raise ValueError(
+            "`check_energy` compares gradients with finite differences, which need float64: "
+            'call jax.config.update("jax_enable_x64", True) and pass a float64 model and data.'
+        )
+    key = jax.random.key(0) if key is None else key
+    k_init, k_z, k_p = jax.random.split(key, 3)
+    if energy.init_params(model) is not None and model.energy_params is None:
+        model = model.with_energy_params(energy.init_params(model))
+    init = (FeedForward() if x is not None else RandomNormal(std=0.5)) if init is None else init
+    z = tuple(init_activities(model, x=x, y=y, energy=energy, init=init, key=k_init))
+    prepared = energy.prepare(model)
+    batch = (x if x is not None else y)
+    assert batch is not None
+    B = batch.shape[0]
+
+    # 1. variables
+    shapes = energy.variable_shapes(prepared, x is not None)
+    if len(z) != len(shapes):
+        raise AssertionError(f"1. variables: `init` gave {len(z)} arrays; `variable_shapes` "
+                             f"declares {len(shapes)}.")
+    for i, (a, s) in enumerate(zip(z, shapes)):
+        if a.shape != (B, *s.shape) or a.dtype != s.dtype:
+            raise AssertionError(
+                f"1. variables: variable {i} from `init` has shape {a.shape} and dtype "
+                f"{a.dtype}; `variable_shapes` declares {(B, *s.shape)} and {s.dtype}.")
+
+    # The other checks run away from the initialisation (feed-forward activities zero every
+    # hidden error, and with them the terms a broken gradient could lose).
+    k_init, k_move = jax.random.split(k_init)
+    z = tuple(jax.tree.map(lambda a, n: a + 0.3 * n, z, _random_like(z, k_move)))
+
+    # 2. total energy
+    per = energy.per_sample(prepared, z, x, y)
+    if per.shape != (B,):
+        raise AssertionError(f"2. total energy: `per_sample` has shape {per.shape}; expected "
+                             f"({B},), one energy per sample.")
+    if not bool(jnp.all(jnp.isfinite(per))):
+        raise AssertionError("2. total energy: `per_sample` is not finite at the initial "
+                             "variables (perturbed).")
+    total = float(_total_energy(model, z, x=x, y=y, energy=energy))
+    _agree("2. total energy: pccore.energy against the sum of per_sample", total,
+           float(per.sum()), 1e-12)
+
+    # 3. samples are independent
+    def one(i: int) -> float:
+        pick = lambda a: None if a is None else a[i:i + 1]
+        return float(energy.per_sample(prepared, tuple(pick(a) for a in z), pick(x),
+                                       pick(y))[0])
+    for i in range(B):
+        _agree(f"3. samples are independent: sample {i}'s energy alone against in the batch",
+               one(i), float(per[i]), 1e-10)
+
+    # 4. activity gradient
+    f = lambda zz: _total_energy(model, zz, x=x, y=y, energy=energy)
+    d = _random_like(z, k_z)
+    _agree("4. activity gradient: jax.grad against a finite difference",
+           _dot(jax.grad(f)(z), d), _fd(f, z, d, 1e-5), 1e-5)
+
+    # 5. inference descends it
+    sol = infer(model, z, x=x, y=y, energy=energy, dt0=0.01, t1=0.2, throw=False)
+    g0 = jax.grad(f)(z)
+    n0 = max(float(jnp.max(jnp.abs(a))) for a in jax.tree.leaves(g0)) if z else 0.0
+    if z and not (float(sol.energy) < total and float(sol.vector_field_norm) < n0):
+        raise AssertionError(
+            f"5. inference descends it: 20 Euler steps of 0.01 went from energy {total!r} to "
+            f"{float(sol.energy)!r} and vector field {n0!r} to "
+            f"{float(sol.vector_field_norm)!r}; both must decrease.")
+
+    # 6. parameter gradient (the network's, and the variant's own where it has some)
+    grads = param_grads(model, z, x=x, y=y, energy=energy)
+    loss = lambda t: objective(t, model, energy, z, x, y)[0]
+    dp = _random_like(model.trainable, k_p)
+    _agree("6. parameter gradient: pccore.param_grads against a finite difference",
+           _dot(grads, dp), _fd(loss, model.trainable, dp, 1e-5), 1e-5)
+
+    # 7. activities
+    acts = energy.activities(model, z, x)
+    want = PC().variable_shapes(prepared, x is not None)
+    got = tuple(a.shape[1:] for a in acts)
+    if got != tuple(s.shape for s in want):
+        raise AssertionError(
+            f"7. activities: `activities` gave per-sample shapes {got}; pccore.PC infers "
+            f"{tuple(s.shape for s in want)} for this model.")
+
+    # 8. compiled
+    jitted = float(jax.jit(lambda zz: energy.per_sample(energy.prepare(model), zz, x, y)
+                           .sum())(z))
+    _agree("8. compiled: the energy under jax.jit against eager", jitted, float(per.sum()),
+           1e-12)
