@@ -59,6 +59,13 @@ def is_concrete(a: Any) -> bool:
     return not isinstance(a, jax.core.Tracer)
 
 
+def is_readable(a: Any) -> bool:
+    """Whether this process can read `a`'s values: concrete, and (a `jax.Array`) held whole
+    by this process's devices. With several processes (`jax.distributed`), a batch sharded
+    over every process's devices is not: each process holds its own rows only."""
+    return is_concrete(a) and (not isinstance(a, jax.Array) or a.is_fully_addressable)
+
+
 def check_dtype(name: str, dtype: Any) -> None:
     """Refuse non-floating and half-precision dtypes (see the module docstring)."""
     if not _is_float(dtype):
@@ -103,7 +110,7 @@ def check_input_dtype(name: str, dtype: Any, expected: Any) -> None:
 def check_finite(name: str, a: Any, scan_device: bool) -> None:
     """Raise if a concrete `a` holds NaN/inf (host data always, device arrays if asked)."""
     if isinstance(a, jax.Array):
-        if not (scan_device and is_concrete(a)):
+        if not (scan_device and is_readable(a)):
             return
         with jax.ensure_compile_time_eval():  # concrete data inside an outer jit trace
             bad = int((~jnp.isfinite(a)).sum())
@@ -221,7 +228,7 @@ def check_data(model: PCModel, energy, x, y, *, scan_device: bool = False,
     batch = None if x is None else x.shape[0]
     host = not isinstance(y, jax.Array)
     y = as_batch("y", y, y_shape, batch, scan_device=scan_device)
-    if y is not None and is_concrete(y) and (host or scan_device or scan_targets):
+    if y is not None and is_readable(y) and (host or scan_device or scan_targets):
         energy.check_target("y", y)
     return x, y
 

@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import pathlib
 import shlex
 import sys
@@ -128,8 +129,66 @@ def _common(p: argparse.ArgumentParser) -> None:
     o.add_argument("--no-plot", action="store_true", help="do not write the PNG figure")
     o.add_argument("--quiet", action="store_true", help="print only the final table / summary")
     o.add_argument("--data-parallel", action="store_true",
-                   help="shard every batch over all local devices (jax.sharding; parameters "
-                        "replicated). The batch size must divide by the number of devices.")
+                   help="shard every batch over all devices (jax.sharding; parameters "
+                        "replicated): the local ones, or every process's with the options "
+                        "below. The batch size must divide by the number of devices.")
+    m = p.add_argument_group(
+        "several processes (jax.distributed; launch the same command once per process)")
+    m.add_argument("--coordinator", metavar="HOST:PORT",
+                   help="address of process 0 (default: $JAX_COORDINATOR_ADDRESS)")
+    m.add_argument("--num-processes", type=_positive_int,
+                   help="number of processes (default: $JAX_NUM_PROCESSES)")
+    m.add_argument("--process-id", type=int,
+                   help="this process's index, 0..N-1 (default: $JAX_PROCESS_ID)")
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise CLIError(f"${name}={value!r}: expected a whole number.") from None
+
+
+def _join_processes(args) -> None:
+    """`jax.distributed.initialize` when the run spans several processes (before any JAX
+    computation); CPU collectives go through gloo, so this works on CPUs too."""
+    if args.coordinator is None:
+        args.coordinator = os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if args.num_processes is None:
+        args.num_processes = _env_int("JAX_NUM_PROCESSES")
+    if args.process_id is None:
+        args.process_id = _env_int("JAX_PROCESS_ID")
+    given = {"--coordinator": args.coordinator, "--num-processes": args.num_processes,
+             "--process-id": args.process_id}
+    if all(v is None for v in given.values()):
+        return
+    missing = [k for k, v in given.items() if v is None]
+    if missing:
+        raise CLIError(
+            f"{', '.join(missing)} missing: a run over several processes needs all three of "
+            "--coordinator HOST:PORT, --num-processes N and --process-id I (or "
+            "$JAX_COORDINATOR_ADDRESS, $JAX_NUM_PROCESSES, $JAX_PROCESS_ID).")
+    if not 0 <= args.process_id < args.num_processes:
+        raise CLIError(f"--process-id {args.process_id}: expected 0..{args.num_processes - 1} "
+                       f"(--num-processes {args.num_processes}).")
+    if not args.data_parallel:
+        raise CLIError("--coordinator/--num-processes/--process-id split the batches over the "
+                       "processes' devices: add --data-parallel.")
+    import jax
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(args.coordinator, num_processes=args.num_processes,
+                               process_id=args.process_id)
+
+
+def _lead() -> bool:
+    """Whether this process writes the results (process 0 of a multi-process run)."""
+    import jax
+
+    return jax.process_index() == 0
 
 
 def parser() -> argparse.ArgumentParser:
@@ -172,7 +231,7 @@ def _load_data(args):
     if args.data_parallel:
         import jax
 
-        n = jax.local_device_count()
+        n = jax.device_count()
         if args.batch_size % n:
             raise CLIError(
                 f"--data-parallel shards each batch over {n} devices, so --batch-size must be a "
@@ -244,7 +303,8 @@ def _open_checkpoints(args, stack: contextlib.ExitStack):
         return None
     _writable_folder(folder, "--checkpoint-dir")
     checkpoints = CheckpointManager(folder, keep=args.keep or 3)
-    stack.enter_context(checkpoints.hold())  # a second run into this folder is refused
+    if _lead():  # process 0 writes (and holds the folder); the others read on --resume
+        stack.enter_context(checkpoints.hold())  # a second run into this folder is refused
     if not args.resume and checkpoints.steps():
         raise CLIError(
             f"--checkpoint-dir {folder} already holds checkpoints (steps "
@@ -326,7 +386,8 @@ def _config(args) -> dict:
 # Options a resumed run may change: where things are written or read from, how much is
 # printed, how many epochs in all, and sharding (the same result to rounding).
 _RESUMABLE = frozenset({"epochs", "out", "quiet", "no_plot", "checkpoint_dir", "keep", "resume",
-                        "data_dir", "data_parallel"})
+                        "data_dir", "data_parallel", "coordinator", "num_processes",
+                        "process_id"})
 
 
 def _check_resume(checkpoints, args) -> None:
@@ -405,6 +466,8 @@ def compare(args) -> int:
                            lr=args.lr, seed=args.seed, progress=progress)
         say(f"backprop: test accuracy {100 * r.final_accuracy:.2f}% ({r.seconds:.1f} s)")
         results.append(r)
+    if not _lead():  # one result per run: process 0 writes it
+        return 0
     reference = results[0]
     for r in results:
         r.weight_difference = max_weight_difference(r.weights, reference.weights)
@@ -440,6 +503,8 @@ def train(args) -> int:
                      checkpoints=checkpoints, resume=args.resume, config=_config(args),
                      data_parallel=args.data_parallel)
     _check_updated(r, args)
+    if not _lead():  # one result per run: process 0 writes it
+        return 0
     print(f"final test accuracy {100 * r.final_accuracy:.2f}%, energy {r.final_energy:.4f}, "
           f"{r.step_ms:.2f} ms per training step, {r.inference_steps:g} inference steps per "
           f"training step{_skipped_note(r)}")
@@ -460,6 +525,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     start = time.perf_counter()
     try:
+        _join_processes(args)
+        if not _lead():
+            args.quiet = True  # one voice per run: process 0's
         status = compare(args) if args.command == "compare" else train(args)
     except (CLIError, CheckpointError, ImportError, FileNotFoundError) as e:
         print(f"pccore: error: {e}", file=sys.stderr)

@@ -116,7 +116,8 @@ def train_pc(
 
     With `checkpoints`, the state is saved atomically after every epoch; with `resume`, the
     run continues from the latest valid checkpoint and gives the same weights as a run that
-    was never interrupted. With `data_parallel`, each batch is sharded over all local devices.
+    was never interrupted. With `data_parallel`, each batch is sharded over all devices: those of
+every process after `jax.distributed.initialize`, each process feeding its own rows.
     """
     optim = optax.adam(lr)
     opt_state = variant.init_opt(optim, model)
@@ -141,9 +142,12 @@ def train_pc(
             epoch_loss, epoch_energy, epoch_skipped, epoch_raised = [], [], 0, 0
             for idx in batches(data.x_train.shape[0], batch_size, rng):
                 key, sub = jax.random.split(key)
-                x, y = jnp.asarray(data.x_train[idx]), jnp.asarray(data.y_train[idx])
-                if mesh is not None:
-                    x, y = _shard_batch((x, y), mesh)
+                if mesh is None:
+                    x, y = jnp.asarray(data.x_train[idx]), jnp.asarray(data.y_train[idx])
+                else:  # every process feeds its own rows of the global batch
+                    n, i = jax.process_count(), jax.process_index()
+                    rows = idx[i * len(idx) // n:(i + 1) * len(idx) // n]
+                    x, y = _shard_batch((data.x_train[rows], data.y_train[rows]), mesh)
                 (model, opt_state, stats), ms = _timed(
                     variant.step, model, optim, opt_state, x, y, solver, sub
                 )

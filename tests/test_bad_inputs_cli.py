@@ -394,3 +394,29 @@ def test_cli_second_run_into_a_held_checkpoint_dir(tmp_path, monkeypatch, capsys
         "this run its own directory (e.g. --checkpoint-dir), or wait for the other run to "
         "finish.\n")
     assert not calls
+
+
+# --- several processes ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--data-parallel", "--coordinator", "localhost:1234"],
+     r"--num-processes, --process-id missing: a run over several processes needs all three"),
+    (["--data-parallel", "--coordinator", "localhost:1234", "--num-processes", "2",
+      "--process-id", "2"], r"--process-id 2: expected 0..1 \(--num-processes 2\)"),
+    (["--coordinator", "localhost:1234", "--num-processes", "2", "--process-id", "0"],
+     r"split the batches over the processes' devices: add --data-parallel"),
+])
+def test_cli_refuses_an_incomplete_multi_process_setup(tmp_path, monkeypatch, capsys, extra,
+                                                      message):
+    calls = _no_training(monkeypatch)
+    assert _cli.main(train_argv(tmp_path / "out", *extra)) == 2
+    assert re.search(message, error_of(capsys))
+    assert not calls
+
+
+def test_cli_reads_the_process_layout_from_the_environment(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "localhost:1234")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "two")
+    assert _cli.main(train_argv(tmp_path / "out")) == 2
+    assert "$JAX_NUM_PROCESSES='two': expected a whole number." in error_of(capsys)
