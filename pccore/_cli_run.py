@@ -1,8 +1,10 @@
 """Training runs for the command-line tool: predictive coding through any adapter, and backprop."""
 
 import dataclasses
+import sys
 import time
 from collections.abc import Callable
+from typing import Any, TextIO
 
 import diffrax
 import equinox as eqx
@@ -10,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm import tqdm
 
 from ._builders import Weights, canonical_weights
 from ._checkpoint import CheckpointManager
@@ -17,7 +20,6 @@ from ._cli_options import AbstractVariant, SolverConfig
 from ._evaluate import evaluate
 from ._infer import infer
 from ._model import PCModel
-from ._progress import Progress
 from ._results import RESULTS
 from ._sharding import data_parallel as _data_parallel
 from ._sharding import shard_batch as _shard_batch
@@ -83,6 +85,14 @@ def _timed(fn: Callable, *args):
     return out, 1000 * (time.perf_counter() - start)
 
 
+def progress_bar(total: int, desc: str, enabled: bool, file: TextIO | None = None) -> Any:
+    """A tqdm bar on stderr (or `file`): nothing is drawn when `enabled` is False or the
+    stream is not a terminal (tqdm's `disable=None`), so logs and pipes stay clean. Lines
+    printed with its `write` go to stdout above the bar."""
+    return tqdm(total=total, desc=desc, disable=(not enabled) or None,
+                file=sys.stderr if file is None else file, leave=True, dynamic_ncols=True)
+
+
 def _energy_trace(model, variant, data, batch_size, solver: SolverConfig):
     x, y = variant.roles(data.x_test[:batch_size], data.y_test[:batch_size])
     ts = solver.save_times()
@@ -137,7 +147,7 @@ every process after `jax.distributed.initialize`, each process feeding its own r
     accs, losses, times, steps, energies = [], [], [], [], []
     skipped, start = 0, time.perf_counter()
     n_batches = data.x_train.shape[0] // batch_size
-    with Progress((epochs - first) * n_batches, f"{framework:>8}", enabled=progress) as bar:
+    with progress_bar((epochs - first) * n_batches, f"{framework:>8}", progress) as bar:
         for epoch in range(first, epochs):
             epoch_loss, epoch_energy, epoch_skipped, epoch_raised = [], [], 0, 0
             for idx in batches(data.x_train.shape[0], batch_size, rng):
@@ -157,7 +167,9 @@ every process after `jax.distributed.initialize`, each process feeding its own r
                 epoch_raised += int(stats.result == RESULTS.energy_increased)
                 epoch_loss.append(float(stats.loss))
                 epoch_energy.append(float(stats.energy))
-                bar.update(1, f"epoch {epoch + 1}/{epochs} energy {epoch_energy[-1]:.4f}")
+                bar.set_postfix_str(f"epoch {epoch + 1}/{epochs} energy {epoch_energy[-1]:.4f}",
+                                    refresh=False)
+                bar.update(1)
             accs.append(variant.accuracy(model, data.x_test, data.y_test))
             losses.append(float(np.mean(epoch_loss)))
             energies = epoch_energy
@@ -236,7 +248,7 @@ def train_backprop(
     accs, losses, times = [], [], []
     start = time.perf_counter()
     n_batches = data.x_train.shape[0] // batch_size
-    with Progress(epochs * n_batches, "backprop", enabled=progress) as bar:
+    with progress_bar(epochs * n_batches, "backprop", progress) as bar:
         for _ in range(epochs):
             epoch_loss = []
             for idx in batches(data.x_train.shape[0], batch_size, rng):

@@ -400,14 +400,15 @@ def _no_variables(z0, saveat, optax_times: bool, n: int) -> Raw:
 
 
 def solve_raw(model, z0, x, y, energy, solver, controller, t1, dt0, n, steady, saveat,
-              key=None) -> Raw:
+              key=None, progress=False) -> Raw:
     """Run the route for `solver` on a prepared model (traceable); unpackaged. `key`: the
-    solve's own key, for an inference method that draws random numbers."""
+    solve's own key, for an inference method that draws random numbers; `progress`: draw a
+    tqdm bar (gradient flow only)."""
     if not jtu.tree_leaves(z0):
         return _no_variables(z0, saveat, is_stepped(solver), n)
     method = as_method(solver, controller, t1, dt0)
     if isinstance(method, GradientFlow):
-        return solve_flow(method, energy, model, z0, x, y, n, steady, saveat)
+        return solve_flow(method, energy, model, z0, x, y, n, steady, saveat, progress)
     if isinstance(method, OptimistixInference):
         from ._inference._optimistix import solve_optimistix
 
@@ -415,8 +416,10 @@ def solve_raw(model, z0, x, y, energy, solver, controller, t1, dt0, n, steady, s
     return _solve_method(method, energy, model, z0, x, y, n, steady, saveat, key)
 
 
-def _solve(model, z0, x, y, energy, solver, controller, t1, dt0, n, steady, saveat, key=None):
-    raw = solve_raw(model, z0, x, y, energy, solver, controller, t1, dt0, n, steady, saveat, key)
+def _solve(model, z0, x, y, energy, solver, controller, t1, dt0, n, steady, saveat, key=None,
+           progress=False):
+    raw = solve_raw(model, z0, x, y, energy, solver, controller, t1, dt0, n, steady, saveat, key,
+                    progress)
     return _finish(energy, model, z0, x, y, raw)
 
 
@@ -445,6 +448,7 @@ def infer(
     init: AbstractInit = FeedForward(),
     key: PRNGKeyArray | None = None,
     throw: bool = True,
+    progress: bool = False,
 ) -> InferenceSolution:
     r"""Equilibrate the activities: integrate $\dot z = -\nabla_z \sum_i F_i(z)$ or step an optimiser.
 
@@ -492,10 +496,20 @@ def infer(
         is used (the activities, the energy, the step counts, the saved trajectory); with
         `False` check `solution.result` instead.
 
+    - `progress`: draw a progress bar (tqdm, on stderr, in simulated time) for a long
+        gradient-flow solve; nothing is drawn when stderr is not a terminal. Gradient flow
+        only (it then runs on diffrax's own loop, which reports its progress).
+
     **Returns:** an [`pccore.InferenceSolution`][].
     """
     x, y = check_data(model, energy, x, y)
     solver = with_method(method, solver, stepsize_controller, t1, dt0)
+    if progress and not (isinstance(solver, GradientFlow | diffrax.AbstractSolver)):
+        raise ValueError(
+            f"`progress=True`: the solver is a {type(solver).__name__}, but only gradient flow "
+            "(a diffrax solver, or pccore.GradientFlow) reports its progress; expected "
+            "progress=False with this solver, or a diffrax solver.")
+    progress = bool(progress) and sys.stderr.isatty()
     n, t1, dt0 = check_solver(solver, stepsize_controller, t1, dt0, max_steps, steady_state,
                               saveat)
     check_init(init, key)
@@ -509,7 +523,7 @@ def infer(
         activities = check_activities(model, energy, activities, x, y)
     sol = solve(
         prepared, tuple(activities), x, y, energy, solver, stepsize_controller, t1, dt0, n,
-        steady_state, saveat, solve_key,
+        steady_state, saveat, solve_key, progress,
     )
     if throw:
         bad = ((sol.result == RESULTS.diverged) | (sol.result == RESULTS.max_steps_reached)

@@ -12,7 +12,7 @@ import pytest
 
 import pccore
 from pccore import _builders, _cli, datasets
-from pccore._progress import Progress
+from pccore._cli_run import progress_bar
 from tests.test_datasets import fake_mnist, write_mnist_dir
 
 TINY = ["--hidden", "16", "--epochs", "1", "--batch-size", "16", "--steps", "5", "--seed", "1"]
@@ -308,15 +308,16 @@ class _TTY(io.StringIO):
 
 def test_progress_bar():
     stream = _TTY()
-    with Progress(4, "run", stream=stream, width=4) as bar:
+    with progress_bar(4, "run", True, file=stream) as bar:
         for _ in range(4):
-            bar.update(1, "ok")
+            bar.set_postfix_str("ok", refresh=False)
+            bar.update(1)
     text = stream.getvalue()
-    assert "run [####] 4/4" in text and text.endswith("ok\n") and "\r" in text
-    quiet = io.StringIO()  # not a terminal: nothing is drawn
-    with Progress(4, "run", stream=quiet) as bar:
-        bar.update(4)
-    assert quiet.getvalue() == ""
+    assert "run: 100%" in text and "4/4" in text and "ok" in text and "\r" in text, text
+    for enabled, s in ((True, io.StringIO()), (False, _TTY())):  # no terminal, or disabled
+        with progress_bar(4, "run", enabled, file=s) as bar:
+            bar.update(4)
+        assert s.getvalue() == ""
 
 
 def test_solver_objects():

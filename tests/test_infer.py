@@ -386,3 +386,34 @@ def test_unstable_step_is_reported_as_energy_increased(x64, getkey):
     _, _, stats = pccore.train_step(model, optim, optim.init(model.params), x=x, y=y,
                                     t1=60 * stable, dt0=stable)
     assert stats.result == pccore.RESULTS.completed
+
+
+class _TTY(__import__("io").StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bar_for_a_long_solve(monkeypatch):
+    """`progress=True` draws diffrax's tqdm meter on a terminal, silent elsewhere; the solve
+    is the same (the same steps on diffrax's own loop)."""
+    import sys
+
+    model = _mlp_progress()
+    x, y = jnp.ones((2, 4)), jnp.ones((2, 2))
+    plain = pccore.infer(model, x=x, y=y, t1=1.0, dt0=0.1)
+    quiet = pccore.infer(model, x=x, y=y, t1=1.0, dt0=0.1, progress=True)  # not a terminal
+    tty = _TTY()
+    monkeypatch.setattr(sys, "stderr", tty)
+    drawn = pccore.infer(model, x=x, y=y, t1=1.0, dt0=0.1, progress=True)
+    jax.block_until_ready(drawn.activities)
+    for a, b, c in zip(plain.activities, quiet.activities, drawn.activities):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(a, c, rtol=1e-6, atol=1e-7)
+    assert "100.00%" in tty.getvalue(), tty.getvalue()
+    with pytest.raises(ValueError, match=r"`progress=True`: the solver is a "
+                                         r"GradientTransformationExtraArgs, but only gradient flow"):
+        pccore.infer(model, x=x, y=y, solver=optax.sgd(0.1), progress=True)
+
+
+def _mlp_progress():
+    return cases.build_mlp("equinox", cases.canonical_mlp([4, 5, 2], jax.random.key(0)))

@@ -151,17 +151,19 @@ def _clip(ok: Any, tprev1: Any, tnext1: Any, t1: float) -> tuple[Any, Any]:
 
 
 def solve_flow(flow: GradientFlow, energy: Any, model: Any, z0: Any, x: Any, y: Any, n: int,
-               steady: Any, saveat: Any) -> Raw:
-    """The fused route for `flow` (see the module docs); `n` the step budget."""
+               steady: Any, saveat: Any, progress: bool = False) -> Raw:
+    """The fused route for `flow` (see the module docs); `n` the step budget; `progress`:
+    diffrax's loop with a tqdm progress meter."""
     solver, controller, t1, dt0 = flow.solver, flow.stepsize_controller, flow.t1, flow.dt0
     # pccore's own loops run explicit Runge-Kutta steps; anything else (implicit solvers,
     # whose root finders take their tolerances from the controller) goes through diffrax.
-    own = saveat is None and isinstance(solver, diffrax.Euler | diffrax.AbstractERK)
+    own = (saveat is None and not progress
+           and isinstance(solver, diffrax.Euler | diffrax.AbstractERK))
     if flow.adaptive and own:
         return _solve_adaptive(solver, controller, energy, model, z0, x, y, t1, dt0, n, steady)
     if flow.adaptive or not own:
         return _solve_diffrax(solver, controller, energy, model, z0, x, y, t1, dt0, n, steady,
-                              saveat)
+                              saveat, progress)
     return _solve_fixed(solver, energy, model, z0, x, y, t1, dt0, n, steady)
 
 
@@ -399,7 +401,8 @@ def _solve_adaptive(solver, controller, energy, model, z0, x, y, t1, dt0, n, ste
     return Raw(z, k, t, result, evals, accepted=acc)
 
 
-def _solve_diffrax(solver, controller, energy, model, z0, x, y, t1, dt0, n, steady, saveat):
+def _solve_diffrax(solver, controller, energy, model, z0, x, y, t1, dt0, n, steady, saveat,
+                   progress=False):
     event = None
     if steady is not None:
 
@@ -448,6 +451,7 @@ def _solve_diffrax(solver, controller, energy, model, z0, x, y, t1, dt0, n, stea
         event=event,
         throw=False,
         solver_state=state,
+        progress_meter=diffrax.TqdmProgressMeter() if progress else diffrax.NoProgressMeter(),
     )
     ys, ts_ = (sol.ys, sol.ts) if saveat is None else (sol.ys[0], sol.ts[0])
     z = jtu.tree_map(lambda a: a[-1], ys)
