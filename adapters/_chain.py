@@ -1,10 +1,10 @@
 """Layer discovery by substitution, shared by the Haiku, Linen and NNX adapters.
 
-A framework supplies `run(full_params, frozen, x, icpt)`, which calls the user's model with
-an interceptor installed: `icpt(name, method, next_fn, args, kwargs)` is called for every
-method call of a named submodule. The model is cut at *boundaries*: by default the
-outermost calls of modules that own parameters directly, in call order; or the module
-names the user gives. Layer `i` runs the model with
+A framework supplies an `Intercepted` (its hooks): its `run(full_params, frozen, x, icpt)`
+calls the user's model with an interceptor installed: `icpt(name, method, next_fn, args,
+kwargs)` is called for every method call of a named submodule. The model is cut at
+*boundaries*: by default the outermost calls of modules that own parameters directly, in
+call order; or the module names the user gives. Layer `i` runs the model with
 
 - boundaries `j < i` replaced by zeros of their recorded output shape (dead code that XLA
   removes; they need no parameters, so other layers' parameters are zero placeholders),
@@ -143,44 +143,65 @@ def require_params(params: Any, what: str) -> None:
         )
 
 
+class Intercepted:
+    """One model as discovery sees it: the hooks a framework implements (`discover` calls them).
+
+    Attributes, set by the subclass: `params` (the whole trainable tree), `frozen`
+    (non-trainable state, passed to `run` unchanged) and `what` (how errors name the model).
+    """
+
+    params: Any
+    frozen: Any
+    what: str
+    per_sample: bool = False
+    """`run` takes one sample, not a batch (see `Plan`)."""
+
+    def run(self, params: Any, frozen: Any, x: Any, icpt: Icpt) -> Any:
+        """The framework's call, see the module docstring."""
+        raise NotImplementedError
+
+    def owner(self, keys: tuple) -> str:
+        """The name of the module owning a parameter leaf, from its key path."""
+        raise NotImplementedError
+
+    def leaf_keys(self, keys: tuple) -> tuple:
+        """The key path of a leaf inside the per-layer nested dicts."""
+        return keys
+
+    def refuse(self, e: BaseException, where: str | None) -> BaseException | None:
+        """The error to raise instead of `e`, raised by the model (in module `where`, the
+        innermost), or `None` to re-raise it."""
+        return None
+
+    def loose(self, owner: str) -> bool:
+        """Whether `owner` is no module call (an array used directly by the forward pass): its
+        leaves go to the one layer whose output depends on them."""
+        return False
+
+    def slicer(self, layer_of_leaf: Sequence[int], num_layers: int) -> Any:
+        """The per-layer params and their merge (`Slicer`, or one in the framework's own
+        structure)."""
+        return Slicer(self.params, self.leaf_keys, layer_of_leaf, num_layers)
+
+
 def discover(
-    run: Run,
-    params: Any,
-    frozen: Any,
+    model: Intercepted,
     in_shape: jax.ShapeDtypeStruct,
-    owner_of_leaf: Callable[[tuple], str],
-    leaf_keys: Callable[[tuple], tuple],
     boundaries: Sequence[str] | None,
-    what: str,
-    refuse: Callable[[BaseException, str | None], BaseException | None],
     probe: Run | None = None,
-    *,
-    per_sample: bool = False,
-    make_slicer: Callable[[Any, Sequence[int], int], Any] | None = None,
-    loose: Callable[[str], bool] | None = None,
 ) -> Plan:
     """Trace the model once (abstractly) and cut it into layers.
 
     **Arguments:**
 
-    - `run`: the framework's call, see the module docstring.
-    - `params`: the whole trainable tree.
-    - `frozen`: non-trainable state passed to `run` unchanged.
+    - `model`: the framework's hooks and the model's parameters, see `Intercepted`.
     - `in_shape`: per-sample input shape.
-    - `owner_of_leaf`: module name owning a leaf, from its key path.
-    - `leaf_keys`: the key path of a leaf inside the per-layer nested dicts.
     - `boundaries`: explicit boundary module names, or `None` for automatic discovery.
-    - `what`: how to name the model in errors.
-    - `refuse`: maps an exception raised by the model (and the innermost module name) to
-        an error to raise instead (or `None` to re-raise it).
-    - `probe`: the run for discovery's own traces when they should do more than `run` (record
-        the calls, check the model's state); wrap time only: the plan keeps `run`.
-    - `per_sample`: `run` takes one sample, not a batch (see `Plan`).
-    - `make_slicer`: `(params, layer_of_leaf, num_layers) -> slicer` in place of `Slicer`
-        (per-layer params in the framework's own structure).
-    - `loose`: owners for which this is true are not module calls (an array used directly by
-        the forward pass); their leaves go to the one layer whose output depends on them.
+    - `probe`: the run for discovery's own traces when they should do more than `model.run`
+        (record the calls, check the model's state); wrap time only: the plan keeps `run`.
     """
+    run, params, frozen, what = model.run, model.params, model.frozen, model.what
+    per_sample, owner_of_leaf = model.per_sample, model.owner
     probe = run if probe is None else probe
     k0 = 0 if per_sample else 1  # where the per-sample shape starts
     require_params(params, what)
@@ -239,7 +260,7 @@ def discover(
     except UnsupportedLayerError:
         raise
     except Exception as e:
-        err = refuse(e, where[0])
+        err = model.refuse(e, where[0])
         if err is None:
             raise
         raise err from e
@@ -274,7 +295,7 @@ def discover(
             f"`model`: found no parameterised module call in {what} (parameters of "
             f"{sorted(owners)}); pass `boundaries=[module names]` in call order."
         )
-    loose_owners = {o for o in owners if loose is not None and loose(o)}
+    loose_owners = {o for o in owners if model.loose(o)}
     outs = _layer_reads(probe, params, frozen, x, tuple(order), in_shapes)
     # Modules whose calls the interceptor did not see, because a transform runs them on
     # copies of their own (nnx.scan over stacked blocks): their parameters belong to the one
@@ -309,10 +330,7 @@ def discover(
         else:
             layer_of.append(next(iter(seg[o])))
     reads = _check_chain(outs, n_p, len(jtu.tree_leaves(frozen)), tuple(order), layer_of, what)
-    if make_slicer is None:
-        slicer = Slicer(params, leaf_keys, layer_of, len(order))
-    else:
-        slicer = make_slicer(params, layer_of, len(order))
+    slicer = model.slicer(layer_of, len(order))
     shapes = [*in_shapes[1:], jax.ShapeDtypeStruct(out.shape[k0:], out.dtype)]
     plan = Plan(run, tuple(order), tuple(shapes), tuple(b_out), in_shape, slicer, per_sample,
                 reads_input=reads)
@@ -579,7 +597,7 @@ def merged_state(layers: Sequence[Any], owners: Sequence[int]) -> Any:
         treedef, [per_layer[max(o, 0)][k] for k, o in enumerate(owners)])
 
 
-def layer_names(plan: Plan, leaf_owner_names: Sequence[str]) -> tuple[str, ...]:
+def layer_names(plan: Plan, leaf_owner_names: Sequence[tuple[str, int]]) -> tuple[str, ...]:
     """Readable layer names: the boundary, plus other parameter owners folded into it."""
     extra: list[list[str]] = [[] for _ in plan.names]
     for o, l in leaf_owner_names:
@@ -600,10 +618,11 @@ def weight_specs(params: Any, names: Sequence[str], out_axis=lambda keys: -1) ->
     return tuple(specs)
 
 
-def owners_by_layer(plan: Plan, params: Any, owner_of_leaf) -> list[tuple[str, int]]:
-    with_path = jtu.tree_flatten_with_path(params)[0]
+def owners_by_layer(plan: Plan, model: Intercepted) -> list[tuple[str, int]]:
+    """`(owner module, layer)` of each parameter leaf of `model`."""
+    with_path = jtu.tree_flatten_with_path(model.params)[0]
     return [
-        (owner_of_leaf(tuple(_key(k) for k in p)), l) for (p, _), l in zip(with_path, plan.slicer.layer)
+        (model.owner(tuple(_key(k) for k in p)), l) for (p, _), l in zip(with_path, plan.slicer.layer)
     ]
 
 

@@ -22,7 +22,7 @@ import jax.tree_util as jtu
 from pccore._adapter import UnsupportedLayerError
 from pccore._model import PCModel
 
-from ._chain import ChainLayer, discover
+from ._chain import ChainLayer, Intercepted, discover
 
 try:  # the trace a call runs in: differs inside jax.vmap / lax.scan / jit in the forward
     from jax._src.core import get_opaque_trace_state as _opaque_trace_state
@@ -331,6 +331,34 @@ def _check_calls(bnames: list[str], order: list[str], ordered: bool, model: str)
         )
 
 
+class _Custom(Intercepted):
+    """A custom module cut at its boundaries: every leaf goes to the layer whose output reads
+    it; the chain runs per sample."""
+
+    per_sample = True
+
+    def __init__(self, params, static, what, kps, markers, bnames, call):
+        self.params, self.frozen, self.what = params, None, what
+        self.static, self.kps, self.markers, self.bnames, self.call = static, kps, markers, bnames, call
+
+    def run(self, params, frozen, x, icpt):
+        m = tap(eqx.combine(params, self.static), self.kps, self.markers)
+        with _intercepting(icpt):
+            # the start of layer 0, for the chain's bookkeeping; the forward reads `x` itself
+            # (the clamped input where a later layer reads it, else zeros there)
+            icpt(self.bnames[0], "__call__", _identity, (x,), {})
+            return self.call(m, x)
+
+    def owner(self, keys: tuple) -> str:
+        return fmt(tuple(("attr" if isinstance(k, str) else "item", k) for k in keys))
+
+    def loose(self, owner: str) -> bool:
+        return True
+
+    def slicer(self, layer_of_leaf, num_layers):
+        return _MaskSlicer(self.params, layer_of_leaf, num_layers)
+
+
 def wrap_custom(model: Any, *, boundaries: Any, input_shape=None, dtype=None, args: tuple = (),
                 kwargs: dict | None = None) -> PCModel:
     """Cut a custom Equinox module at `boundaries` (see `EquinoxAdapter`)."""
@@ -357,21 +385,7 @@ def wrap_custom(model: Any, *, boundaries: Any, input_shape=None, dtype=None, ar
     markers = [*bnames[1:], None]  # after boundary l starts layer l + 1
     params, static = eqx.partition(model, eqx.is_inexact_array)
 
-    def owner(keys: tuple) -> str:  # every leaf goes to the layer whose output reads it
-        return fmt(tuple(("attr" if isinstance(k, str) else "item", k) for k in keys))
-
-    def run(p, fr, xi, icpt):
-        m = tap(eqx.combine(p, static), kps, markers)
-        with _intercepting(icpt):
-            # the start of layer 0, for the chain's bookkeeping; the forward reads `xi` itself
-            # (the clamped input where a later layer reads it, else zeros there)
-            icpt(bnames[0], "__call__", _identity, (xi,), {})
-            return call(m, xi)
-
-    plan = discover(
-        run, params, None, in_shape, owner, lambda keys: keys, bnames, what, lambda e, w: None,
-        per_sample=True, make_slicer=_MaskSlicer, loose=lambda o: True,
-    )
+    plan = discover(_Custom(params, static, what, kps, markers, bnames, call), in_shape, bnames)
     layers = tuple(ChainLayer(i, plan, None) for i in range(len(plan.names)))
 
     def rebuild(new_params):

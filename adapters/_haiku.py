@@ -8,31 +8,12 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend.core import get_opaque_trace_state
 
-from pccore._adapter import AbstractAdapter, UnsupportedLayerError
+from pccore._adapter import UnsupportedLayerError
 from pccore._model import PCModel
 
-from ._chain import (
-    chain_layers,
-    discover,
-    infer_input_shape,
-    layer_names,
-    merged_state,
-    owners_by_layer,
-    recording,
-    require_params,
-    state_layers,
-    weight_specs,
-    with_input_dtype,
-)
-
-
-def _owner(keys: tuple) -> str:
-    return keys[0]
-
-
-def _leaf_keys(keys: tuple) -> tuple:
-    return keys
+from ._intercepting import AbstractInterceptingAdapter, InterceptedModel, Options
 
 
 def _candidates(params) -> list[tuple[tuple[int, ...], str]]:
@@ -48,7 +29,7 @@ def _candidates(params) -> list[tuple[tuple[int, ...], str]]:
     ]
 
 
-class HaikuAdapter(AbstractAdapter):
+class HaikuAdapter(AbstractInterceptingAdapter):
     """`hk.Transformed` and `hk.TransformedWithState` (e.g. `hk.nets.MLP`, `hk.Sequential`,
     custom modules and functions calling parameterised modules in sequence).
 
@@ -99,11 +80,27 @@ class HaikuAdapter(AbstractAdapter):
         train_args: tuple | None = None,
         train_kwargs: dict | None = None,
     ) -> PCModel:
-        f = model
-        kwargs = dict(kwargs or {})
-        training = train_args is not None or train_kwargs is not None
-        train_args, train_kwargs = tuple(train_args or ()), dict(train_kwargs or {})
-        stateful = isinstance(f, hk.TransformedWithState)
+        options = Options(input_shape, boundaries, dtype, args, kwargs, train_args, train_kwargs)
+        return self.wrap_intercepted(model, variables, options, state=state)
+
+    def intercept(self, model: Any, variables: Any, options: Options, **extra: Any) -> "_Haiku":
+        return _Haiku(model, variables, extra["state"], options)
+
+
+class _Haiku(InterceptedModel):
+    """A Haiku transform with its params (and state)."""
+
+    what = "the Haiku transform"
+    shape_what = "this Haiku model"
+    weight_names = ("w",)
+    first_layer = "hk.Linear"
+    how = "`pccore.wrap(f, params, input_shape=(8, 8, 1))`"
+
+    def __init__(self, f: Any, variables: Any, state: Any, options: Options):
+        self.f = f
+        self.args, self.kwargs, self.train_args, self.train_kwargs = options.calls()
+        self.training = options.training
+        self.has_state = stateful = isinstance(f, hk.TransformedWithState)
         if variables is None:
             raise ValueError(
                 "`variables`: a Haiku transform needs its params: `pccore.wrap(f, params)` with "
@@ -121,126 +118,79 @@ class HaikuAdapter(AbstractAdapter):
                 "`variables`: expected Haiku params, a dict {module_name: {param_name: array}}; "
                 f"got {type(variables).__name__}."
             )
-        with_rng = "rng" in inspect.signature(f.apply).parameters
+        self.params, self.frozen = variables, state if stateful else {}
+        self.with_rng = "rng" in inspect.signature(f.apply).parameters
+        self.transposed: set[str] = set()  # hk.ConvNDTranspose kernels are (*kernel, out, in)
+        self.transformed: set[str] = set()  # called inside a JAX transform (hk.dynamic_unroll)
 
-        transposed = set()  # hk.ConvNDTranspose kernels are (*kernel, out, in)
+    def apply(self, params, frozen, x, icpt, rng, call_args, call_kwargs):
+        """`f.apply` with the interceptor: `(output, new state)` (`frozen` if stateless)."""
+        top = get_opaque_trace_state()
 
-        from jax.extend.core import get_opaque_trace_state
+        def hk_icpt(nf, a, kw, ctx):
+            if ctx.method_name == "__init__":
+                return nf(*a, **kw)
+            if ctx.method_name == "__call__" and get_opaque_trace_state() != top:
+                self.transformed.add(ctx.module.module_name)
+            if isinstance(ctx.module, hk.ConvNDTranspose):
+                self.transposed.add(ctx.module.module_name)
+            return icpt(ctx.module.module_name, ctx.method_name, nf, a, kw)
 
-        transformed = set()  # modules called inside a JAX transform (hk.dynamic_unroll's scan)
+        call = (params, frozen) if self.has_state else (params,)
+        if self.with_rng:
+            call = (*call, rng)
+        with hk.intercept_methods(hk_icpt):
+            out = self.f.apply(*call, x, *call_args, **call_kwargs)
+        return out if self.has_state else (out, frozen)
 
-        def apply(params, frozen, x, icpt, rng, call_args, call_kwargs):
-            """`f.apply` with the interceptor: `(output, new state)` (`frozen` if stateless)."""
-            top = get_opaque_trace_state()
+    def run(self, params, frozen, x, icpt):  # the evaluation call
+        return self.apply(params, frozen, x, icpt, None, self.args, self.kwargs)[0]
 
-            def hk_icpt(nf, a, kw, ctx):
-                if ctx.method_name == "__init__":
-                    return nf(*a, **kw)
-                if ctx.method_name == "__call__" and get_opaque_trace_state() != top:
-                    transformed.add(ctx.module.module_name)
-                if isinstance(ctx.module, hk.ConvNDTranspose):
-                    transposed.add(ctx.module.module_name)
-                return icpt(ctx.module.module_name, ctx.method_name, nf, a, kw)
+    def train_run(self, params, frozen, x, icpt, key):  # the training call, with the step's key
+        return self.apply(params, frozen, x, icpt, key, self.train_args, self.train_kwargs)
 
-            call = (params, frozen) if stateful else (params,)
-            if with_rng:
-                call = (*call, rng)
-            with hk.intercept_methods(hk_icpt):
-                out = f.apply(*call, x, *call_args, **call_kwargs)
-            return out if stateful else (out, frozen)
+    def owner(self, keys: tuple) -> str:
+        return keys[0]
 
-        def run(params, frozen, x, icpt):  # the evaluation call
-            return apply(params, frozen, x, icpt, None, args, kwargs)[0]
-
-        def train_run(params, frozen, x, icpt, key):  # the training call, with the step's key
-            return apply(params, frozen, x, icpt, key, train_args, train_kwargs)
-
-        def refuse(e, where):
-            msg = str(e)
-            at = f"Haiku module {where!r}"
-            if where is None:  # raised by the transformed function, outside any module
-                at = "the transformed function itself (outside any hk.Module)"
-            if "rng" in msg.lower() or "prngkey" in msg.lower():
-                return UnsupportedLayerError(
-                    f"`model`: {at} needs a random key (e.g. hk.dropout in "
-                    "training mode) in the call given by `args`/`kwargs`, which is the "
-                    "evaluation call. Pass the evaluation call there (e.g. `args=(False,)` for "
-                    "an `is_training` argument) and the training call as `train_args=(True,)`: "
-                    "dropout then draws one mask per training step from its `key`."
-                )
-            if "Unable to retrieve parameter" in msg or "does not match shape" in msg:
-                return ValueError(
-                    f"`variables`: the params do not match the Haiku model (in {at}): "
-                    f"{msg.splitlines()[0]} Pass the params from this model's own `init`."
-                )
-            return None
-
-        require_params(variables, "the Haiku transform")
-
-        def build(dt):
-            def trace(shape, called):
-                in_shape = jax.ShapeDtypeStruct(tuple(shape), dt)
-                plan = discover(
-                    run, variables, state, in_shape, _owner, _leaf_keys, boundaries,
-                    "the Haiku transform", refuse, probe=recording(run, called),
-                )
-                return plan, in_shape
-
-            if input_shape is not None:
-                return trace(input_shape, set())
-            return infer_input_shape(
-                trace, _candidates(variables), lambda plan: owners_by_layer(plan, variables, _owner),
-                "this Haiku model", "hk.Linear", "`pccore.wrap(f, params, input_shape=(8, 8, 1))`",
+    def refuse(self, e, where):
+        msg = str(e)
+        at = f"Haiku module {where!r}"
+        if where is None:  # raised by the transformed function, outside any module
+            at = "the transformed function itself (outside any hk.Module)"
+        if "rng" in msg.lower() or "prngkey" in msg.lower():
+            return UnsupportedLayerError(
+                f"`model`: {at} needs a random key (e.g. hk.dropout in "
+                "training mode) in the call given by `args`/`kwargs`, which is the "
+                "evaluation call. Pass the evaluation call there (e.g. `args=(False,)` for "
+                "an `is_training` argument) and the training call as `train_args=(True,)`: "
+                "dropout then draws one mask per training step from its `key`."
             )
+        if "Unable to retrieve parameter" in msg or "does not match shape" in msg:
+            return ValueError(
+                f"`variables`: the params do not match the Haiku model (in {at}): "
+                f"{msg.splitlines()[0]} Pass the params from this model's own `init`."
+            )
+        return None
 
-        float_dtype = jnp.result_type(jax.tree_util.tree_leaves(variables)[0])
-        try:
-            plan, in_shape = with_input_dtype(build, dtype, float_dtype)
-        except Exception as e:  # a boundary inside a scan fails in several ways: say why
-            inside = [b for b in boundaries or sorted(variables) if b in transformed]
-            if inside:
-                raise _in_transform_error(inside) from e
-            raise
-        if any(n in transformed for n in plan.names):  # else it fails at the first forward
-            raise _in_transform_error([n for n in plan.names if n in transformed])
-        if stateful:
-            _check_state_frozen(f, variables, state, in_shape, with_rng, args, kwargs)
-        frozen = state if stateful else {}
-        owners: tuple[int, ...] = ()
-        stochastic = False
-        if training:
-            owners = state_layers(plan, frozen, _owner)
-            stochastic = _draws_random(f, variables, frozen, in_shape, with_rng, train_run)
-        layers = chain_layers(plan, frozen, train_run if training else None, owners, stochastic)
-        params = plan.slicer.params
-        return PCModel(
-            layers=layers,
-            params=params,
-            in_shape=in_shape,
-            out_shapes=plan.out_shapes,
-            names=layer_names(plan, owners_by_layer(plan, variables, _owner)),
-            weights=tuple(
-                weight_specs(p, ("w",), lambda ks: -2 if ks[0] in transposed else -1) for p in params
-            ),
-            skips=(False,) * len(layers),
-            framework="haiku",
-            rebuild=(lambda p, state=None: plan.slicer.merge(p)) if training else plan.slicer.merge,
-            reads_input=plan.reads_input,
-            training=training,
-            restate=(lambda fs: merged_state(fs, owners)) if training and stateful else None,
-        )
+    def input_candidates(self):
+        return _candidates(self.params)
 
+    def discovery_error(self, e, boundaries):  # a boundary inside a scan fails in several ways
+        inside = [b for b in boundaries or sorted(self.params) if b in self.transformed]
+        return _in_transform_error(inside) if inside else None
 
-def _draws_random(f, params, frozen, in_shape, with_rng, train_run) -> bool:
-    """Whether the training call draws random numbers (hk.dropout): it fails without a key."""
-    x = jax.ShapeDtypeStruct((2, *in_shape.shape), in_shape.dtype)
-    try:
-        jax.eval_shape(lambda p, s, x: train_run(p, s, x, lambda n, m, nf, a, k: nf(*a, **k), None),
-                       params, frozen, x)
-    except Exception as e:
+    def check(self, plan, in_shape):
+        if any(n in self.transformed for n in plan.names):  # else it fails at the first forward
+            raise _in_transform_error([n for n in plan.names if n in self.transformed])
+        if self.has_state:
+            _check_state_frozen(self.f, self.params, self.frozen, in_shape, self.with_rng,
+                                self.args, self.kwargs)
+
+    def needs_key(self, e):
+        """hk.dropout fails without a key; so does a training call whose `f` takes none."""
         if "rng" not in str(e).lower() and "prngkey" not in str(e).lower():
-            raise
-        if not with_rng:
+            return False
+        if not self.with_rng:
             raise UnsupportedLayerError(
                 "`train_args`/`train_kwargs`: the training call draws random numbers (e.g. "
                 "hk.dropout), but `f.apply` takes no `rng` (hk.without_apply_rng). Transform "
@@ -248,7 +198,12 @@ def _draws_random(f, params, frozen, in_shape, with_rng, train_run) -> bool:
                 "so that each training step can pass its key."
             ) from e
         return True
-    return False
+
+    def weight_out_axis(self, keys):
+        return -2 if keys[0] in self.transposed else -1
+
+    def rebuild(self, params, state=None):
+        return params
 
 
 def _check_state_frozen(f, params, state, in_shape, with_rng, args, kwargs) -> None:

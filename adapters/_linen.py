@@ -6,27 +6,14 @@ from typing import Any
 import flax.errors
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax.core import meta
 
-from pccore._adapter import AbstractAdapter, UnsupportedLayerError
+from pccore._adapter import UnsupportedLayerError
 from pccore._model import PCModel
 
-from ._chain import (
-    _key,
-    chain_layers,
-    discover,
-    infer_input_shape,
-    layer_names,
-    merged_state,
-    owners_by_layer,
-    recording,
-    require_params,
-    state_layers,
-    weight_specs,
-    with_input_dtype,
-)
+from ._chain import _key
+from ._intercepting import AbstractInterceptingAdapter, InterceptedModel, Options
 
 
 def _is_box(node) -> bool:
@@ -101,7 +88,7 @@ def _interceptor(icpt):
     return ln_icpt
 
 
-class LinenAdapter(AbstractAdapter):
+class LinenAdapter(AbstractInterceptingAdapter):
     """Flax Linen modules: `nn.Sequential`, modules with submodule lists built in `setup()`,
     and `@nn.compact` modules.
 
@@ -154,117 +141,94 @@ class LinenAdapter(AbstractAdapter):
         train_kwargs: dict | None = None,
         rng_names: Sequence[str] = ("dropout",),
     ) -> PCModel:
-        module = model
-        kwargs = dict(kwargs or {})
-        training = train_args is not None or train_kwargs is not None
-        train_args, train_kwargs = tuple(train_args or ()), dict(train_kwargs or {})
+        options = Options(input_shape, boundaries, dtype, args, kwargs, train_args, train_kwargs)
+        return self.wrap_intercepted(model, variables, options, rng_names=rng_names)
+
+    def intercept(self, model: Any, variables: Any, options: Options, **extra: Any) -> "_Linen":
+        return _Linen(model, variables, options, extra["rng_names"])
+
+
+class _Linen(InterceptedModel):
+    """A Linen module with its variables: `"params"` trains, the other collections are frozen."""
+
+    first_layer = "nn.Dense"
+    how = "`pccore.wrap(module, variables, input_shape=(8, 8, 1))`"
+
+    def __init__(self, module: Any, variables: Any, options: Options, rng_names: Sequence[str]):
+        self.module, self.rng_names = module, rng_names
+        self.args, self.kwargs, self.train_args, self.train_kwargs = options.calls()
+        self.training = options.training
         if not isinstance(variables, Mapping) or "params" not in variables:
             got = type(variables).__name__ if not isinstance(variables, Mapping) else list(variables)
             raise ValueError(
                 "`variables`: a Linen module needs its variables, a mapping with a 'params' "
                 f"collection (`variables = module.init(key, x)`); got {got}."
             )
-        params = variables["params"]
-        frozen = {k: v for k, v in variables.items() if k != "params"}
+        self.variables = variables
+        self.params = variables["params"]
+        self.frozen = {k: v for k, v in variables.items() if k != "params"}
+        self.has_state = bool(self.frozen)
+        self.what = f"the Linen module {type(module).__name__}"
+        self._owner, self._leaf_keys = _key_fns(self.params)
 
-        def run(p, fr, x, icpt):
-            with nn.intercept_methods(_interceptor(icpt)):
-                return module.apply({"params": p, **fr}, x, *args, **kwargs)
+    def run(self, params, frozen, x, icpt):
+        with nn.intercept_methods(_interceptor(icpt)):
+            return self.module.apply({"params": params, **frozen}, x, *self.args, **self.kwargs)
 
-        def train_run(p, fr, x, icpt, key):
-            rngs = {} if key is None else {
-                n: key if i == 0 else jax.random.fold_in(key, i) for i, n in enumerate(rng_names)}
-            with nn.intercept_methods(_interceptor(icpt)):
-                if not fr:
-                    return module.apply({"params": p}, x, *train_args, rngs=rngs,
-                                        **train_kwargs), fr
-                out, new = module.apply({"params": p, **fr}, x, *train_args, rngs=rngs,
-                                        mutable=list(fr), **train_kwargs)
-            return out, {k: new[k] for k in fr}
+    def train_run(self, params, frozen, x, icpt, key):
+        rngs = {} if key is None else {
+            n: key if i == 0 else jax.random.fold_in(key, i) for i, n in enumerate(self.rng_names)}
+        with nn.intercept_methods(_interceptor(icpt)):
+            if not frozen:
+                return self.module.apply({"params": params}, x, *self.train_args, rngs=rngs,
+                                         **self.train_kwargs), frozen
+            out, new = self.module.apply({"params": params, **frozen}, x, *self.train_args,
+                                         rngs=rngs, mutable=list(frozen), **self.train_kwargs)
+        return out, {k: new[k] for k in frozen}
 
-        def refuse(e, where):
-            if isinstance(e, flax.errors.ModifyScopeVariableError):
-                return UnsupportedLayerError(
-                    f"`model`: Linen submodule {where!r} updates a variable in the forward pass "
-                    f"({str(e).splitlines()[0]}), e.g. nn.BatchNorm with "
-                    "use_running_average=False. Predictive coding runs each layer many times "
-                    "per step, so its statistics would be updated at every inference step. "
-                    "`args`/`kwargs` are the evaluation call: pass e.g. "
-                    "`kwargs={'train': False}` there, and the training call as "
-                    "`train_kwargs={'train': True}` to train with batch statistics (running "
-                    "averages updated once per training step)."
-                )
-            if isinstance(e, flax.errors.InvalidRngError):
-                return UnsupportedLayerError(
-                    f"`model`: Linen submodule {where!r} needs a random key (e.g. nn.Dropout "
-                    "with deterministic=False) in the evaluation call given by `args`/`kwargs`. "
-                    "Pass e.g. `kwargs={'train': False}` there, and the training call as "
-                    "`train_kwargs={'train': True}`: dropout then draws one mask per training "
-                    "step from its `key`."
-                )
-            if isinstance(e, flax.errors.ScopeParamShapeError | flax.errors.ScopeParamNotFoundError
-                          | flax.errors.ScopeCollectionNotFound):
-                return ValueError(
-                    f"`variables` do not match the Linen module (at {where!r}): "
-                    f"{str(e).splitlines()[0]} Pass the variables from this module's own `init`."
-                )
-            return None
+    def owner(self, keys):
+        return self._owner(keys)
 
-        what = f"the Linen module {type(module).__name__}"
-        require_params(params, what)
-        _owner, _leaf_keys = _key_fns(params)
+    def leaf_keys(self, keys):
+        return self._leaf_keys(keys)
 
-        def build(dt):
-            def trace(shape, called):
-                in_shape = jax.ShapeDtypeStruct(tuple(shape), dt)
-                plan = discover(run, params, frozen, in_shape, _owner, _leaf_keys, boundaries,
-                                what, refuse, probe=recording(run, called))
-                return plan, in_shape
+    def state_owner(self, keys):  # (collection, *module path, name)
+        return "/".join(str(k) for k in keys[1:-1])
 
-            if input_shape is not None:
-                return trace(input_shape, set())
-            return infer_input_shape(
-                trace, _candidates(params), lambda plan: owners_by_layer(plan, params, _owner), what,
-                "nn.Dense", "`pccore.wrap(module, variables, input_shape=(8, 8, 1))`",
+    def refuse(self, e, where):
+        if isinstance(e, flax.errors.ModifyScopeVariableError):
+            return UnsupportedLayerError(
+                f"`model`: Linen submodule {where!r} updates a variable in the forward pass "
+                f"({str(e).splitlines()[0]}), e.g. nn.BatchNorm with "
+                "use_running_average=False. Predictive coding runs each layer many times "
+                "per step, so its statistics would be updated at every inference step. "
+                "`args`/`kwargs` are the evaluation call: pass e.g. "
+                "`kwargs={'train': False}` there, and the training call as "
+                "`train_kwargs={'train': True}` to train with batch statistics (running "
+                "averages updated once per training step)."
             )
+        if isinstance(e, flax.errors.InvalidRngError):
+            return UnsupportedLayerError(
+                f"`model`: Linen submodule {where!r} needs a random key (e.g. nn.Dropout "
+                "with deterministic=False) in the evaluation call given by `args`/`kwargs`. "
+                "Pass e.g. `kwargs={'train': False}` there, and the training call as "
+                "`train_kwargs={'train': True}`: dropout then draws one mask per training "
+                "step from its `key`."
+            )
+        if isinstance(e, flax.errors.ScopeParamShapeError | flax.errors.ScopeParamNotFoundError
+                      | flax.errors.ScopeCollectionNotFound):
+            return ValueError(
+                f"`variables` do not match the Linen module (at {where!r}): "
+                f"{str(e).splitlines()[0]} Pass the variables from this module's own `init`."
+            )
+        return None
 
-        float_dtype = jnp.result_type(jax.tree_util.tree_leaves(params)[0])
-        plan, in_shape = with_input_dtype(build, dtype, float_dtype)
-        owners: tuple[int, ...] = ()
-        stochastic = False
-        if training:
-            owners = state_layers(plan, frozen, lambda ks: "/".join(str(k) for k in ks[1:-1]))
-            stochastic = _draws_random(train_run, params, frozen, in_shape)
-        layers = chain_layers(plan, frozen, train_run if training else None, owners, stochastic)
-        per_layer = plan.slicer.params
+    def input_candidates(self):
+        return _candidates(self.params)
 
-        def rebuild(new_params, state=None):
-            merged = plan.slicer.merge(new_params)
-            out = {**variables, **(state or {}), "params": merged}
-            return out if type(variables) is dict else type(variables)(out)
+    def needs_key(self, e):  # nn.Dropout fails without rngs
+        return isinstance(e, flax.errors.InvalidRngError)
 
-        return PCModel(
-            layers=layers,
-            params=per_layer,
-            in_shape=in_shape,
-            out_shapes=plan.out_shapes,
-            names=layer_names(plan, owners_by_layer(plan, params, _owner)),
-            weights=tuple(weight_specs(p, ("kernel",)) for p in per_layer),
-            skips=(False,) * len(layers),
-            framework="flax.linen",
-            rebuild=rebuild,
-            reads_input=plan.reads_input,
-            training=training,
-            restate=(lambda fs: merged_state(fs, owners)) if training and frozen else None,
-        )
-
-
-def _draws_random(train_run, params, frozen, in_shape) -> bool:
-    """Whether the training call draws random numbers (nn.Dropout): it fails without rngs."""
-    x = jax.ShapeDtypeStruct((2, *in_shape.shape), in_shape.dtype)
-    try:
-        jax.eval_shape(lambda p, s, x: train_run(p, s, x, lambda n, m, nf, a, k: nf(*a, **k), None),
-                       params, frozen, x)
-    except flax.errors.InvalidRngError:
-        return True
-    return False
+    def rebuild(self, params, state=None):
+        out = {**self.variables, **(state or {}), "params": params}
+        return out if type(self.variables) is dict else type(self.variables)(out)

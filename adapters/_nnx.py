@@ -16,20 +16,11 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from flax import nnx
 
-from pccore._adapter import AbstractAdapter, UnsupportedLayerError
+from pccore._adapter import UnsupportedLayerError
 from pccore._model import PCModel
 
-from ._chain import (
-    chain_layers,
-    discover,
-    layer_names,
-    merged_state,
-    owners_by_layer,
-    require_params,
-    state_layers,
-    weight_specs,
-    with_input_dtype,
-)
+from ._chain import discover
+from ._intercepting import AbstractInterceptingAdapter, InterceptedModel, Options
 
 _LOCK = threading.RLock()
 
@@ -119,7 +110,7 @@ def _check_unchanged(m, before: dict, what: str) -> None:
         )
 
 
-class NNXAdapter(AbstractAdapter):
+class NNXAdapter(AbstractInterceptingAdapter):
     """Flax NNX modules: `nnx.Sequential`, and custom modules holding layers in `nnx.List`,
     `nnx.Dict` or attributes.
 
@@ -168,138 +159,131 @@ class NNXAdapter(AbstractAdapter):
         in_place: bool = False,
         dtype: Any = None,
     ) -> PCModel:
+        options = Options(input_shape, boundaries, dtype, args, kwargs)
+        return self.wrap_intercepted(model, variables, options, in_place=in_place)
+
+    def intercept(self, model: Any, variables: Any, options: Options, **extra: Any) -> "_NNX":
         if variables is not None:
             raise ValueError(
                 "`variables`: an NNX module holds its own parameters; call `pccore.wrap(model)` "
                 "without variables."
             )
-        kwargs = dict(kwargs or {})
-        training, stochastic = _training_layers(model)
-        train_graphdef = None
-        if training:  # layers are found on an evaluation copy; the module's own graph trains
-            train_graphdef = nnx.split(model, nnx.Param, ...)[0]
-            source = model
+        return _NNX(model, options, extra["in_place"])
+
+
+class _NNX(InterceptedModel):
+    """An NNX module, split once: `nnx.Param`s train, the rest of its state is frozen (or, in
+    training mode, updated once per step; its RNG streams restart from each step's key)."""
+
+    has_state = True
+
+    def __init__(self, model: Any, options: Options, in_place: bool):
+        self.args, self.kwargs = options.calls()[:2]
+        self.in_place = in_place
+        self.training, self._stochastic = _training_layers(model)
+        self.target = model  # what `in_place` updates
+        self.train_graphdef = None
+        if self.training:  # layers are found on an evaluation copy; the module's own graph trains
+            self.train_graphdef = nnx.split(model, nnx.Param, ...)[0]
             model = nnx.clone(model)
             model.eval()
-        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-        require_params(params, f"the NNX module {type(model).__name__}")
-        leaves = jtu.tree_leaves(params)
-        float_dtype = jnp.result_type(leaves[0]) if leaves else jnp.float32
-        classes = {type(m) for path, m in nnx.iter_modules(model) if path and callable(m)}
-        what = f"the NNX module {type(model).__name__}"
-
-        def call(m, x, icpt):
-            ids = {id(sub): _path_name(path) for path, sub in nnx.iter_modules(m) if path}
-            with _patched(classes, ids, icpt):
-                return m(x, *args, **kwargs)
-
-        def run(p, fr, x, icpt):
-            return call(nnx.merge(graphdef, p, fr), x, icpt)
-
-        rng_kinds = [
+        self.graphdef, self.params, self.frozen = nnx.split(model, nnx.Param, ...)
+        self.out_graphdef = self.train_graphdef if self.training else self.graphdef
+        self.classes = {type(m) for path, m in nnx.iter_modules(model) if path and callable(m)}
+        self.modules = dict((_path_name(p), m) for p, m in nnx.iter_modules(model))
+        self.what = f"the NNX module {type(model).__name__}"
+        self.rng_kinds = [
             (isinstance(v, nnx.RngKey), isinstance(v, nnx.RngCount))
             for _, v in jtu.tree_flatten_with_path(
-                rest, is_leaf=lambda v: isinstance(v, nnx.Variable))[0]
+                self.frozen, is_leaf=lambda v: isinstance(v, nnx.Variable))[0]
         ]
 
-        def train_run(p, fr, x, icpt, key):
-            leaves, tdef = jtu.tree_flatten(fr)
-            if key is not None:  # every RNG stream restarts from this step's key
-                if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-                    key = jax.random.wrap_key_data(key)
-                leaves = [
-                    jax.random.fold_in(key, k) if is_key else
-                    jnp.zeros_like(a) if is_count else a
-                    for k, (a, (is_key, is_count)) in enumerate(zip(leaves, rng_kinds))
-                ]
-            m = nnx.merge(train_graphdef, p, jtu.tree_unflatten(tdef, leaves))
-            out = call(m, x, icpt)
-            return out, nnx.split(m, nnx.Param, ...)[2]
+    def call(self, m, x, icpt):
+        ids = {id(sub): _path_name(path) for path, sub in nnx.iter_modules(m) if path}
+        with _patched(self.classes, ids, icpt):
+            return m(x, *self.args, **self.kwargs)
 
-        def checked(p, fr, x, icpt):  # wrap time: no random draws, no statistics updates
-            m = nnx.merge(graphdef, p, fr)
-            before = _watched(m)
-            out = call(m, x, icpt)
-            _check_unchanged(m, before, what)
-            return out
+    def run(self, params, frozen, x, icpt):
+        return self.call(nnx.merge(self.graphdef, params, frozen), x, icpt)
 
-        def refuse(e, where):
-            msg = str(e)
-            if "shape" in msg.lower() or "dot_general" in msg:
-                return _InputShapeError(
-                    f"`model`: the NNX module fails on inputs of the given `input_shape` (at "
-                    f"{where!r}): {msg.splitlines()[0]} Pass the per-sample `input_shape=`."
-                )
-            return None
+    def train_run(self, params, frozen, x, icpt, key):
+        leaves, tdef = jtu.tree_flatten(frozen)
+        if key is not None:  # every RNG stream restarts from this step's key
+            if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+                key = jax.random.wrap_key_data(key)
+            leaves = [
+                jax.random.fold_in(key, k) if is_key else
+                jnp.zeros_like(a) if is_count else a
+                for k, (a, (is_key, is_count)) in enumerate(zip(leaves, self.rng_kinds))
+            ]
+        m = nnx.merge(self.train_graphdef, params, jtu.tree_unflatten(tdef, leaves))
+        out = self.call(m, x, icpt)
+        return out, nnx.split(m, nnx.Param, ...)[2]
 
+    def checked(self, params, frozen, x, icpt):  # wrap time: no random draws, no statistics updates
+        m = nnx.merge(self.graphdef, params, frozen)
+        before = _watched(m)
+        out = self.call(m, x, icpt)
+        _check_unchanged(m, before, self.what)
+        return out
+
+    def owner(self, keys):
+        return _owner(keys)
+
+    def leaf_keys(self, keys):
+        return _strip(keys)
+
+    def refuse(self, e, where):
+        msg = str(e)
+        if "shape" in msg.lower() or "dot_general" in msg:
+            return _InputShapeError(
+                f"`model`: the NNX module fails on inputs of the given `input_shape` (at "
+                f"{where!r}): {msg.splitlines()[0]} Pass the per-sample `input_shape=`."
+            )
+        return None
+
+    def find_plan(self, dtype, input_shape, boundaries):
         if input_shape is not None:
             candidates = [tuple(input_shape)]
         else:  # iter_modules is sorted by name, not call order: try each nnx.Linear's fan-in
-            modules = dict((_path_name(p), m) for p, m in nnx.iter_modules(model))
             candidates = list(dict.fromkeys(
-                (m.in_features,) for m in modules.values() if isinstance(m, nnx.Linear)))
-
-        def build(dt):
-            plan, other = None, None
-            for shape in candidates:
-                in_shape = jax.ShapeDtypeStruct(shape, dt)
-                try:
-                    plan = discover(run, params, rest, in_shape, _owner, _strip, boundaries, what,
-                                    refuse, probe=checked)
-                except _InputShapeError:
-                    if input_shape is not None:
-                        raise
-                    continue  # a wrong guess: try the next nnx.Linear's fan-in
-                except ValueError as e:  # the model traced on this shape but is unsupported
-                    if input_shape is not None:
-                        raise
-                    other = other or e
-                    continue
-                first = modules.get(plan.names[0]) if input_shape is None else None
-                if input_shape is None and not (
-                    isinstance(first, nnx.Linear) and (first.in_features,) == shape
-                ):
-                    plan = None
-                    continue
-                return plan, in_shape
-            if other is not None:
-                raise other
-            raise ValueError(
-                "`input_shape`: cannot infer the per-sample input shape of this NNX module "
-                "(it does not start with an nnx.Linear). Pass it, e.g. "
-                "`pccore.wrap(model, input_shape=(8, 8, 1))`."
-            )
-
-        plan, in_shape = with_input_dtype(build, dtype, float_dtype)
-        owners: tuple[int, ...] = ()
-        if training:  # RNG streams are restarted from each step's key, never kept
-            owners = tuple(
-                -1 if any(kind) else o
-                for o, kind in zip(state_layers(plan, rest, lambda ks: _owner(ks)), rng_kinds))
-        layers = chain_layers(plan, rest, train_run if training else None, owners, stochastic)
-        per_layer = plan.slicer.params
-        target = source if training else model
-        out_graphdef = train_graphdef if training else graphdef
-
-        def rebuild(new_params, state=None):
-            merged = plan.slicer.merge(new_params)
-            if in_place:
-                nnx.update(target, merged, *(() if state is None else (state,)))
-                return target
-            return nnx.merge(out_graphdef, merged, rest if state is None else state)
-
-        return PCModel(
-            layers=layers,
-            params=per_layer,
-            in_shape=in_shape,
-            out_shapes=plan.out_shapes,
-            names=layer_names(plan, owners_by_layer(plan, params, _owner)),
-            weights=tuple(weight_specs(p, ("kernel",)) for p in per_layer),
-            skips=(False,) * len(layers),
-            framework="flax.nnx",
-            rebuild=rebuild,
-            reads_input=plan.reads_input,
-            training=training,
-            restate=(lambda fs: merged_state(fs, owners)) if training else None,
+                (m.in_features,) for m in self.modules.values() if isinstance(m, nnx.Linear)))
+        other = None
+        for shape in candidates:
+            in_shape = jax.ShapeDtypeStruct(shape, dtype)
+            try:
+                plan = discover(self, in_shape, boundaries, probe=self.checked)
+            except _InputShapeError:
+                if input_shape is not None:
+                    raise
+                continue  # a wrong guess: try the next nnx.Linear's fan-in
+            except ValueError as e:  # the model traced on this shape but is unsupported
+                if input_shape is not None:
+                    raise
+                other = other or e
+                continue
+            first = self.modules.get(plan.names[0]) if input_shape is None else None
+            if input_shape is None and not (
+                isinstance(first, nnx.Linear) and (first.in_features,) == shape
+            ):
+                continue
+            return plan, in_shape
+        if other is not None:
+            raise other
+        raise ValueError(
+            "`input_shape`: cannot infer the per-sample input shape of this NNX module "
+            "(it does not start with an nnx.Linear). Pass it, e.g. "
+            "`pccore.wrap(model, input_shape=(8, 8, 1))`."
         )
 
+    def state_layers(self, plan):  # RNG streams are restarted from each step's key, never kept
+        return tuple(-1 if any(kind) else o for o, kind in zip(super().state_layers(plan), self.rng_kinds))
+
+    def stochastic(self, in_shape):
+        return self._stochastic
+
+    def rebuild(self, params, state=None):
+        if self.in_place:
+            nnx.update(self.target, params, *(() if state is None else (state,)))
+            return self.target
+        return nnx.merge(self.out_graphdef, params, self.frozen if state is None else state)
