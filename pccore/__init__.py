@@ -46,6 +46,9 @@ from ._inference import AbstractInference as AbstractInference
 from ._inference import AbstractJointInference as AbstractJointInference
 from ._inference import Fields as Fields
 from ._inference import GradientFlow as GradientFlow
+from ._inference import IncrementalPC as IncrementalPC
+from ._inference import Langevin as Langevin
+from ._inference import MonteCarloPC as MonteCarloPC
 from ._inference import OptaxInference as OptaxInference
 from ._inference import OptimistixInference as OptimistixInference
 from ._init import AbstractInit as AbstractInit

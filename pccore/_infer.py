@@ -253,7 +253,13 @@ def _check_budget(solver, stepsize_controller, t1, dt0, max_steps, steady_state,
     max_steps = None if max_steps is None else int(max_steps)
     _check_saveat(saveat)
     if is_stepped(solver):
-        n = 20 if max_steps is None else max_steps
+        needed = solver.steps_needed() if isinstance(solver, AbstractInference) else None
+        n = max(20, needed or 0) if max_steps is None else max_steps
+        if needed is not None and n < needed:
+            raise ValueError(
+                f"`max_steps={n}`: `solver={type(solver).__name__}(...)` needs {needed} steps "
+                f"to complete; expected max_steps >= {needed}. Raise `max_steps` or leave it "
+                "unset.")
         if saveat is not None:
             sub = saveat.subs
             if sub.ts is None or sub.steps or sub.t0 or sub.t1:

@@ -6,7 +6,9 @@
 - `_common.py`: the leaf helpers every route shares (energy gradients, the steady-state test);
 - `_gradient_flow.py`: [`pccore.GradientFlow`][], diffrax solvers;
 - `_optax.py`: [`pccore.OptaxInference`][], optax optimisers on the activities;
-- `_optimistix.py`: [`pccore.OptimistixInference`][], optimistix minimisers.
+- `_optimistix.py`: [`pccore.OptimistixInference`][], optimistix minimisers;
+- `_langevin.py`: [`pccore.Langevin`][], Monte Carlo PC's sampler;
+- `_incremental.py`: [`pccore.IncrementalPC`][], activities and parameters stepped together.
 
 A new family is one new module here (or in your own package) with no edit to the driver.
 """
@@ -18,8 +20,11 @@ from ._base import descends as descends
 from ._base import split_key as split_key
 from ._driver import drive as drive
 from ._gradient_flow import GradientFlow as GradientFlow
+from ._incremental import IncrementalPC as IncrementalPC
+from ._langevin import Langevin as Langevin
+from ._langevin import MonteCarloPC as MonteCarloPC
 from ._optax import OptaxInference as OptaxInference
 from ._optimistix import OptimistixInference as OptimistixInference
 
 __all__ = ["AbstractInference", "AbstractJointInference", "Fields", "GradientFlow",
-           "OptaxInference", "OptimistixInference", "descends", "drive", "split_key"]
+           "IncrementalPC", "Langevin", "MonteCarloPC", "OptaxInference", "OptimistixInference", "descends", "drive", "split_key"]

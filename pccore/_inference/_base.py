@@ -73,6 +73,12 @@ class AbstractInference(eqx.Module):
         step may reject itself (an adaptive step size): it then returns `z` unchanged and a
         state with a smaller step."""
 
+    def steps_needed(self) -> int | None:
+        """The fewest steps the method needs to complete (its own schedule, e.g. a burn-in
+        and a number of samples), or None (the default). The step budget defaults to at
+        least this, and a smaller `max_steps` is refused."""
+        return None
+
     def finished(self, state: Any) -> Array | None:
         """Whether the method has reached its own end (a time horizon), as a boolean array;
         None (the default) for a method whose only end is the step budget `max_steps`.
