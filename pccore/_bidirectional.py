@@ -13,13 +13,19 @@ $\alpha_b$ times PC on $g$ with the roles of $x$ and $y$ swapped (so $\lambda$ w
 network's own output term).
 """
 
+# BPC's methods take a Bidirectional, not the PCModel of AbstractEnergy's signatures
+# pyright: reportIncompatibleMethodOverride=false
+
+from typing import Any
+
+import jax
 import jax.numpy as jnp
-from jaxtyping import Array, ArrayLike, Float
+from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
 from ._check import check_energy_parts, check_option
-from ._custom_types import Params
+from ._custom_types import Activities, Params, Scalar
 from ._energy import AbstractEnergy, add_activity_decay, chain_variable_shapes, sq_norm
-from ._init import Amortised
+from ._init import AbstractInit, Amortised
 from ._loss import MSE
 from ._model import AbstractPCModel, PCModel
 from ._parameterisation import SP, AbstractParameterisation
@@ -44,7 +50,7 @@ class Bidirectional(AbstractPCModel):
     forward: PCModel
     backward: PCModel
 
-    def __check_init__(self):
+    def __check_init__(self) -> None:
         f, b = self.forward, self.backward
         if not (isinstance(f, PCModel) and isinstance(b, PCModel)):
             raise TypeError(
@@ -77,12 +83,13 @@ class Bidirectional(AbstractPCModel):
         """
         return self.backward
 
-    def with_params(self, params) -> "Bidirectional":
+    def with_params(self, params: tuple[tuple[Params, ...], tuple[Params, ...]]
+                    ) -> "Bidirectional":
         return Bidirectional(
             self.forward.with_params(params[0]), self.backward.with_params(params[1])
         )
 
-    def unwrap(self):
+    def unwrap(self) -> tuple[Any, Any]:
         """`(forward, backward)` as the user's native objects."""
         return self.forward.unwrap(), self.backward.unwrap()
 
@@ -117,12 +124,12 @@ class BPC(AbstractEnergy):
     activity_decay: float | ArrayLike = 0.0
     regularisers: tuple[AbstractRegulariser, ...] = ()
 
-    def __check_init__(self):
+    def __check_init__(self) -> None:
         for name in ("alpha_f", "alpha_b", "activity_decay"):
             check_option("BPC", name, getattr(self, name))
         check_energy_parts("BPC", self)
 
-    def _model(self, model):
+    def _model(self, model: AbstractPCModel) -> Bidirectional:
         if not isinstance(model, Bidirectional):
             raise TypeError(
                 "`energy=BPC(...)` needs a pccore.Bidirectional(forward, backward) model; got "
@@ -130,22 +137,24 @@ class BPC(AbstractEnergy):
             )
         return model
 
-    def variable_shapes(self, model, x_clamped):
+    def variable_shapes(self, model: AbstractPCModel, x_clamped: bool
+                        ) -> tuple[jax.ShapeDtypeStruct, ...]:
         return chain_variable_shapes(self._model(model).forward, x_clamped)
 
-    def data_shapes(self, model):
+    def data_shapes(self, model: AbstractPCModel) -> tuple[tuple[int, ...], tuple[int, ...]]:
         f = self._model(model).forward
         return f.in_shape.shape, f.out_shapes[-1].shape
 
-    def prepare(self, model):
+    def prepare(self, model: AbstractPCModel) -> Bidirectional:
         model = self._model(model)
         p = self.parameterisation
         return Bidirectional(p.apply(model.forward), p.apply(model.backward))
 
-    def penalty(self, model):
+    def penalty(self, model: Bidirectional) -> Scalar:
         return penalty(self.regularisers, model.forward) + penalty(self.regularisers, model.backward)
 
-    def layer_energies(self, model, variables, x, y):
+    def layer_energies(self, model: Bidirectional, variables: Activities,
+                       x: Array | None, y: Array | None) -> Float[Array, "batch terms"]:
         if y is None:
             raise ValueError("`y`: bidirectional PC needs a clamped output `y`; got None.")
         f, g = model.forward, model.backward
@@ -159,11 +168,13 @@ class BPC(AbstractEnergy):
         terms = [self.alpha_f * t for t in fwd] + [self.alpha_b * t for t in bwd]
         return jnp.stack(terms, axis=1)
 
-    def per_sample(self, model, variables, x, y):
+    def per_sample(self, model: Bidirectional, variables: Activities,
+                   x: Array | None, y: Array | None) -> Float[Array, " batch"]:
         total = self.layer_energies(model, variables, x, y).sum(axis=1)
         return add_activity_decay(total, self.activity_decay, variables)
 
-    def init(self, model, x, y, initialiser, key):
+    def init(self, model: Bidirectional, x: Array | None, y: Array | None,
+             initialiser: AbstractInit, key: PRNGKeyArray | None) -> Activities:
         if y is None:
             raise ValueError("`y`: bidirectional PC needs a clamped output `y`; got None.")
         # Amortised() reads the backward network from the model at call time; every other
@@ -171,8 +182,8 @@ class BPC(AbstractEnergy):
         net = model if isinstance(initialiser, Amortised) else model.forward
         return initialiser(net, self.variable_shapes(model, x is not None), x, y, key)
 
-    def predict(self, model, x):
+    def predict(self, model: Bidirectional, x: Array) -> Array:
         return model.forward(x)
 
-    def output_loss(self, prediction, y):
+    def output_loss(self, prediction: Array, y: Array) -> Float[Array, " batch"]:
         return MSE()(prediction, y)

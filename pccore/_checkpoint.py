@@ -89,7 +89,7 @@ class Checkpoint(eqx.Module):
     opt_state: Any
     step: int
     key: Any
-    config: dict
+    config: dict[str, Any]
     version: str
     framework: str | None
 
@@ -254,13 +254,13 @@ def _check_step(step: Any) -> None:
 
 
 def save_checkpoint(
-    path: str | os.PathLike,
+    path: str | os.PathLike[str],
     *,
     model: Any,
     opt_state: Any,
     step: int,
     key: Any = None,
-    config: dict | None = None,
+    config: dict[str, Any] | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Save the full training state to the directory `path`, atomically.
@@ -295,7 +295,7 @@ def save_checkpoint(
         return _save(path, model, opt_state, step, key, config_json, overwrite)
 
 
-def _config_json(config: dict | None) -> dict:
+def _config_json(config: dict[str, Any] | None) -> dict[str, Any]:
     try:
         return json.loads(json.dumps({} if config is None else config))
     except (TypeError, ValueError) as e:
@@ -434,7 +434,7 @@ def _check_manifest(mpath: Path, manifest: dict) -> None:
             _check_fields(mpath, leaf, {"impl": _LEAF_FIELDS["dtype"]}, f"leaves[{i}].")
 
 
-def read_manifest(path: str | os.PathLike, *, verify: bool = True) -> dict:
+def read_manifest(path: str | os.PathLike[str], *, verify: bool = True) -> dict[str, Any]:
     """The manifest of the checkpoint at `path`, checked; with `verify`, the data file too.
 
     **Raises:** [`pccore.CheckpointError`][] if the checkpoint is missing, unreadable,
@@ -532,7 +532,7 @@ def _place_like(new: Any, template: Any) -> Any:
     return jtu.tree_map(place, new, template)
 
 
-def restore_checkpoint(path: str | os.PathLike, *, model: Any, opt_state: Any) -> Checkpoint:
+def restore_checkpoint(path: str | os.PathLike[str], *, model: Any, opt_state: Any) -> Checkpoint:
     """Restore the training state saved at `path` into a template.
 
     **Arguments:**
@@ -608,10 +608,10 @@ class CheckpointManager:
         deleted: in a run that saves ascending steps, the newest `keep`.
     """
 
-    def __init__(self, directory: str | os.PathLike, keep: int = 3):
+    def __init__(self, directory: str | os.PathLike[str], keep: int = 3):
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
             raise ValueError(f"`keep` must be a positive int; got {keep!r}. E.g. keep=3.")
-        self.directory = Path(directory)
+        self.directory: Path = Path(directory)
         self.keep = keep
         self._holding = False
 
@@ -676,7 +676,7 @@ class CheckpointManager:
 
     def save(
         self, step: int, *, model: Any, opt_state: Any, key: Any = None,
-        config: dict | None = None, overwrite: bool = False,
+        config: dict[str, Any] | None = None, overwrite: bool = False,
     ) -> Path:
         """Save checkpoint `step` atomically, then prune to `keep` checkpoints.
 

@@ -193,7 +193,7 @@ class AbstractChainEnergy(AbstractEnergy):
     activity_decay: eqx.AbstractVar[float | ArrayLike]
     regularisers: eqx.AbstractVar[tuple[AbstractRegulariser, ...]]
 
-    def __check_init__(self):
+    def __check_init__(self) -> None:
         name = type(self).__name__
         check_option(name, "activity_decay", self.activity_decay)
         check_energy_parts(name, self)
@@ -262,24 +262,28 @@ class PC(AbstractChainEnergy):
     activity_decay: float | ArrayLike = 0.0
     regularisers: tuple[AbstractRegulariser, ...] = ()
 
-    def _chain(self, variables, x):
+    def _chain(self, variables: Activities, x: Array | None) -> tuple[Array, ...]:
         return variables if x is None else (x, *variables)
 
-    def layer_inputs(self, model, variables, x):
+    def layer_inputs(self, model: PCModel, variables: Activities, x: Array | None
+                     ) -> tuple[Array, ...]:
         return tuple(self._chain(variables, x))[: model.num_layers]
 
-    def layer_energies(self, model, variables, x, y):
+    def layer_energies(self, model: PCModel, variables: Activities, x: Array | None,
+                       y: Array | None) -> Float[Array, "batch terms"]:
         z = self._chain(variables, x)
         L = model.num_layers
         terms = [sq_norm(z[l] - model.predict_layer(l - 1, z[l - 1], x=x)) for l in range(1, L)]
         terms.append(self.output(model, z[L - 1], x, y))
         return jnp.stack(terms, axis=1)
 
-    def per_sample(self, model, variables, x, y):
+    def per_sample(self, model: PCModel, variables: Activities, x: Array | None,
+                   y: Array | None) -> Float[Array, " batch"]:
         total = self.layer_energies(model, variables, x, y).sum(axis=1)
         return add_activity_decay(total, self.activity_decay, variables)
 
-    def init(self, model, x, y, initialiser, key):
+    def init(self, model: PCModel, x: Array | None, y: Array | None, initialiser: AbstractInit,
+             key: PRNGKeyArray | None) -> Activities:
         return initialiser(model, self.variable_shapes(model, x is not None), x, y, key)
 
 

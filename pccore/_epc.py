@@ -15,10 +15,11 @@ PC share their equilibria, equilibrium energies and (envelope theorem) parameter
 """
 
 import jax.numpy as jnp
-from jaxtyping import Array, ArrayLike
+from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
 from ._custom_types import Activities
 from ._energy import AbstractChainEnergy, add_activity_decay, sq_norm
+from ._init import AbstractInit
 from ._loss import MSE, AbstractLoss
 from ._model import PCModel
 from ._parameterisation import SP, AbstractParameterisation
@@ -44,10 +45,10 @@ class EPC(AbstractChainEnergy):
     activity_decay: float | ArrayLike = 0.0
     regularisers: tuple[AbstractRegulariser, ...] = ()
 
-    def layer_inputs(self, model, variables, x):
+    def layer_inputs(self, model: PCModel, variables: Activities, x: Array | None) -> tuple[Array, ...]:
         return self.states(model, tuple(variables), x)
 
-    def _split(self, variables, x):
+    def _split(self, variables: Activities, x: Array | None) -> tuple[Array, Activities]:
         return (variables[0], tuple(variables[1:])) if x is None else (x, tuple(variables))
 
     def states(self, model: PCModel, variables: Activities, x: Array | None) -> tuple[Array, ...]:
@@ -67,7 +68,8 @@ class EPC(AbstractChainEnergy):
         zs = self.states(self.prepare(model), tuple(errors), x)
         return zs if x is None else zs[1:]
 
-    def layer_energies(self, model, variables, x, y):
+    def layer_energies(self, model: PCModel, variables: Activities, x: Array | None,
+                       y: Array | None) -> Float[Array, "batch terms"]:
         _, eps = self._split(variables, x)
         zs = self.states(model, variables, x)
         L = model.num_layers
@@ -75,14 +77,16 @@ class EPC(AbstractChainEnergy):
         terms.append(self.output(model, zs[L - 1], x, y))
         return jnp.stack(terms, axis=1)
 
-    def per_sample(self, model, variables, x, y):
+    def per_sample(self, model: PCModel, variables: Activities, x: Array | None,
+                   y: Array | None) -> Float[Array, " batch"]:
         total = self.layer_energies(model, variables, x, y).sum(axis=1)
         if isinstance(self.activity_decay, int | float) and self.activity_decay == 0:
             return total  # skip rebuilding the activities
         zs = self.states(model, variables, x)
         return add_activity_decay(total, self.activity_decay, zs if x is None else zs[1:])
 
-    def init(self, model, x, y, initialiser, key):
+    def init(self, model: PCModel, x: Array | None, y: Array | None, initialiser: AbstractInit,
+             key: PRNGKeyArray | None) -> Activities:
         z = initialiser(model, self.variable_shapes(model, x is not None), x, y, key)
         chain = tuple(z) if x is None else (x, *z)
         eps = tuple(chain[l + 1] - model.predict_layer(l, chain[l], x=x)

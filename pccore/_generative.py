@@ -13,6 +13,7 @@ from ._energy import PC, AbstractEnergy
 from ._infer import infer
 from ._inference import AbstractInference
 from ._init import AbstractInit, RandomNormal
+from ._model import PCModel
 from ._solution import SteadyState
 
 
@@ -32,7 +33,7 @@ class GenerativeEvaluation(eqx.Module):
 
 
 def generative_evaluate(
-    model,
+    model: PCModel,
     y: BatchArray,
     labels: BatchArray,
     *,

@@ -10,6 +10,9 @@ with $\hat y$ the forward pass's return value. Nodes must not sit inside an inne
 (`lax.scan`, `vmap`, `hk.vmap`, `nn.scan`, remat), and names are unique per forward pass.
 """
 
+# GraphPC's methods take a GraphModel, not the PCModel of AbstractEnergy's signatures
+# pyright: reportIncompatibleMethodOverride=false
+
 import contextlib
 import threading
 from collections.abc import Callable, Iterator
@@ -19,11 +22,12 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, ArrayLike, Float, PyTree
+from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
 from ._check import check_energy_parts, check_option
+from ._custom_types import Activities, Params
 from ._energy import AbstractEnergy, add_activity_decay, output_term, sq_norm
-from ._init import FeedForward
+from ._init import AbstractInit, FeedForward
 from ._loss import MSE, AbstractLoss
 from ._model import AbstractPCModel
 
@@ -92,21 +96,21 @@ class GraphModel(AbstractPCModel):
     `out_shape`, `names` (nodes in visit order), `node_shapes`, `per_sample`, `rebuild`.
     """
 
-    apply: Callable[[PyTree, Array], Array] = eqx.field(static=True)
-    params: PyTree
+    apply: Callable[[Params, Array], Array] = eqx.field(static=True)
+    params: Params
     in_shape: jax.ShapeDtypeStruct = eqx.field(static=True)
     out_shape: jax.ShapeDtypeStruct = eqx.field(static=True)
     names: tuple[str, ...] = eqx.field(static=True)
     node_shapes: tuple[jax.ShapeDtypeStruct, ...] = eqx.field(static=True)
     per_sample: bool = eqx.field(static=True)
-    rebuild: Callable[[PyTree], Any] = eqx.field(static=True)
+    rebuild: Callable[[Params], Any] = eqx.field(static=True)
 
     @property
     def num_layers(self) -> int:
         """Number of energy terms: one per node plus the output."""
         return len(self.names) + 1
 
-    def with_params(self, params: PyTree) -> "GraphModel":
+    def with_params(self, params: Params) -> "GraphModel":
         return eqx.tree_at(lambda m: m.params, self, params)
 
     def unwrap(self) -> Any:
@@ -139,12 +143,12 @@ class GraphModel(AbstractPCModel):
 
 
 def wrap_graph(
-    apply: Callable[[PyTree, Array], Array],
-    params: PyTree,
+    apply: Callable[[Params, Array], Array],
+    params: Params,
     x_example: Float[ArrayLike, "batch ..."],
     *,
     per_sample: bool = False,
-    rebuild: Callable[[PyTree], Any] | None = None,
+    rebuild: Callable[[Params], Any] | None = None,
 ) -> GraphModel:
     """Wrap a forward pass that marks its latents with [`pccore.node`][].
 
@@ -210,12 +214,12 @@ class GraphPC(AbstractEnergy):
     output_precision: float | ArrayLike = 1.0
     activity_decay: float | ArrayLike = 0.0
 
-    def __check_init__(self):
+    def __check_init__(self) -> None:
         check_option("GraphPC", "output_precision", self.output_precision)
         check_option("GraphPC", "activity_decay", self.activity_decay)
         check_energy_parts("GraphPC", self)
 
-    def _model(self, model):
+    def _model(self, model: AbstractPCModel) -> GraphModel:
         if not isinstance(model, GraphModel):
             raise TypeError(
                 "`energy=GraphPC()` needs a pccore.GraphModel (build it with pccore.wrap_graph); "
@@ -223,26 +227,30 @@ class GraphPC(AbstractEnergy):
             )
         return model
 
-    def variable_shapes(self, model, x_clamped):
+    def variable_shapes(self, model: AbstractPCModel, x_clamped: bool
+                        ) -> tuple[jax.ShapeDtypeStruct, ...]:
         if not x_clamped:
             raise ValueError("`x`: a graph model needs a clamped input `x`; got None.")
         return self._model(model).node_shapes
 
-    def data_shapes(self, model):
+    def data_shapes(self, model: AbstractPCModel) -> tuple[tuple[int, ...], tuple[int, ...]]:
         m = self._model(model)
         return m.in_shape.shape, m.out_shape.shape
 
-    def layer_energies(self, model, variables, x, y):
+    def layer_energies(self, model: GraphModel, variables: Activities, x: Array | None,
+                       y: Array | None) -> Float[Array, "batch terms"]:
         preds, out = model.predict(tuple(variables), x)
         terms = [sq_norm(z - u) for z, u in zip(variables, preds)]
         terms.append(output_term(self.loss, self.output_precision, y, lambda: out, out))
         return jnp.stack(terms, axis=1)
 
-    def per_sample(self, model, variables, x, y):
+    def per_sample(self, model: GraphModel, variables: Activities, x: Array | None,
+                   y: Array | None) -> Float[Array, " batch"]:
         total = self.layer_energies(model, variables, x, y).sum(axis=1)
         return add_activity_decay(total, self.activity_decay, variables)
 
-    def init(self, model, x, y, initialiser, key):
+    def init(self, model: AbstractPCModel, x: Array | None, y: Array | None,
+             initialiser: AbstractInit, key: PRNGKeyArray | None) -> Activities:
         model = self._model(model)
         if isinstance(initialiser, FeedForward):
             if x is None:
@@ -250,11 +258,11 @@ class GraphPC(AbstractEnergy):
             return model.predict(None, x)[0]
         return initialiser(model, self.variable_shapes(model, x is not None), x, y, key)
 
-    def predict(self, model, x):
+    def predict(self, model: GraphModel, x: Array) -> Array:
         return model(x)
 
-    def output_loss(self, prediction, y):
+    def output_loss(self, prediction: Array, y: Array) -> Float[Array, " batch"]:
         return self.loss(prediction, y)
 
-    def check_target(self, name, y):
+    def check_target(self, name: str, y: Array) -> None:
         self.loss.check_target(name, np.asarray(y))

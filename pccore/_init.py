@@ -33,7 +33,8 @@ class FeedForward(AbstractInit):
     Needs `x`; for a free bottom use [`pccore.RandomNormal`][].
     """
 
-    def __call__(self, model, shapes, x, y, key):
+    def __call__(self, model: PCModel, shapes: tuple[jax.ShapeDtypeStruct, ...], x: Array | None,
+                 y: Array | None, key: PRNGKeyArray | None) -> tuple[Array, ...]:
         if x is None:
             raise ValueError(
                 "`init=FeedForward()` needs a clamped input `x`, but `x` is None (a free "
@@ -52,7 +53,8 @@ class RandomNormal(AbstractInit):
 
     std: float = 0.05
 
-    def __call__(self, model, shapes, x, y, key):
+    def __call__(self, model: PCModel, shapes: tuple[jax.ShapeDtypeStruct, ...], x: Array | None,
+                 y: Array | None, key: PRNGKeyArray | None) -> tuple[Array, ...]:
         if key is None:
             raise ValueError(
                 "`key`: `init=RandomNormal()` draws random activities and needs a PRNG key, "
@@ -68,7 +70,8 @@ class RandomNormal(AbstractInit):
 class Zeros(AbstractInit):
     """All free variables start at zero."""
 
-    def __call__(self, model, shapes, x, y, key):
+    def __call__(self, model: PCModel, shapes: tuple[jax.ShapeDtypeStruct, ...], x: Array | None,
+                 y: Array | None, key: PRNGKeyArray | None) -> tuple[Array, ...]:
         B = (x if x is not None else y).shape[0]
         return tuple(jnp.zeros((B, *s.shape), s.dtype) for s in shapes)
 
@@ -139,14 +142,15 @@ class Amortised(AbstractInit):
 
     amortiser: PCModel | None = None
 
-    def __check_init__(self):
+    def __check_init__(self) -> None:
         if self.amortiser is not None and not isinstance(self.amortiser, PCModel):
             raise TypeError(
                 "`amortiser` must be a pccore.PCModel (use pccore.wrap) or None (read the "
                 f"model's own at call time); got {type(self.amortiser).__name__}."
             )
 
-    def __call__(self, model, shapes, x, y, key):
+    def __call__(self, model: PCModel, shapes: tuple[jax.ShapeDtypeStruct, ...], x: Array | None,
+                 y: Array | None, key: PRNGKeyArray | None) -> tuple[Array, ...]:
         if y is None:
             raise ValueError("`init=Amortised(...)` maps `y` to the latents; `y` is None.")
         amortiser = _model_amortiser(model) if self.amortiser is None else self.amortiser

@@ -30,7 +30,8 @@ class AbstractLoss(eqx.Module):
 class MSE(AbstractLoss):
     r"""Squared error $E = \tfrac12 \lVert y - \mu_L \rVert^2$ per sample (a sum, not a mean)."""
 
-    def __call__(self, prediction, target):
+    def __call__(self, prediction: Float[Array, "batch ..."], target: Float[Array, "batch ..."]
+                 ) -> Float[Array, " batch"]:
         return 0.5 * _sum_features(jnp.square(target - prediction))
 
 
@@ -41,10 +42,11 @@ class CrossEntropy(AbstractLoss):
     Computed with `log_softmax`, so saturated logits never give `0 * log 0 = nan`.
     """
 
-    def __call__(self, prediction, target):
+    def __call__(self, prediction: Float[Array, "batch ..."], target: Float[Array, "batch ..."]
+                 ) -> Float[Array, " batch"]:
         return -_sum_features(target * jax.nn.log_softmax(prediction, axis=-1))
 
-    def check_target(self, name, target):
+    def check_target(self, name: str, target: np.ndarray) -> None:
         r"""Every target row is a distribution over the last axis: no negative entry, and a
         sum of 1 to within $\sqrt{\epsilon}$ of its dtype (an all-zero row, as one-hot
         encoding gives a label beyond the model's classes, would train on nothing)."""

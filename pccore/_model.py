@@ -180,7 +180,7 @@ class PCModel(AbstractPCModel):
     restate: Callable[[tuple[LayerFn, ...]], Any] | None = eqx.field(static=True, default=None)
     energy_params: EnergyParams = None  # None (an empty pytree): the energy has none
 
-    def __check_init__(self):
+    def __check_init__(self) -> None:
         if self.energy_params is not None:
             check_energy_params(self.energy_params)
         n = len(self.layers)

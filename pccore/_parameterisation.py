@@ -58,10 +58,10 @@ class SP(AbstractParameterisation):
 
     output_precision: float | ArrayLike = 1.0
 
-    def __check_init__(self):
+    def __check_init__(self) -> None:
         check_option("SP", "output_precision", self.output_precision)
 
-    def scaling(self, fan_in, position, skip, num_layers):
+    def scaling(self, fan_in: int, position: str, skip: bool, num_layers: int) -> float:
         return 1.0
 
     def apply(self, model: PCModel) -> PCModel:
@@ -73,10 +73,10 @@ class NTP(AbstractParameterisation):
 
     output_precision: float | ArrayLike = 1.0
 
-    def __check_init__(self):
+    def __check_init__(self) -> None:
         check_option("NTP", "output_precision", self.output_precision)
 
-    def scaling(self, fan_in, position, skip, num_layers):
+    def scaling(self, fan_in: int, position: str, skip: bool, num_layers: int) -> float:
         if position == "hidden" and skip:
             return 1.0 / math.sqrt(fan_in * num_layers)
         return 1.0 / math.sqrt(fan_in)
@@ -94,11 +94,11 @@ class MuPC(AbstractParameterisation):
     gamma: float = 1.0
     output_precision: float | ArrayLike = 1.0
 
-    def __check_init__(self):
+    def __check_init__(self) -> None:
         check_option("MuPC", "gamma", self.gamma, strict=True)
         check_option("MuPC", "output_precision", self.output_precision)
 
-    def scaling(self, fan_in, position, skip, num_layers):
+    def scaling(self, fan_in: int, position: str, skip: bool, num_layers: int) -> float:
         if position == "last":
             return 1.0 / (fan_in * self.gamma)
         if position == "hidden" and skip:

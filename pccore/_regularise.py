@@ -10,6 +10,7 @@ does nothing.
 """
 
 import abc
+from typing import Any
 
 import equinox as eqx
 import jax.numpy as jnp
@@ -20,7 +21,7 @@ from ._check import check_option
 from ._custom_types import Scalar
 
 
-def _weight_matrices(model) -> list[Array]:
+def _weight_matrices(model: Any) -> list[Array]:
     """Every weight matrix of a chain model, or a clear error when a layer has none."""
     mats = []
     for l in range(len(model.params)):
@@ -43,7 +44,7 @@ class AbstractRegulariser(eqx.Module):
     def matrix_penalty(self, W: Float[Array, "out in"]) -> Scalar:
         """The penalty of one weight matrix in `(out, in)` layout."""
 
-    def __call__(self, model) -> Scalar:
+    def __call__(self, model: Any) -> Scalar:
         """$R(\\theta)$: the sum of `matrix_penalty` over every weight matrix of `model`.
 
         `model` is a [`pccore.PCModel`][] (variants with several networks sum over them).
@@ -64,10 +65,10 @@ class WeightDecay(AbstractRegulariser):
 
     coef: float | ArrayLike
 
-    def __check_init__(self):
+    def __check_init__(self) -> None:
         check_option("WeightDecay", "coef", self.coef)
 
-    def matrix_penalty(self, W):
+    def matrix_penalty(self, W: Float[Array, "out in"]) -> Scalar:
         return 0.5 * self.coef * jnp.sum(jnp.square(W))
 
 
@@ -85,15 +86,15 @@ class SpectralPenalty(AbstractRegulariser):
 
     coef: float | ArrayLike
 
-    def __check_init__(self):
+    def __check_init__(self) -> None:
         check_option("SpectralPenalty", "coef", self.coef)
 
-    def matrix_penalty(self, W):
+    def matrix_penalty(self, W: Float[Array, "out in"]) -> Scalar:
         G = W.T @ W - jnp.eye(W.shape[1], dtype=W.dtype)
         return 0.5 * self.coef * jnp.sum(jnp.square(G))
 
 
-def penalty(regularisers: tuple[AbstractRegulariser, ...], model) -> Scalar:
+def penalty(regularisers: tuple[AbstractRegulariser, ...], model: Any) -> Scalar:
     """The sum of `regularisers` on `model` (0 when there are none)."""
     total = jnp.zeros(())
     for r in regularisers:

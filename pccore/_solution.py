@@ -29,7 +29,7 @@ class SteadyState(eqx.Module):
     rtol: float = 1e-3
     atol: float = 1e-3
 
-    def __check_init__(self):
+    def __check_init__(self) -> None:
         check_tolerances("SteadyState", self.rtol, self.atol)
 
 

@@ -1,7 +1,7 @@
 """An adaptive Euler method: the cheapest error-controlled solver for a gradient flow."""
 
 from collections.abc import Callable
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import diffrax
 import numpy as np
@@ -45,10 +45,10 @@ class AdaptiveEuler(diffrax.AbstractERK):
         Callable[..., diffrax.ThirdOrderHermitePolynomialInterpolation]
     ] = diffrax.ThirdOrderHermitePolynomialInterpolation.from_k
 
-    def order(self, terms) -> int:
+    def order(self, terms: Any) -> int:
         return 1
 
-    def error_order(self, terms) -> int:
+    def error_order(self, terms: Any) -> int:
         # diffrax's default assumes the embedded method is the lower-order one (order
         # `order`); here it is the higher: the estimate is Euler's local error, O(h^2).
         return 2

@@ -252,7 +252,9 @@ class TrainStep:
         self.energy = energy
         self.solver = solver
         self.stepsize_controller = stepsize_controller
-        self.t1, self.dt0, self.max_steps = t1, dt0, max_steps
+        self.t1: float | None = t1
+        self.dt0: float | None = dt0
+        self.max_steps: int | None = max_steps
         self.steady_state = steady_state
         self.initialiser = init
         self._checked = (t1_, dt0_, n)

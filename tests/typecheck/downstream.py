@@ -100,3 +100,53 @@ def conformance() -> None:
         return pccore.testing.equinox_reference(kind, weights, activation)
 
     pccore.testing.check_conformance(build, "mlp")
+
+
+class HalfMSE(pccore.AbstractLoss):
+    """A downstream output loss."""
+
+    def __call__(self, prediction: jax.Array, target: jax.Array) -> jax.Array:
+        return 0.25 * jnp.sum(jnp.square(target - prediction).reshape(target.shape[0], -1), axis=1)
+
+
+class Ones(pccore.AbstractInit):
+    """A downstream initialiser."""
+
+    def __call__(self, model: pccore.PCModel, shapes: tuple[jax.ShapeDtypeStruct, ...],
+                 x: jax.Array | None, y: jax.Array | None,
+                 key: jax.Array | None) -> tuple[jax.Array, ...]:
+        return tuple(z + 1.0 for z in pccore.Zeros()(model, shapes, x, y, key))
+
+
+class L1(pccore.AbstractRegulariser):
+    """A downstream regulariser."""
+
+    coef: float = 1e-3
+
+    def matrix_penalty(self, W: jax.Array) -> jax.Array:
+        return self.coef * jnp.sum(jnp.abs(W))
+
+
+class Halved(pccore.AbstractParameterisation):
+    """A downstream parameterisation."""
+
+    output_precision: float | ArrayLike = 1.0
+
+    def scaling(self, fan_in: int, position: str, skip: bool, num_layers: int) -> float:
+        return 0.5
+
+
+def configured() -> list[pccore.AbstractEnergy]:
+    """Every public configuration object built with keyword arguments."""
+    pc = pccore.PC(loss=HalfMSE(), parameterisation=pccore.NTP(output_precision=2.0),
+                   activity_decay=0.1,
+                   regularisers=(pccore.WeightDecay(coef=1e-4), pccore.SpectralPenalty(coef=1e-3),
+                                 L1(coef=1e-2)))
+    epc = pccore.EPC(loss=pccore.MSE(), parameterisation=pccore.MuPC(gamma=2.0, output_precision=1.0))
+    bpc = pccore.BPC(alpha_f=1.0, alpha_b=0.5, parameterisation=Halved(), activity_decay=0.0)
+    graph = pccore.GraphPC(loss=pccore.CrossEntropy(), output_precision=1.0, activity_decay=0.0)
+    inits: list[pccore.AbstractInit] = [pccore.RandomNormal(std=0.1), pccore.Zeros(),
+                                        pccore.FeedForward(), pccore.Amortised(amortiser=None), Ones()]
+    steady = pccore.SteadyState(rtol=1e-3, atol=1e-4)
+    del inits, steady
+    return [pc, epc, bpc, graph, ScaledPC(scale=3.0, activity_decay=0.1)]
