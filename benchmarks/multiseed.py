@@ -17,8 +17,8 @@ import numpy as np
 
 from pccore import datasets
 from pccore._builders import ACTIVATIONS, build_mlp, canonical_mlp
-from pccore._cli_options import make_solver, make_variant
-from pccore._cli_run import train_backprop, train_pc
+from pccore._cli._options import make_solver, make_variant
+from pccore._cli._run import train_backprop, train_pc
 from pccore._parameterisation import SP
 
 

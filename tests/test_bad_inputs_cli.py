@@ -16,7 +16,9 @@ import optax
 import pytest
 
 import pccore
-from pccore import _builders, _checkpoint, _cli, _cli_run, datasets
+from pccore import _builders, _checkpoint, datasets
+from pccore._cli import _main as _cli
+from pccore._cli import _run as _cli_run
 from tests.test_datasets import fake_mnist, write_idx, write_mnist_dir
 
 SMALL = ["--hidden", "8", "--batch-size", "16", "--steps", "3", "--train-limit", "32",

@@ -11,8 +11,9 @@ import optax
 import pytest
 
 import pccore
-from pccore import _builders, _cli, datasets
-from pccore._cli_run import progress_bar
+from pccore import _builders, datasets
+from pccore._cli import _main as _cli
+from pccore._cli._run import progress_bar
 from tests.test_datasets import fake_mnist, write_mnist_dir
 
 TINY = ["--hidden", "16", "--epochs", "1", "--batch-size", "16", "--steps", "5", "--seed", "1"]
@@ -321,7 +322,7 @@ def test_progress_bar():
 
 
 def test_solver_objects():
-    from pccore._cli_options import make_solver
+    from pccore._cli._options import make_solver
 
     s = make_solver("heun", steps=10, dt0=0.2, t1=None, rtol=1e-3, atol=1e-3)
     assert s.t1 == pytest.approx(2.0) and s.dt0 == 0.2 and s.max_steps is None
@@ -349,7 +350,7 @@ def test_generative_accuracy_is_the_least_squares_label():
     """One linear generative layer μ = W x + b: the inferred label is the least-squares x."""
     import equinox as eqx
 
-    from pccore._cli_options import make_parameterisation, make_variant
+    from pccore._cli._options import make_parameterisation, make_variant
 
     variant = make_variant("generative", loss=None,
                            parameterisation=make_parameterisation("sp", gamma=1.0,
@@ -392,7 +393,7 @@ def test_compare_bidirectional_backprop_row_trains_the_forward_network(mnist_dir
 def test_bidirectional_accuracy_uses_the_parameterisation():
     """The forward network classifies with its parameterised weights (NTP: W / sqrt(fan-in)),
     as bPC trains it."""
-    from pccore._cli_options import make_parameterisation, make_variant
+    from pccore._cli._options import make_parameterisation, make_variant
 
     variant = make_variant("bidirectional", loss=None, parameterisation=make_parameterisation(
         "ntp", gamma=1.0, output_precision=1.0))
@@ -414,8 +415,8 @@ def test_training_compiles_once(caplog):
     """Fixed batch shapes: the jitted training step compiles once, not once per batch."""
     import logging
 
-    from pccore._cli_options import make_parameterisation, make_solver, make_variant
-    from pccore._cli_run import train_pc
+    from pccore._cli._options import make_parameterisation, make_solver, make_variant
+    from pccore._cli._run import train_pc
 
     rng = np.random.default_rng(0)
     data = datasets.Dataset(rng.random((52, 8), np.float32),

@@ -15,9 +15,9 @@ import tempfile
 import time
 from collections.abc import Sequence
 
-from ._builders import ACTIVATIONS, FRAMEWORK_EXTRAS, build_mlp, canonical_mlp, max_weight_difference
-from ._checkpoint import CheckpointError, read_manifest
-from ._cli_options import (
+from .._builders import ACTIVATIONS, FRAMEWORK_EXTRAS, build_mlp, canonical_mlp, max_weight_difference
+from .._checkpoint import CheckpointError, read_manifest
+from ._options import (
     LOSSES,
     PARAMETERISATIONS,
     SOLVERS,
@@ -226,7 +226,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _load_data(args):
-    from . import datasets
+    from .. import datasets
 
     if args.data_parallel:
         import jax
@@ -296,7 +296,7 @@ def _checkpoint_folder(args) -> pathlib.Path | None:
 def _open_checkpoints(args, stack: contextlib.ExitStack):
     """The run's CheckpointManager, writable and held for the run (None without checkpoints);
     refuses a folder of another run unless resuming it with the same settings."""
-    from ._checkpoint import CheckpointManager
+    from .._checkpoint import CheckpointManager
 
     folder = _checkpoint_folder(args)
     if folder is None:
@@ -345,7 +345,7 @@ def _interrupted(args, argv: Sequence[str]) -> str:
     if folder is None:
         return (f"{line}; no results were written (pccore train --checkpoint-dir DIR saves after "
                 "every epoch, to resume from).")
-    from ._checkpoint import CheckpointManager
+    from .._checkpoint import CheckpointManager
 
     manager = CheckpointManager(folder)
     step = manager.latest_step()
@@ -431,8 +431,8 @@ def _time_axis(solver) -> str:
 
 
 def compare(args) -> int:
-    from ._cli_report import require_matplotlib, table, write_figure, write_json
-    from ._cli_run import train_backprop, train_pc
+    from ._report import require_matplotlib, table, write_figure, write_json
+    from ._run import train_backprop, train_pc
 
     if len(set(args.frameworks)) != len(args.frameworks):
         raise CLIError(f"--frameworks lists a framework twice: {' '.join(args.frameworks)}.")
@@ -483,8 +483,8 @@ def compare(args) -> int:
 
 
 def train(args) -> int:
-    from ._cli_report import require_matplotlib, write_figure, write_json
-    from ._cli_run import train_pc
+    from ._report import require_matplotlib, write_figure, write_json
+    from ._run import train_pc
 
     if not args.no_plot:
         require_matplotlib()

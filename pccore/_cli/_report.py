@@ -4,7 +4,7 @@ import json
 import pathlib
 from typing import Any
 
-from ._cli_run import RunResult
+from ._run import RunResult
 
 FIGURE_SIZE = (10.0, 4.0)
 FIGURE_DPI = 100
