@@ -113,15 +113,8 @@ def with_method(method: Any, solver: Any, controller: Any, t1: Any, dt0: Any) ->
             f"got {type(method).__name__}. A bare diffrax solver, optax optimiser or "
             "optimistix minimiser is the shorthand `solver=`."
         )
-    given = []
-    if type(solver) is not diffrax.Euler:
-        given.append(f"solver={type(solver).__name__}(...)")
-    if not isinstance(controller, diffrax.ConstantStepSize):
-        given.append(f"stepsize_controller={type(controller).__name__}(...)")
-    if t1 is not None:
-        given.append(f"t1={t1!r}")
-    if dt0 is not None and dt0 != 0.1:
-        given.append(f"dt0={dt0!r}")
+    given = ([f"solver={type(solver).__name__}(...)"] if type(solver) is not diffrax.Euler
+             else []) + _flow_keywords(controller, t1, dt0)
     if given:
         raise ValueError(
             f"`{', '.join(given)}` given with `method={type(method).__name__}(...)`; expected "
@@ -132,8 +125,8 @@ def with_method(method: Any, solver: Any, controller: Any, t1: Any, dt0: Any) ->
     return method
 
 
-def _unpack_flow(flow: GradientFlow, controller, t1, dt0):
-    """A `GradientFlow`'s own options; the keywords must not set them too."""
+def _flow_keywords(controller: Any, t1: Any, dt0: Any) -> list[str]:
+    """The gradient-flow keywords of the shorthand set away from their defaults."""
     given = []
     if not isinstance(controller, diffrax.ConstantStepSize):
         given.append(f"stepsize_controller={type(controller).__name__}(...)")
@@ -141,6 +134,12 @@ def _unpack_flow(flow: GradientFlow, controller, t1, dt0):
         given.append(f"t1={t1!r}")
     if dt0 is not None and dt0 != 0.1:
         given.append(f"dt0={dt0!r}")
+    return given
+
+
+def _unpack_flow(flow: GradientFlow, controller, t1, dt0):
+    """A `GradientFlow`'s own options; the keywords must not set them too."""
+    given = _flow_keywords(controller, t1, dt0)
     if given:
         raise ValueError(
             f"`{', '.join(given)}` given with `solver=GradientFlow(...)`, which holds its own "

@@ -198,3 +198,25 @@ def build_cnn(framework: str, weights: Weights) -> pccore.PCModel:
 def build_mid_fn(framework: str, weights: Weights, activation: Callable = jnp.tanh) -> pccore.PCModel:
     """The MLP with a parameter-free LayerNorm after the first activation, wrapped."""
     return BUILDERS[framework](weights, activation, kind="mid")
+
+
+def digits_accuracy(method, *, epochs: int = 3, keyed: bool = False, **step_options) -> float:
+    """Train a 64-64-64-10 tanh MLP on digits with `pccore.TrainStep(adam(1e-3),
+    method=method)` (cross-entropy, batches of 32, a new key per step if `keyed`) and return
+    its test accuracy."""
+    import equinox as eqx
+    import optax
+
+    data = pccore.datasets.load_digits()
+    x, y = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
+    model = pccore.wrap(eqx.nn.MLP(64, 10, 64, 2, activation=jnp.tanh, key=jax.random.key(0)))
+    energy = pccore.PC(loss=pccore.CrossEntropy())
+    step = pccore.TrainStep(optax.adam(1e-3), energy=energy, method=method, **step_options)
+    opt_state, k = step.init(model), 0
+    for _ in range(epochs):
+        for i in range(0, len(x) - 31, 32):
+            key = jax.random.fold_in(jax.random.key(0), k) if keyed else None
+            model, opt_state, _ = step(model, opt_state, x=x[i:i + 32], y=y[i:i + 32], key=key)
+            k += 1
+    return float(pccore.evaluate(model, jnp.asarray(data.x_test), jnp.asarray(data.y_test),
+                                 energy=energy).accuracy)

@@ -9,6 +9,7 @@ import pytest
 import pccore
 import pccore.testing as pt
 from tests import cases
+from tests.test_energy_params import LearnedPrecisionPC
 
 
 def _mlp():
@@ -22,39 +23,13 @@ def _data():
     return x, y
 
 
-class PrecisionPC(pccore.AbstractChainEnergy):
-    """The docs' variant: per-layer precisions, learnable (log-precisions `s_l`)."""
-
-    loss: pccore.AbstractLoss = pccore.MSE()
-    parameterisation: pccore.AbstractParameterisation = pccore.SP()
-    activity_decay: float = 0.0
-    regularisers: tuple[pccore.AbstractRegulariser, ...] = ()
-
-    def init_params(self, model):
-        return jnp.zeros(model.num_layers - 1, jnp.float64)
-
-    def layer_energies(self, model, variables, x, y):
-        z = (x, *variables)
-        s = model.energy_params
-        terms = [jnp.exp(s[l]) * pccore.sq_norm(z[l + 1] - model.predict_layer(l, z[l], x=x))
-                 - 0.5 * z[l + 1][0].size * s[l] for l in range(model.num_layers - 1)]
-        terms.append(self.output(model, z[-1], x, y))
-        return jnp.stack(terms, axis=1)
-
-    def init(self, model, x, y, initialiser, key):
-        return initialiser(model, self.variable_shapes(model, True), x, y, key)
-
-    def layer_inputs(self, model, variables, x):
-        return (x, *variables)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("energy", [
     pccore.PC(),
     pccore.PC(loss=pccore.CrossEntropy(), parameterisation=pccore.MuPC(), activity_decay=0.1,
               regularisers=(pccore.WeightDecay(1e-2),)),
     pccore.EPC(),
-    PrecisionPC(),
+    LearnedPrecisionPC(),
 ], ids=["pc", "pc-mupc-decay", "epc", "learnable-precisions"])
 def test_variants_pass_the_checklist(x64, energy):
     x, y = _data()
