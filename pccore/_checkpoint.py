@@ -1,43 +1,46 @@
-"""Checkpoints of the full training state, written atomically and verified on load.
+"""Checkpoints of the full training state, stored with orbax-checkpoint, verified on load.
 
-A checkpoint is a directory `step_00000012/` holding
+A checkpoint is a directory `step_00000012/` that orbax-checkpoint writes and commits
+atomically (a temporary `step_00000012.orbax-checkpoint-tmp-*` directory renamed into
+place once every process has written its part). It holds two orbax items:
 
-- `state.eqx`: the model, the optimiser state and the RNG key, written leaf by leaf with
-    `equinox.tree_serialise_leaves` (NumPy `.npy` records, no custom binary format); a typed
-    PRNG key anywhere in the model or optimiser state (e.g. `optax.noisy_sgd`'s) is stored as
-    its key data and comes back as a typed key of the same implementation;
-- `manifest.json`: the step, the configuration, the pccore version and framework, the path,
-    shape and dtype of every saved leaf, and the size and SHA-256 of `state.eqx`.
+- `state/`: every array of the model, the optimiser state and the RNG key, one per leaf,
+    named by its path (`model.params[0][0].weight`); a typed PRNG key anywhere in the model
+    or optimiser state (e.g. `optax.noisy_sgd`'s) is stored as its key data and comes back
+    as a typed key of the same implementation. Arrays sharded over several hosts are written
+    by the processes that hold them.
+- `manifest/manifest.json`: what pccore adds on top: the step, the configuration, the pccore
+    version and framework, and the path, shape, dtype and SHA-256 (of the bytes) of every
+    saved leaf.
 
-**Atomicity.** Both files are written into a hidden temporary directory next to the target,
-flushed to disk (`fsync`), and the directory is then renamed into place with `os.replace`,
-an atomic operation on POSIX file systems. A save that is interrupted at any point (an
-exception, `SIGKILL`, a power cut after the rename is durable) leaves every earlier
-checkpoint untouched and no partial `step_*` directory; the leftover temporary directory is
-ignored by readers and removed by the next save. Replacing an existing checkpoint
-(`overwrite=True`) takes two renames, the old directory aside to `.old-step_...-*` and the
-new one in; if a save is interrupted between them, readers use the set-aside checkpoint
-and the next save renames it back, so the previous checkpoint is still never lost.
+Orbax does the storage, the atomic commit, keep-N (`max_to_keep`) and the coordination of
+several processes; pccore checks the manifest, the template (naming the first mismatching
+parameter) and each array's SHA-256, which catches damage orbax reads back silently (a
+flipped byte in an array's data).
 
-**Verification.** Loading checks the manifest, then the file's size and SHA-256, then that
-the template has the same leaves (path, shape, dtype) as the checkpoint, before any array is
-read, so a truncated or corrupted file or a model of another architecture gets a
-[`pccore.CheckpointError`][] that says what is wrong.
+**Atomicity.** A save interrupted at any point (an exception, `SIGKILL`) leaves no
+`step_*` directory, only orbax's temporary one, which readers ignore and the next
+[`pccore.CheckpointManager.save`][] removes. Replacing an existing checkpoint
+(`overwrite=True`) first renames the old directory aside to `.old-step_...-*`; until the new
+one is committed, readers use the set-aside checkpoint and the next save renames it back,
+so an interrupted save never loses the previous checkpoint.
 
 **One writer per directory.** A save holds an advisory lock (`flock`) on the directory it
-writes into, and [`pccore.CheckpointManager.hold`][] holds it for a whole run. A second
-writer, from another run or process, gets a [`pccore.CheckpointError`][] naming the
-directory instead of removing the first writer's temporary files; where no lock is
-available (a file system without `flock`, or Windows), a save that another writer overtook
-(its temporary directory removed, or its target written meanwhile) also ends in a
-`CheckpointError`, never a half-written checkpoint.
+writes into, and [`pccore.CheckpointManager.hold`][] holds it for a whole run; a second
+writer gets a [`pccore.CheckpointError`][] naming the directory. With several processes
+(`jax.distributed`), every process calls `save` (orbax writes each process's shards); the
+lock and pccore's file operations are process 0's.
 
-One process writes (with several processes, `CheckpointManager` writes from process 0 only);
-use orbax-checkpoint for sharded, multi-host-parallel writes of very large states.
+**Checkpoints of pccore 0.1** (`step_*/state.eqx` and `manifest.json`, written with
+`equinox.tree_serialise_leaves`) are still read, verified by their file's SHA-256; new
+saves write the orbax layout, also into a directory holding old steps.
+
+orbax-checkpoint is the `checkpoint` extra (`pip install "pccore[checkpoint]"`), imported
+when a checkpoint is written or an orbax checkpoint read.
 """
 
 import contextlib
-import errno
+import glob
 import hashlib
 import importlib.metadata
 import json
@@ -60,11 +63,33 @@ except ImportError:  # Windows: no advisory locks; one writer per directory is t
     fcntl = None
 
 _FORMAT = "pccore-checkpoint"
-_FORMAT_VERSION = 1
-_STATE = "state.eqx"
-_MANIFEST = "manifest.json"
+_FORMAT_VERSION = 2  # 1: pccore 0.1 (state.eqx); 2: orbax-checkpoint
+_MANIFEST = "manifest/manifest.json"
+_MANIFEST_V1 = "manifest.json"
+_FILES = "files.json"
+_TMP = ".orbax-checkpoint-tmp"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _OLD_DIR = re.compile(r"^\.old-(step_(\d+))-[0-9a-f]{8}$")
+
+
+def _ocp():
+    """orbax.checkpoint, imported on first use (it is optional, and slow to import)."""
+    try:
+        import orbax.checkpoint as ocp
+    except ImportError as e:
+        raise ImportError(
+            "pccore checkpoints are stored with orbax-checkpoint, which is not installed: "
+            'pip install "pccore[checkpoint]" (or pip install orbax-checkpoint).'
+        ) from e
+    return ocp
+
+
+def _sync(name: str) -> None:
+    """A barrier of all processes (nothing with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"pccore:{name}")
 
 
 class CheckpointError(Exception):
@@ -102,7 +127,7 @@ def _version() -> str:
 
 
 def _is_saved_leaf(x: Any) -> bool:
-    # What `eqx.default_serialise_filter_spec` writes: arrays and Python/NumPy scalars.
+    # Arrays and Python/NumPy scalars (what `eqx.default_serialise_filter_spec` wrote in 0.1).
     return isinstance(x, jax.Array | np.ndarray | np.generic | bool | int | float | complex)
 
 
@@ -110,21 +135,8 @@ def _is_typed_key(x: Any) -> bool:
     return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
-def _keys_as_data(tree: Any) -> Any:
-    """Typed PRNG keys replaced by their key data (NumPy cannot write key arrays)."""
-    return jtu.tree_map(lambda x: jax.random.key_data(x) if _is_typed_key(x) else x, tree)
-
-
-def _data_as_keys(tree: Any, template: Any) -> Any:
-    """Key data read back into typed keys wherever `template` holds a typed key."""
-
-    def wrap(a, t):
-        return jax.random.wrap_key_data(a, impl=jax.random.key_impl(t)) if _is_typed_key(t) else a
-
-    return jtu.tree_map(wrap, tree, template)
-
-
-def _leaf_specs(tree: Any, prefix: str) -> list[dict]:
+def _saved(tree: Any, prefix: str) -> list[tuple[str, Any, dict[str, Any]]]:
+    """(path, leaf, spec) of every saved leaf of `tree`."""
     out = []
     for path, leaf in jtu.tree_leaves_with_path(tree):
         if not _is_saved_leaf(leaf):
@@ -136,16 +148,40 @@ def _leaf_specs(tree: Any, prefix: str) -> list[dict]:
             spec = {"shape": list(np.shape(leaf)), "dtype": str(leaf.dtype)}
         else:
             spec = {"shape": [], "dtype": type(leaf).__name__}
-        out.append({"path": prefix + jtu.keystr(path), **spec})
+        out.append((prefix + jtu.keystr(path), leaf, spec))
     return out
 
 
-def _describe(spec: dict) -> str:
+def _leaf_specs(tree: Any, prefix: str) -> list[dict[str, Any]]:
+    return [{"path": name, **spec} for name, _, spec in _saved(tree, prefix)]
+
+
+def _stored(leaf: Any) -> Any:
+    """What orbax stores for a leaf: key data for a typed key; NumPy for host values and,
+    with several processes, for arrays local to this process (orbax writes those from
+    process 0, as it does NumPy arrays; they are the same on every process)."""
+    if _is_typed_key(leaf):
+        leaf = jax.random.key_data(leaf)
+    if not isinstance(leaf, jax.Array) or (jax.process_count() > 1 and leaf.is_fully_addressable):
+        return np.asarray(leaf)
+    return leaf
+
+
+def _array_sha256(a: Any) -> str | None:
+    """SHA-256 of an array's bytes (host copy); None for an array no process holds whole."""
+    if isinstance(a, jax.Array) and not a.is_fully_addressable:
+        if not a.is_fully_replicated:
+            return None
+        a = a.addressable_data(0)
+    return hashlib.sha256(np.ascontiguousarray(np.asarray(a)).tobytes()).hexdigest()
+
+
+def _describe(spec: dict[str, Any]) -> str:
     impl = f" ({spec['impl']})" if "impl" in spec else ""
     return f"shape {tuple(spec['shape'])} {spec['dtype']}{impl}"
 
 
-def _key_parts(key: Any) -> tuple[Any, dict | None]:
+def _key_parts(key: Any) -> tuple[Any, dict[str, Any] | None]:
     if key is None:
         return None, None
     if not isinstance(key, jax.Array | np.ndarray):
@@ -153,17 +189,6 @@ def _key_parts(key: Any) -> tuple[Any, dict | None]:
     if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
         return jax.random.key_data(key), {"kind": "typed", "impl": str(jax.random.key_impl(key))}
     return key, {"kind": "raw"}
-
-
-def _host(tree: Any) -> Any:
-    """Replicated multi-host arrays as their local copy (NumPy can read those)."""
-
-    def get(a):
-        if isinstance(a, jax.Array) and not a.is_fully_addressable and a.is_fully_replicated:
-            return a.addressable_data(0)
-        return a
-
-    return jtu.tree_map(get, tree)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -182,16 +207,9 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _write_state(path: Path, tree: Any) -> None:
-    with open(path, "wb") as f:
-        eqx.tree_serialise_leaves(f, tree)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _stranded(path: Path) -> Path | None:
     """The checkpoint set aside as `.old-NAME-*` by an overwriting save that was interrupted
-    between its two renames (so nothing is at `path`), or None."""
+    before the new one was committed (so nothing is at `path`), or None."""
     if path.exists() or not path.parent.is_dir():
         return None
     name = re.compile(rf"\.old-{re.escape(path.name)}-[0-9a-f]{{8}}")
@@ -210,6 +228,26 @@ def _recover(path: Path) -> None:
     if old is not None:
         os.replace(old, path)
         _fsync_dir(path.parent)
+
+
+def _remove_tmp(path: Path) -> None:
+    """Remove orbax's temporary directories of an interrupted save of `path`."""
+    if path.parent.is_dir():
+        for p in path.parent.glob(f"{glob.escape(path.name)}{_TMP}*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _raced(error: BaseException, path: Path) -> str | None:
+    """What another writer did if a save of `path` failed by losing a race with it (possible
+    only where no `flock` lock is available), else None."""
+    if not isinstance(error, Exception):
+        return None
+    if path.exists():  # absent when this save started (or set aside by it)
+        return "it wrote the same checkpoint meanwhile"
+    tmp = path.parent / f"{path.name}{_TMP}"
+    if isinstance(error, FileNotFoundError) and not tmp.exists():
+        return f"it removed this save's temporary directory {tmp.name}: {_first_line(error)}"
+    return None
 
 
 @contextlib.contextmanager
@@ -237,62 +275,9 @@ def _writer_lock(directory: Path):
         os.close(fd)  # releases the lock
 
 
-def _raced(error: BaseException, tmp: Path, renamed: bool) -> str | None:
-    """What another writer did if `error` comes from losing a race with it, else None."""
-    if renamed or not isinstance(error, OSError):
-        return None
-    if not tmp.is_dir():
-        return f"it removed this save's temporary directory {tmp.name}"
-    if error.errno in (errno.ENOTEMPTY, errno.EEXIST):
-        return "it wrote the same checkpoint meanwhile"
-    return None
-
-
 def _check_step(step: Any) -> None:
     if isinstance(step, bool) or not isinstance(step, int | np.integer) or step < 0:
         raise ValueError(f"`step` must be a non-negative int; got {step!r}.")
-
-
-def save_checkpoint(
-    path: str | os.PathLike[str],
-    *,
-    model: Any,
-    opt_state: Any,
-    step: int,
-    key: Any = None,
-    config: dict[str, Any] | None = None,
-    overwrite: bool = False,
-) -> Path:
-    """Save the full training state to the directory `path`, atomically.
-
-    **Arguments:**
-
-    - `path`: the checkpoint directory to create (e.g. `runs/a/step_00000010`).
-    - `model`: the model (a [`pccore.PCModel`][] or any pytree of arrays).
-    - `opt_state`: the optimiser state.
-    - `step`: a non-negative int (step or epoch count).
-    - `key`: a PRNG key to resume the random stream with, or None.
-    - `config`: a JSON-serialisable dict (the run's configuration), or None.
-    - `overwrite`: replace an existing checkpoint at `path`. The new checkpoint is complete
-        on disk before the old one is touched; the old one is then renamed aside to
-        `.old-NAME-*` and the new one renamed in. If the save is interrupted between those two
-        renames, readers ([`pccore.read_manifest`][], [`pccore.restore_checkpoint`][],
-        [`pccore.CheckpointManager`][]) use the set-aside checkpoint and the next save to
-        `path` (or in the manager's directory) renames it back, so an interrupted save always
-        leaves the previous checkpoint.
-
-    **Returns:** the checkpoint's path.
-
-    **Raises:** [`pccore.CheckpointError`][] if another writer holds the directory (see
-    "One writer per directory" above) or overtook this save.
-    """
-    path = Path(path)
-    _check_step(step)
-    config_json = _config_json(config)
-    _key_parts(key)  # a bad key is refused before anything is written
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with _writer_lock(path.parent):
-        return _save(path, model, opt_state, step, key, config_json, overwrite)
 
 
 def _config_json(config: dict[str, Any] | None) -> dict[str, Any]:
@@ -305,73 +290,124 @@ def _config_json(config: dict[str, Any] | None) -> dict[str, Any]:
         ) from None
 
 
-def _save(path: Path, model, opt_state, step, key, config_json: dict, overwrite: bool) -> Path:
-    """The save itself, with the writer lock of `path.parent` held by the caller."""
-    _recover(path)  # an earlier overwriting save, interrupted between its two renames
+def _handlers(ocp) -> dict[str, Any]:
+    return {
+        "state": ocp.StandardCheckpointHandler(),
+        "manifest": ocp.JsonCheckpointHandler(filename=Path(_MANIFEST).name),
+    }
+
+
+def save_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    model: Any,
+    opt_state: Any,
+    step: int,
+    key: Any = None,
+    config: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Save the full training state to the directory `path`, atomically (orbax-checkpoint).
+
+    **Arguments:**
+
+    - `path`: the checkpoint directory to create (e.g. `runs/a/step_00000010`).
+    - `model`: the model (a [`pccore.PCModel`][] or any pytree of arrays).
+    - `opt_state`: the optimiser state.
+    - `step`: a non-negative int (step or epoch count).
+    - `key`: a PRNG key to resume the random stream with, or None.
+    - `config`: a JSON-serialisable dict (the run's configuration), or None.
+    - `overwrite`: replace an existing checkpoint at `path`. The old one is renamed aside to
+        `.old-NAME-*` and removed once the new one is committed; if the save is interrupted
+        before that, readers ([`pccore.read_manifest`][], [`pccore.restore_checkpoint`][],
+        [`pccore.CheckpointManager`][]) use the set-aside checkpoint and the next save to
+        `path` (or in the manager's directory) renames it back, so an interrupted save always
+        leaves the previous checkpoint.
+
+    With several processes, every process calls it (each writes the shards it holds).
+
+    **Returns:** the checkpoint's path.
+
+    **Raises:** [`pccore.CheckpointError`][] if another writer holds the directory (see
+    "One writer per directory" above).
+    """
+    path = Path(path)
+    _check_step(step)
+    config_json = _config_json(config)
+    _key_parts(key)  # a bad key is refused before anything is written
+    ocp = _ocp()
+
+    def write(args) -> None:
+        with contextlib.closing(ocp.Checkpointer(ocp.CompositeCheckpointHandler(**_handlers(ocp)))) as c:
+            c.save(path, args=args)
+
+    primary = jax.process_index() == 0
+    if primary:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    _sync("save_checkpoint:mkdir")
+    with _writer_lock(path.parent) if primary else contextlib.nullcontext():
+        return _save(path, model, opt_state, step, key, config_json, overwrite, write)
+
+
+def _save(path: Path, model, opt_state, step, key, config_json: dict[str, Any], overwrite: bool,
+          write) -> Path:
+    """The save itself (the caller holds the writer lock): `write(args)` commits `path`."""
+    ocp = _ocp()
+    primary = jax.process_index() == 0
+    if primary:
+        _recover(path)  # an earlier overwriting save, interrupted before its commit
+    _sync("save:recovered")
     if path.exists() and not overwrite:
         raise FileExistsError(
             f"`path`: checkpoint {str(path)!r} already exists. Pass `overwrite=True` to "
             "replace it, or save to a new path."
         )
     key_data, key_info = _key_parts(key)
-    leaves = (
-        _leaf_specs(model, "model")
-        + _leaf_specs(opt_state, "opt_state")
-        + _leaf_specs(key_data, "key")
-    )
-    tree = _host(_keys_as_data({"model": model, "opt_state": opt_state, "key": key_data}))
-    tmp = path.parent / f".tmp-{path.name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    renamed = False
-    try:
-        _write_state(tmp / _STATE, tree)
-        manifest = {
-            "format": _FORMAT,
-            "format_version": _FORMAT_VERSION,
-            "step": int(step),
-            "pccore_version": _version(),
-            "framework": getattr(model, "framework", None),
-            "config": config_json,
-            "key": key_info,
-            "leaves": leaves,
-            "file": _STATE,
-            "bytes": (tmp / _STATE).stat().st_size,
-            "sha256": _sha256(tmp / _STATE),
-        }
-        with open(tmp / _MANIFEST, "w") as f:
-            json.dump(manifest, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        if path.exists() and not overwrite:  # absent at the start: another writer put it there
-            raise _race_error(path, "it wrote the same checkpoint meanwhile")
-        if path.exists():
-            old = path.parent / f".old-{path.name}-{uuid.uuid4().hex[:8]}"
-            os.replace(path, old)
-            os.replace(tmp, path)
-            renamed = True
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-            renamed = True
+    arrays, leaves = {}, []
+    for name, leaf, spec in _saved(model, "model") + _saved(opt_state, "opt_state") + _saved(
+        key_data, "key"
+    ):
+        arrays[name] = _stored(leaf)
+        leaves.append({"path": name, **spec, "sha256": _array_sha256(arrays[name]) if primary else None})
+    manifest = {
+        "format": _FORMAT,
+        "format_version": _FORMAT_VERSION,
+        "step": int(step),
+        "pccore_version": _version(),
+        "framework": getattr(model, "framework", None),
+        "config": config_json,
+        "key": key_info,
+        "storage": f"orbax-checkpoint {importlib.metadata.version('orbax-checkpoint')}",
+        "leaves": leaves,
+    }
+    old = None
+    if primary and path.exists():
+        old = path.parent / f".old-{path.name}-{uuid.uuid4().hex[:8]}"
+        os.replace(path, old)
         _fsync_dir(path.parent)
+    _sync("save:set-aside")
+    committed = False
+    try:
+        write(ocp.args.Composite(state=ocp.args.StandardSave(arrays), manifest=ocp.args.JsonSave(manifest)))
+        committed = True
+        if primary:  # committed: index its files, to verify them without reading the arrays
+            _write_file_index(path)
     except BaseException as e:
-        raced = _raced(e, tmp, renamed)
-        shutil.rmtree(tmp, ignore_errors=True)
-        _recover(path)  # interrupted between the two renames: put the old checkpoint back
+        raced = None if committed or not primary else _raced(e, path)
+        if primary:
+            _remove_tmp(path)
+            _recover(path)  # put the set-aside checkpoint back
         if raced is None:
             raise
-        raise _race_error(path, f"{raced}: {e}") from e
+        raise CheckpointError(
+            f"Checkpoint directory {str(path.parent)!r}: another writer saved into it while this "
+            f"save of {path.name} ran ({raced}); expected one writer per "
+            "directory. This save was abandoned: give each run its own directory (e.g. "
+            "--checkpoint-dir), or stop the other run."
+        ) from e
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     return path
-
-
-def _race_error(path: Path, what: str) -> CheckpointError:
-    return CheckpointError(
-        f"Checkpoint directory {str(path.parent)!r}: another writer saved into it while this "
-        f"save of {path.name} ran ({what}); expected one writer per directory. This save was "
-        "abandoned: give each run its own directory (e.g. --checkpoint-dir), or stop the other "
-        "run."
-    )
 
 
 def _is_int(x: Any) -> bool:
@@ -385,8 +421,8 @@ def _ok_key_info(v: Any) -> bool:
     )
 
 
-def _ok_file_name(v: Any) -> bool:
-    return isinstance(v, str) and v not in ("", ".", "..") and Path(v).name == v
+def _is_sha(v: Any) -> bool:
+    return isinstance(v, str) and re.fullmatch("[0-9a-f]{64}", v) is not None
 
 
 # The manifest fields a reader relies on: (check, what is expected).
@@ -398,10 +434,11 @@ _FIELDS = {
     "config": (lambda v: isinstance(v, dict), "a JSON object"),
     "key": (_ok_key_info, 'null, {"kind": "raw"} or {"kind": "typed", "impl": "<name>"}'),
     "leaves": (lambda v: isinstance(v, list), "a list"),
-    "file": (_ok_file_name, "a file name in the checkpoint directory, e.g. \"state.eqx\""),
+}
+_FIELDS_V1 = {  # pccore 0.1: one data file
+    "file": (lambda v: v == "state.eqx", '"state.eqx"'),
     "bytes": (_is_int, "a non-negative int"),
-    "sha256": (lambda v: isinstance(v, str) and re.fullmatch("[0-9a-f]{64}", v) is not None,
-               "64 lowercase hex digits"),
+    "sha256": (_is_sha, "64 lowercase hex digits"),
 }
 _LEAF_FIELDS = {
     "path": (lambda v: isinstance(v, str), "a string"),
@@ -409,6 +446,7 @@ _LEAF_FIELDS = {
               "a list of non-negative ints"),
     "dtype": (lambda v: isinstance(v, str), "a string"),
 }
+_LEAF_FIELDS_V2 = {"sha256": (lambda v: v is None or _is_sha(v), "64 lowercase hex digits or null")}
 
 
 def _check_fields(mpath: Path, obj: Any, fields: dict, prefix: str = "") -> None:
@@ -426,35 +464,39 @@ def _check_fields(mpath: Path, obj: Any, fields: dict, prefix: str = "") -> None
         )
 
 
-def _check_manifest(mpath: Path, manifest: dict) -> None:
-    _check_fields(mpath, manifest, _FIELDS)
+def _check_manifest(mpath: Path, manifest: dict[str, Any]) -> None:
+    v1 = manifest["format_version"] == 1
+    _check_fields(mpath, manifest, {**_FIELDS, **(_FIELDS_V1 if v1 else {})})
     for i, leaf in enumerate(manifest["leaves"]):
-        _check_fields(mpath, leaf, _LEAF_FIELDS, f"leaves[{i}].")
+        _check_fields(mpath, leaf, {**_LEAF_FIELDS, **({} if v1 else _LEAF_FIELDS_V2)}, f"leaves[{i}].")
         if "impl" in leaf:
             _check_fields(mpath, leaf, {"impl": _LEAF_FIELDS["dtype"]}, f"leaves[{i}].")
 
 
-def read_manifest(path: str | os.PathLike[str], *, verify: bool = True) -> dict[str, Any]:
-    """The manifest of the checkpoint at `path`, checked; with `verify`, the data file too.
+def _manifest_path(path: Path) -> Path:
+    """The manifest of the checkpoint at `path` (a pccore 0.1 one at its top)."""
+    old = path / _MANIFEST_V1
+    return old if old.is_file() and not (path / _MANIFEST).is_file() else path / _MANIFEST
 
-    **Raises:** [`pccore.CheckpointError`][] if the checkpoint is missing, unreadable,
-    truncated or corrupted, or its manifest lacks a field or has one of the wrong type.
-    """
-    path = _resolve(Path(path))
-    mpath = path / _MANIFEST
+
+def _load_manifest(path: Path) -> tuple[Path, dict[str, Any]]:
+    """(path, manifest) of the checkpoint at `path`, checked; the files are not read."""
+    path = _resolve(path)
+    mpath = _manifest_path(path)
     if not path.is_dir():
         raise CheckpointError(f"No checkpoint at {str(path)!r}: the directory does not exist.")
     if not mpath.is_file():
         raise CheckpointError(
-            f"Checkpoint {str(path)!r} has no {_MANIFEST}: it is incomplete (an interrupted "
-            "save, or not a pccore checkpoint). Restore an earlier step."
+            f"Checkpoint {str(path)!r} has no {_MANIFEST}: it is incomplete or not a pccore "
+            "checkpoint. Restore an earlier step."
         )
     try:
         with open(mpath) as f:
             manifest = json.load(f)
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise CheckpointError(
-            f"Checkpoint {str(path)!r}: {_MANIFEST} is corrupted ({e}). Restore an earlier step."
+            f"Checkpoint {str(path)!r}: {mpath.relative_to(path)} is corrupted ({e}). "
+            "Restore an earlier step."
         ) from None
     if not isinstance(manifest, dict) or manifest.get("format") != _FORMAT:
         raise CheckpointError(f"{str(mpath)!r} is not a pccore checkpoint manifest.")
@@ -465,21 +507,160 @@ def read_manifest(path: str | os.PathLike[str], *, verify: bool = True) -> dict[
             f"than this pccore ({_version()}) reads ({_FORMAT_VERSION}). Upgrade pccore."
         )
     _check_manifest(mpath, manifest)
+    return path, manifest
+
+
+def _verify_v1(path: Path, manifest: dict[str, Any]) -> None:
+    data = path / manifest["file"]
+    if not data.is_file():
+        raise CheckpointError(f"Checkpoint {str(path)!r}: the data file {data.name} is missing.")
+    size = data.stat().st_size
+    if size != manifest["bytes"]:
+        raise CheckpointError(
+            f"Checkpoint {str(path)!r} is truncated or corrupted: {data.name} has {size} "
+            f"bytes, the manifest expects {manifest['bytes']}. Restore an earlier step."
+        )
+    if _sha256(data) != manifest["sha256"]:
+        raise CheckpointError(
+            f"Checkpoint {str(path)!r} is corrupted: the SHA-256 checksum of {data.name} "
+            "does not match its manifest. Restore an earlier step."
+        )
+
+
+def _stored_target(spec: dict[str, Any]) -> np.ndarray:
+    """A NumPy array of the shape and dtype orbax stored for a manifest leaf."""
+    if "impl" in spec:
+        data = jax.random.key_data(jax.random.key(0, impl=spec["impl"]))
+        return np.zeros(spec["shape"] + list(data.shape), data.dtype)
+    dtype = {"bool": np.bool_, "int": np.int64, "float": np.float64, "complex": np.complex128}
+    return np.zeros(spec["shape"], dtype.get(spec["dtype"]) or jnp.dtype(spec["dtype"]))
+
+
+def _read(path: Path, manifest: dict[str, Any], targets: dict[str, Any]) -> dict[str, Any]:
+    """The arrays of `state/`, read into `targets` and checked against their SHA-256."""
+    ocp = _ocp()
+    with contextlib.closing(ocp.Checkpointer(ocp.CompositeCheckpointHandler(**_handlers(ocp)))) as c:
+        try:
+            arrays = c.restore(path, args=ocp.args.Composite(state=ocp.args.StandardRestore(targets)))
+        except Exception as e:
+            raise _damaged(path, manifest, f"orbax-checkpoint: {_first_line(e)}") from e
+    arrays = arrays["state"]
+    for leaf in manifest["leaves"]:
+        if leaf["sha256"] is not None and _array_sha256(arrays[leaf["path"]]) not in (None, leaf["sha256"]):
+            raise _damaged(path, manifest, "orbax-checkpoint read back other bytes than were saved")
+    return arrays
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+
+
+def _damaged(path: Path, manifest: dict[str, Any], what: str) -> CheckpointError:
+    """The error for a damaged checkpoint, naming the first parameter that orbax cannot read
+    or reads back with another SHA-256 (each read alone, one after the other)."""
+    ocp = _ocp()
+    for leaf in manifest["leaves"]:
+        name = leaf["path"]
+        try:
+            with contextlib.closing(ocp.Checkpointer(ocp.PyTreeCheckpointHandler())) as c:
+                got = c.restore(path / "state", args=ocp.args.PyTreeRestore(
+                    {name: _stored_target(leaf)}, partial_restore=True,
+                    restore_args={name: ocp.RestoreArgs(restore_type=np.ndarray)},
+                ))[name]
+        except Exception as e:
+            why = f"orbax-checkpoint cannot read it: {_first_line(e)}"
+        else:
+            if leaf["sha256"] is None or _array_sha256(got) == leaf["sha256"]:
+                continue
+            why = "its data does not match the SHA-256 in the manifest"
+        return CheckpointError(
+            f"Checkpoint {str(path)!r} is truncated or corrupted: the first damaged parameter is "
+            f"`{name}` ({why}; {what}). Restore an earlier step."
+        )
+    return CheckpointError(
+        f"Checkpoint {str(path)!r} is truncated or corrupted: {what}. Restore an earlier step."
+    )
+
+
+def _file_index(path: Path) -> dict[str, list[Any]]:
+    """{relative path: [bytes, SHA-256]} of every file of a committed checkpoint."""
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.name != _FILES)
+    return {p.relative_to(path).as_posix(): [p.stat().st_size, _sha256(p)] for p in files}
+
+
+def _write_file_index(path: Path) -> None:
+    index = {"format": _FORMAT, "files": _file_index(path)}
+    tmp = path / f".{_FILES}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(index, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path / _FILES)
+    _fsync_dir(path)
+
+
+def _ok_index(index: Any) -> bool:
+    return (
+        isinstance(index, dict) and index.get("format") == _FORMAT
+        and isinstance(index.get("files"), dict)
+        and all(
+            isinstance(rel, str) and rel and not rel.startswith("/") and ".." not in rel.split("/")
+            and isinstance(v, list) and len(v) == 2 and _is_int(v[0]) and _is_sha(v[1])
+            for rel, v in index["files"].items()
+        )
+    )
+
+
+def _file_damage(path: Path) -> str | None:
+    """What differs from the checkpoint's `files.json` (size or SHA-256 of a file), or None.
+
+    A checkpoint whose save was stopped between orbax's commit and `files.json` has none;
+    its arrays are then checked against their SHA-256 as they are read.
+    """
+    ipath = path / _FILES
+    if not ipath.is_file():
+        return None
+    try:
+        index = json.loads(ipath.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        return f"{_FILES} is corrupted ({e})"
+    if not _ok_index(index):
+        return f"{_FILES} is not a pccore file index (edited or damaged)"
+    for rel, (size, sha) in index["files"].items():
+        file = path / rel
+        if not file.is_file():
+            return f"the data file {rel} is missing"
+        if file.stat().st_size != size:
+            return f"{rel} has {file.stat().st_size} bytes, {_FILES} expects {size}"
+        if _sha256(file) != sha:
+            return f"the SHA-256 checksum of {rel} does not match {_FILES}"
+    return None
+
+
+def _verify(path: Path, manifest: dict[str, Any]) -> None:
+    """Raise a CheckpointError if the files of the checkpoint at `path` are damaged."""
+    if manifest["format_version"] == 1:
+        _verify_v1(path, manifest)
+        return
+    damage = _file_damage(path)
+    if damage is not None:
+        raise _damaged(path, manifest, damage)
+    if not (path / _FILES).is_file():  # no file index: read every array
+        _read(path, manifest, {leaf["path"]: _stored_target(leaf) for leaf in manifest["leaves"]})
+
+
+def read_manifest(path: str | os.PathLike[str], *, verify: bool = True) -> dict[str, Any]:
+    """The manifest of the checkpoint at `path`, checked; with `verify`, the data too: the
+    size and SHA-256 of every file, as `files.json` records them (a pccore 0.1 checkpoint's
+    `state.eqx`, as its manifest does).
+
+    **Raises:** [`pccore.CheckpointError`][] if the checkpoint is missing, unreadable,
+    truncated or corrupted (naming the first damaged parameter), or its manifest lacks a
+    field or has one of the wrong type.
+    """
+    path, manifest = _load_manifest(Path(path))
     if verify:
-        data = path / manifest["file"]
-        if not data.is_file():
-            raise CheckpointError(f"Checkpoint {str(path)!r}: the data file {data.name} is missing.")
-        size = data.stat().st_size
-        if size != manifest["bytes"]:
-            raise CheckpointError(
-                f"Checkpoint {str(path)!r} is truncated or corrupted: {data.name} has {size} "
-                f"bytes, the manifest expects {manifest['bytes']}. Restore an earlier step."
-            )
-        if _sha256(data) != manifest["sha256"]:
-            raise CheckpointError(
-                f"Checkpoint {str(path)!r} is corrupted: the SHA-256 checksum of {data.name} "
-                "does not match its manifest. Restore an earlier step."
-            )
+        _verify(path, manifest)
     return manifest
 
 
@@ -493,7 +674,7 @@ def _energy_params_hint(*paths: str) -> str:
             "`opt_state = optim.init(model.trainable)`.")
 
 
-def _check_fits(path: Path, saved: list[dict], expected: list[dict]) -> None:
+def _check_fits(path: Path, saved: list[dict[str, Any]], expected: list[dict[str, Any]]) -> None:
     for got, want in zip(saved, expected):
         if got["path"] != want["path"]:
             raise CheckpointError(
@@ -523,13 +704,51 @@ def _check_fits(path: Path, saved: list[dict], expected: list[dict]) -> None:
         )
 
 
-def _place_like(new: Any, template: Any) -> Any:
+def _target(leaf: Any) -> Any:
+    """What orbax restores a leaf into: the template array's shape, dtype and sharding."""
+    data = jax.random.key_data(leaf) if _is_typed_key(leaf) else leaf
+    if isinstance(data, jax.Array):
+        return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=data.sharding)
+    return np.zeros_like(np.asarray(data))
+
+
+def _fill(tree: Any, prefix: str, arrays: dict[str, Any]) -> Any:
+    """`tree` with every saved leaf replaced by its restored array, of the leaf's kind."""
+
+    def fill(path, leaf):
+        if not _is_saved_leaf(leaf):
+            return leaf
+        a = arrays[prefix + jtu.keystr(path)]
+        if _is_typed_key(leaf):
+            return jax.random.wrap_key_data(a, impl=jax.random.key_impl(leaf))
+        if isinstance(leaf, bool | int | float | complex):
+            return type(leaf)(np.asarray(a).item())
+        if isinstance(leaf, np.generic):
+            return leaf.dtype.type(np.asarray(a))
+        return np.asarray(a) if isinstance(leaf, np.ndarray) else a
+
+    return jtu.tree_map_with_path(fill, tree)
+
+
+def _read_v1(path: Path, manifest: dict[str, Any], template: dict[str, Any]) -> dict[str, Any]:
+    """A pccore 0.1 checkpoint (`state.eqx`, `equinox.tree_serialise_leaves`) into `template`."""
+
+    def as_data(tree):
+        return jtu.tree_map(lambda x: jax.random.key_data(x) if _is_typed_key(x) else x, tree)
+
+    try:
+        tree = eqx.tree_deserialise_leaves(path / manifest["file"], as_data(template))
+    except Exception as e:  # verified above: anything here is an unexpected read failure
+        raise CheckpointError(f"Checkpoint {str(path)!r} could not be read: {e}") from e
+
     def place(a, t):
+        if _is_typed_key(t):
+            a = jax.random.wrap_key_data(a, impl=jax.random.key_impl(t))
         if isinstance(a, jax.Array) and isinstance(t, jax.Array) and t.is_fully_addressable:
             return jax.device_put(a, t.sharding)
         return a
 
-    return jtu.tree_map(place, new, template)
+    return jtu.tree_map(place, tree, template)
 
 
 def restore_checkpoint(path: str | os.PathLike[str], *, model: Any, opt_state: Any) -> Checkpoint:
@@ -537,12 +756,13 @@ def restore_checkpoint(path: str | os.PathLike[str], *, model: Any, opt_state: A
 
     **Arguments:**
 
-    - `path`: a checkpoint directory written by [`pccore.save_checkpoint`][].
+    - `path`: a checkpoint directory written by [`pccore.save_checkpoint`][] (or by
+        pccore 0.1).
     - `model`, `opt_state`: a freshly built model and `optim.init(model.trainable)` (for a
         model without energy parameters, `optim.init(model.params)`) of the same
-        architecture, dtype and optimiser; they give the types and structure to fill (and,
-        on one host, the device placement of each array). A model saved with energy
-        parameters needs a template holding them too:
+        architecture, dtype and optimiser; they give the types and structure to fill, and
+        the sharding of each array (a template sharded over several hosts is restored so).
+        A model saved with energy parameters needs a template holding them too:
         `model.with_energy_params(energy.init_params(model))`.
 
     **Returns:** a [`pccore.Checkpoint`][] with your own model type.
@@ -550,8 +770,9 @@ def restore_checkpoint(path: str | os.PathLike[str], *, model: Any, opt_state: A
     **Raises:** [`pccore.CheckpointError`][] if the checkpoint is missing, truncated or
     corrupted, or does not fit the template (naming the first mismatching parameter).
     """
-    path = _resolve(Path(path))
-    manifest = read_manifest(path, verify=True)
+    path, manifest = _load_manifest(Path(path))
+    v1 = manifest["format_version"] == 1
+    _verify(path, manifest)
     framework = getattr(model, "framework", None)
     if manifest["framework"] is not None and framework is not None and manifest["framework"] != framework:
         raise CheckpointError(
@@ -563,16 +784,14 @@ def restore_checkpoint(path: str | os.PathLike[str], *, model: Any, opt_state: A
     saved = [leaf for leaf in manifest["leaves"] if not leaf["path"].startswith("key")]
     _check_fits(path, saved, expected)
     key_leaves = [leaf for leaf in manifest["leaves"] if leaf["path"].startswith("key")]
-    key_template = None
-    if key_leaves:
-        spec = key_leaves[0]
-        key_template = jnp.zeros(spec["shape"], spec["dtype"])
+    key_template = jnp.zeros(key_leaves[0]["shape"], key_leaves[0]["dtype"]) if key_leaves else None
     template = {"model": model, "opt_state": opt_state, "key": key_template}
-    try:
-        tree = eqx.tree_deserialise_leaves(path / manifest["file"], _keys_as_data(template))
-    except Exception as e:  # verified above: anything here is an unexpected read failure
-        raise CheckpointError(f"Checkpoint {str(path)!r} could not be read: {e}") from e
-    tree = _place_like(_data_as_keys(tree, template), template)
+    if v1:
+        tree = _read_v1(path, manifest, template)
+    else:
+        targets = {name: _target(leaf) for part, t in template.items() for name, leaf, _ in _saved(t, part)}
+        arrays = _read(path, manifest, targets)
+        tree = {part: _fill(t, part, arrays) for part, t in template.items()}
     key = tree["key"]
     if manifest["key"] is not None and manifest["key"]["kind"] == "typed":
         key = jax.random.wrap_key_data(key, impl=manifest["key"]["impl"])
@@ -599,6 +818,9 @@ class CheckpointManager:
         ...
         manager.save(epoch + 1, model=model, opt_state=opt_state, key=key, config=config)
     ```
+
+    Saves go through an `orbax.checkpoint.CheckpointManager` (`max_to_keep=keep`, step
+    directories `step_00000012`); pccore adds the manifest, the checks and the messages.
 
     **Arguments:**
 
@@ -627,10 +849,12 @@ class CheckpointManager:
 
         Each `save` takes the lock for its own duration anyway; `hold` also refuses another
         writer between saves. Re-entrant for this manager; a no-op on processes other than 0
-        (they do not write).
+        (the lock is process 0's).
 
-        **Raises:** [`pccore.CheckpointError`][] if another writer holds the directory.
+        **Raises:** [`pccore.CheckpointError`][] if another writer holds the directory;
+        `ImportError` if orbax-checkpoint is not installed (before a run, not at its first save).
         """
+        _ocp()
         if self._holding or jax.process_index() != 0:
             yield self
             return
@@ -647,7 +871,7 @@ class CheckpointManager:
         return self.directory / f"step_{int(step):08d}"
 
     def steps(self) -> list[int]:
-        """The steps that have a complete checkpoint directory, ascending (not verified).
+        """The steps that have a checkpoint directory with a manifest, ascending (not verified).
 
         Includes a step whose checkpoint an interrupted `overwrite` save left set aside.
         """
@@ -656,10 +880,10 @@ class CheckpointManager:
         out = set()
         for p in self.directory.iterdir():
             m = _STEP_DIR.match(p.name)
-            if m and (p / _MANIFEST).is_file():
+            if m and _manifest_path(p).is_file():
                 out.add(int(m.group(1)))
             m = _OLD_DIR.match(p.name)
-            if m and _stranded(self.directory / m.group(1)) == p and (p / _MANIFEST).is_file():
+            if m and _stranded(self.directory / m.group(1)) == p and _manifest_path(p).is_file():
                 out.add(int(m.group(2)))
         return sorted(out)
 
@@ -671,7 +895,7 @@ class CheckpointManager:
         return True
 
     def latest_step(self) -> int | None:
-        """The newest step whose checkpoint verifies (manifest, size, checksum), or None."""
+        """The newest step whose checkpoint verifies (manifest, every array's SHA-256), or None."""
         return next((s for s in reversed(self.steps()) if self._valid(s)), None)
 
     def save(
@@ -686,49 +910,58 @@ class CheckpointManager:
         old directory, and resuming would pick the newer step); with `overwrite=True` it is
         written anyway.
 
-        **Pruning:** the checkpoint just written is never deleted by its own save; besides
-        it, the newest `keep - 1` other steps are kept (by step number) and the rest deleted.
-        So with `keep=1`, `save(3, overwrite=True)` next to step 5 leaves only step 3.
+        **Pruning** (orbax's `max_to_keep`): the checkpoint just written is never deleted by
+        its own save; besides it, the newest `keep - 1` other steps are kept (by step number)
+        and the rest deleted. So with `keep=1`, `save(3, overwrite=True)` next to step 5
+        leaves only step 3.
 
-        With several processes only process 0 writes (the state is replicated); the others
-        return the path at once.
+        With several processes every process calls `save` (orbax writes each process's
+        shards); process 0 holds the lock and writes the manifest.
 
         **Raises:** [`pccore.CheckpointError`][] if another writer holds the directory (another
-        manager's save or [`pccore.CheckpointManager.hold`][]) or overtook this save.
+        manager's save or [`pccore.CheckpointManager.hold`][]).
         """
         _check_step(step)
         path = self.path(step)
-        if jax.process_index() != 0:
-            return path
         config_json = _config_json(config)
         _key_parts(key)
+        ocp = _ocp()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=self.keep, step_prefix="step", step_format_fixed_length=8,
+            enable_async_checkpointing=False,
+        )
+
+        def write(args) -> None:
+            with contextlib.closing(
+                ocp.CheckpointManager(self.directory, options=options, item_handlers=_handlers(ocp))
+            ) as manager:
+                manager.save(step, args=args, force=True)
+
         with self.hold():
-            self._save_held(step, path, model, opt_state, key, config_json, overwrite)
+            self._clear_leftovers()
+            if not overwrite:
+                newer = [s for s in self.steps() if s > step and self._valid(s)]
+                if newer:
+                    raise ValueError(
+                        f"`step`={step}, but {str(self.directory)!r} already holds a newer valid "
+                        f"checkpoint (step {newer[-1]}). Resume from it, save to a new directory, "
+                        "or pass `overwrite=True` to write here anyway."
+                    )
+                overwrite = path.exists() and not self._valid(step)
+            _save(path, model, opt_state, step, key, config_json, overwrite, write)
         return path
 
-    def _save_held(self, step, path, model, opt_state, key, config_json, overwrite) -> None:
-        """`save` with the writer lock held: clear leftovers, write, prune."""
-        if self.directory.is_dir():  # leftovers of interrupted saves (the lock is ours)
+    def _clear_leftovers(self) -> None:
+        """Process 0, lock held: undo or remove what interrupted saves left."""
+        if jax.process_index() == 0 and self.directory.is_dir():
             for p in list(self.directory.iterdir()):
                 m = _OLD_DIR.match(p.name)
-                if m:  # set aside by an overwriting save interrupted between its renames
+                if m:  # set aside by an overwriting save interrupted before its commit
                     _recover(self.directory / m.group(1))
             for p in list(self.directory.iterdir()):
-                if p.is_dir() and (p.name.startswith(".tmp-step_") or p.name.startswith(".old-step_")):
+                if p.is_dir() and (_TMP in p.name or p.name.startswith((".tmp-step_", ".old-step_"))):
                     shutil.rmtree(p, ignore_errors=True)
-        if not overwrite:
-            newer = [s for s in self.steps() if s > step and self._valid(s)]
-            if newer:
-                raise ValueError(
-                    f"`step`={step}, but {str(self.directory)!r} already holds a newer valid "
-                    f"checkpoint (step {newer[-1]}). Resume from it, save to a new directory, "
-                    "or pass `overwrite=True` to write here anyway."
-                )
-            overwrite = path.exists() and not self._valid(step)
-        _save(path, model, opt_state, step, key, config_json, overwrite)
-        others = [s for s in self.steps() if s != step]
-        for old in others[: max(len(others) - (self.keep - 1), 0)]:
-            shutil.rmtree(self.path(old), ignore_errors=True)
+        _sync("manager:cleared")
 
     def restore(self, step: int | None = None, *, model: Any, opt_state: Any) -> Checkpoint:
         """Restore checkpoint `step`, or the latest valid one (see [`pccore.restore_checkpoint`][]).

@@ -8,6 +8,7 @@ two epochs, no figure).
 import json
 import re
 import shlex
+from pathlib import Path
 
 import equinox as eqx
 import jax.numpy as jnp
@@ -304,16 +305,21 @@ def test_seed_range_is_accepted():
 
 
 def _during_write(monkeypatch, other_writer):
-    """Run `other_writer()` once, in the middle of the next save's write of its data file."""
-    real, done = _checkpoint._write_state, []
+    """Run `other_writer()` once, in the middle of the next save: its files are written in
+    orbax-checkpoint's temporary directory, which is not yet renamed into place."""
+    from orbax.checkpoint._src.path import async_path
 
-    def write(path, tree):
-        if not done:
+    real, done = async_path.rename, []
+
+    async def rename(src, dst):
+        if not done and ".orbax-checkpoint-tmp" in Path(src).name and Path(dst).name.startswith(
+            "step_"
+        ):
             done.append(None)  # the other writer's own save writes normally
             done[0] = other_writer()
-        return real(path, tree)
+        return await real(src, dst)
 
-    monkeypatch.setattr(_checkpoint, "_write_state", write)
+    monkeypatch.setattr(async_path, "rename", rename)
     return done
 
 
@@ -360,8 +366,9 @@ def test_save_overtaken_without_a_lock_is_checkpoint_error(tmp_path, monkeypatch
     with pytest.raises(pccore.CheckpointError,
                        match=rf"Checkpoint directory {re.escape(repr(str(tmp_path)))}: another "
                              r"writer saved into it while this save of step_00000002 ran \(it "
-                             r"removed this save's temporary directory \.tmp-step_00000002-"
-                             r"[0-9a-f]{8}: .*\); expected one writer per directory\. This save "
+                             r"removed this save's temporary directory "
+                             r"step_00000002\.orbax-checkpoint-tmp: .*\); expected one writer per "
+                             r"directory\. This save "
                              r"was abandoned"):
         loser.save(2, model=model, opt_state=opt_state)
     assert winner.latest_step() == 1

@@ -1,8 +1,10 @@
 """Checkpoints: resume equals uninterrupted, interrupted saves lose nothing, bad files and
 wrong templates get clear errors."""
 
+import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -59,6 +61,12 @@ def arrays(tree):
     ]
 
 
+def data_file(path: Path) -> Path:
+    """orbax's OCDBT data file of a checkpoint (the small test model's arrays are all in it)."""
+    (file,) = (path / "state" / "d").iterdir()
+    return file
+
+
 def run_python(code: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     return subprocess.run(
@@ -110,36 +118,50 @@ def test_resume_in_new_process_equals_uninterrupted(tmp_path, trained):
     assert resumed.version == pccore.__version__
 
 
+def interrupt_commit(name: str, action) -> None:
+    """Make orbax-checkpoint call `action()` just before it commits the checkpoint `name`.
+
+    orbax writes a checkpoint into `NAME.orbax-checkpoint-tmp`, each item into its own
+    temporary directory there, renames the items' directories and then commits the checkpoint
+    by renaming `NAME.orbax-checkpoint-tmp` to `NAME` (`async_path.rename`). `action` runs
+    at that last rename, when every file of the new checkpoint is written.
+    """
+    from orbax.checkpoint._src.path import async_path
+
+    real = async_path.rename
+
+    async def rename(src, dst):
+        if Path(dst).name == name:
+            action()
+        return await real(src, dst)
+
+    async_path.rename = rename
+
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 _KILL_MIDWAY = """
-import io, os, signal
-import equinox as eqx
 import pccore
-from tests.test_checkpoint import build
+from tests.test_checkpoint import build, die, interrupt_commit
 
 manager = pccore.CheckpointManager({dir!r}, keep=3)
 model, opt_state = build()
-
-def half_then_die(f, tree):
-    buf = io.BytesIO()
-    eqx_serialise(buf, tree)
-    data = buf.getvalue()
-    f.write(data[: len(data) // 2])
-    f.flush()
-    os.fsync(f.fileno())
-    os.kill(os.getpid(), signal.SIGKILL)
-
 manager.save(1, model=model, opt_state=opt_state)
-eqx_serialise = eqx.tree_serialise_leaves
-eqx.tree_serialise_leaves = half_then_die
+interrupt_commit("step_00000002", die)
 manager.save(2, model=model, opt_state=opt_state)
 """
+
+ORBAX_TMP = ".orbax-checkpoint-tmp"
 
 
 def test_save_killed_midway_keeps_previous_checkpoint(tmp_path):
     proc = run_python(_KILL_MIDWAY.format(dir=str(tmp_path)))
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
-    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-step_00000002")]
-    assert len(leftovers) == 1  # the writer really died halfway through step 2
+    leftovers = [p for p in tmp_path.iterdir() if p.name.startswith("step_00000002" + ORBAX_TMP)]
+    assert len(leftovers) == 1  # the writer really died in the middle of saving step 2
+    assert (leftovers[0] / "state").is_dir() and (leftovers[0] / "manifest").is_dir()
     manager = pccore.CheckpointManager(tmp_path, keep=3)
     assert manager.steps() == [1] and manager.latest_step() == 1
     model, opt_state = build()
@@ -150,17 +172,46 @@ def test_save_killed_midway_keeps_previous_checkpoint(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000001", "step_00000002"]
 
 
+_KILL_AFTER_COMMIT = """
+import pccore
+from pccore import _checkpoint
+from tests.test_checkpoint import build, die
+
+manager = pccore.CheckpointManager({dir!r}, keep=1)
+model, opt_state = build()
+manager.save(1, model=model, opt_state=opt_state)
+_checkpoint._write_file_index = lambda path: die()
+manager.save(2, model=model, opt_state=opt_state)
+"""
+
+
+def test_save_killed_after_commit_before_file_index_is_complete(tmp_path):
+    proc = run_python(_KILL_AFTER_COMMIT.format(dir=str(tmp_path)))
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    # orbax committed step 2 (and, keep=1, deleted step 1); the file index is missing, so
+    # verification reads every array and checks its SHA-256.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000002"]
+    assert not (tmp_path / "step_00000002" / "files.json").exists()
+    manager = pccore.CheckpointManager(tmp_path, keep=1)
+    assert manager.latest_step() == 2
+    model, opt_state = build()
+    ck = manager.restore(model=model, opt_state=opt_state)
+    for a, b in zip(arrays((model, opt_state)), arrays((ck.model, ck.opt_state)), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_save_raising_midway_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    from orbax.checkpoint._src.path import async_path
+
     model, opt_state = build()
     manager = pccore.CheckpointManager(tmp_path)
     manager.save(1, model=model, opt_state=opt_state)
-    real = eqx.tree_serialise_leaves
 
-    def half_then_raise(f, tree):
-        real(f, tree["model"])  # the model is written, the optimiser state is not
+    def disk_full():
         raise OSError("disk full")
 
-    monkeypatch.setattr(eqx, "tree_serialise_leaves", half_then_raise)
+    monkeypatch.setattr(async_path, "rename", async_path.rename)  # undone below
+    interrupt_commit("step_00000002", disk_full)
     changed = jax.tree.map(lambda a: a + 1 if eqx.is_inexact_array(a) else a, model)
     with pytest.raises(OSError, match="disk full"):
         manager.save(2, model=changed, opt_state=opt_state)
@@ -177,27 +228,35 @@ def test_corrupted_checkpoints_get_clear_errors(tmp_path):
     manager = pccore.CheckpointManager(tmp_path, keep=5)
     for step in (1, 2, 3, 4):
         manager.save(step, model=model, opt_state=opt_state)
-    state = manager.path(4) / "state.eqx"
+    state = data_file(manager.path(4))
     state.write_bytes(state.read_bytes()[:-7])  # truncated
     with pytest.raises(
         pccore.CheckpointError,
-        match=r"step_00000004' is truncated or corrupted: "
-        r"state.eqx has \d+ bytes, the manifest expects \d+",
+        match=r"step_00000004' is truncated or corrupted: the first damaged parameter is "
+        r"`model\.params\[0\]\[0\]\.weight` \(orbax-checkpoint cannot read it: OUT_OF_RANGE.*; "
+        r"state/d/\w+ has \d+ bytes, files\.json expects \d+\)",
     ):
         manager.restore(4, model=model, opt_state=opt_state)
-    state = manager.path(3) / "state.eqx"
+    state = data_file(manager.path(3))
     raw = bytearray(state.read_bytes())
     raw[len(raw) // 2] ^= 0xFF  # one flipped byte, same size
     state.write_bytes(bytes(raw))
-    with pytest.raises(pccore.CheckpointError, match=r"step_00000003' is corrupted: the SHA-256"):
+    with pytest.raises(
+        pccore.CheckpointError,
+        match=r"step_00000003' is truncated or corrupted: the first damaged parameter is "
+        r"`model\.params\[0\]\[0\]\.weight` \(orbax-checkpoint cannot read it: DATA_LOSS.*; "
+        r"the SHA-256 checksum of state/d/\w+ does not match files\.json\)",
+    ):
         manager.restore(3, model=model, opt_state=opt_state)
-    (manager.path(2) / "manifest.json").write_text('{"format": "pccore-chec')
+    (manager.path(2) / "manifest/manifest.json").write_text('{"format": "pccore-chec')
     assert manager.steps() == [1, 2, 3, 4]
     assert manager.latest_step() == 1  # newest that verifies
-    with pytest.raises(pccore.CheckpointError, match=r"manifest.json is corrupted"):
+    with pytest.raises(pccore.CheckpointError, match=r"manifest/manifest.json is corrupted"):
         manager.restore(2, model=model, opt_state=opt_state)
-    (manager.path(2) / "manifest.json").unlink()
-    with pytest.raises(pccore.CheckpointError, match=r"has no manifest.json: it is incomplete"):
+    (manager.path(2) / "manifest/manifest.json").unlink()
+    with pytest.raises(
+        pccore.CheckpointError, match=r"has no manifest/manifest.json: it is incomplete"
+    ):
         pccore.restore_checkpoint(manager.path(2), model=model, opt_state=opt_state)
     with pytest.raises(pccore.CheckpointError, match=r"No checkpoint at .*: the directory does not"):
         pccore.restore_checkpoint(tmp_path / "nope", model=model, opt_state=opt_state)
@@ -265,7 +324,8 @@ def test_keep_last_n_and_argument_errors(tmp_path):
     assert manager.steps() == [3, 4]
     manifest = pccore.read_manifest(manager.path(4))
     assert manifest["step"] == 4 and manifest["framework"] == "equinox"
-    assert json.loads((manager.path(4) / "manifest.json").read_text())["sha256"] == manifest["sha256"]
+    saved = json.loads((manager.path(4) / "manifest/manifest.json").read_text())
+    assert saved["leaves"] == manifest["leaves"] and all(len(x["sha256"]) == 64 for x in saved["leaves"])
     with pytest.raises(
         FileExistsError, match=r"`path`: checkpoint .* already exists\. Pass `overwrite=True`"
     ):
@@ -312,16 +372,21 @@ def test_manifest_and_template_errors(tmp_path):
         pccore.restore_checkpoint(
             path, model=model, opt_state=optax.sgd(0.1, momentum=0.9).init(model.params)
         )
-    manifest = json.loads((path / "manifest.json").read_text())
-    (path / "manifest.json").write_text(json.dumps({**manifest, "format_version": 99}))
+    mpath = path / "manifest/manifest.json"
+    manifest = json.loads(mpath.read_text())
+    mpath.write_text(json.dumps({**manifest, "format_version": 99}))
     with pytest.raises(pccore.CheckpointError, match=r"has format version 99, newer than this pccore"):
         pccore.restore_checkpoint(path, model=model, opt_state=opt_state)
-    (path / "manifest.json").write_text(json.dumps({"hello": 1}))
+    mpath.write_text(json.dumps({"hello": 1}))
     with pytest.raises(pccore.CheckpointError, match=r"manifest.json' is not a pccore checkpoint manifest"):
         pccore.read_manifest(path)
-    (path / "manifest.json").write_text(json.dumps(manifest))
-    (path / "state.eqx").unlink()
-    with pytest.raises(pccore.CheckpointError, match=r"the data file state\.eqx is missing"):
+    mpath.write_text(json.dumps(manifest))
+    shutil.rmtree(path / "state")  # the arrays are missing
+    with pytest.raises(
+        pccore.CheckpointError,
+        match=r"truncated or corrupted: the first damaged parameter is `model\.params\[0\]\[0\]\.weight` "
+        r"\(orbax-checkpoint cannot read it: .*; the data file state/\S+ is missing\)",
+    ):
         pccore.restore_checkpoint(path, model=model, opt_state=opt_state)
 
 
@@ -371,6 +436,9 @@ def test_typed_key_leaves_roundtrip_with_their_impl(tmp_path):
     saved = key_holder(3)
     path = pccore.save_checkpoint(tmp_path / "c", model=saved, opt_state=None, step=0)
     leaves = {leaf["path"]: leaf for leaf in pccore.read_manifest(path)["leaves"]}
+    assert leaves["model.fry"].pop("sha256") == hashlib.sha256(
+        np.asarray(jax.random.key_data(saved.fry)).tobytes()
+    ).hexdigest()
     assert leaves["model.fry"] == {
         "path": "model.fry", "shape": [], "dtype": "key<fry>", "impl": "threefry2x32"
     }
@@ -443,23 +511,25 @@ def test_manifest_with_missing_or_mistyped_field_gets_checkpoint_error(tmp_path)
     manager = pccore.CheckpointManager(tmp_path, keep=5)
     manager.save(1, model=model, opt_state=opt_state)
     manager.save(2, model=model, opt_state=opt_state)
-    mpath = manager.path(2) / "manifest.json"
+    mpath = manager.path(2) / "manifest/manifest.json"
     good = json.loads(mpath.read_text())
     leaves = [dict(leaf) for leaf in good["leaves"]]
     del leaves[1]["dtype"]
+    bad_sha = [dict(leaf) for leaf in good["leaves"]]
+    del bad_sha[2]["sha256"]
     cases_ = [
-        ({k: v for k, v in good.items() if k != "sha256"},
-         r"field `sha256` is missing, expected 64 lowercase hex digits"),
-        ({**good, "bytes": "x"}, r"field `bytes` is 'x', expected a non-negative int"),
+        ({k: v for k, v in good.items() if k != "config"},
+         r"field `config` is missing, expected a JSON object"),
+        ({**good, "leaves": bad_sha}, r"field `leaves\[2\]\.sha256` is missing, expected 64 lowercase"),
         ({**good, "format_version": "2"}, r"field `format_version` is '2', expected a non-negative int"),
         ({**good, "step": None}, r"field `step` is None, expected a non-negative int"),
         ({**good, "leaves": leaves}, r"field `leaves\[1\]\.dtype` is missing, expected a string"),
-        ({**good, "file": "../state.eqx"}, r"field `file` is '\.\./state\.eqx', expected a file name"),
+        ({**good, "leaves": "x"}, r"field `leaves` is 'x', expected a list"),
         ({**good, "key": {"kind": "typed"}}, r"field `key` is \{'kind': 'typed'\}, expected null"),
     ]
     for manifest, message in cases_:
         mpath.write_text(json.dumps(manifest))
-        full = r"step_00000002/manifest\.json': " + message + r".*The manifest was edited or damaged"
+        full = r"step_00000002/manifest/manifest\.json': " + message + r".*The manifest was edited or damaged"
         with pytest.raises(pccore.CheckpointError, match=full):
             pccore.read_manifest(manager.path(2), verify=False)
         with pytest.raises(pccore.CheckpointError, match=full):
@@ -472,20 +542,12 @@ import os, signal
 import jax
 import equinox as eqx
 import pccore
-from tests.test_checkpoint import build
+from tests.test_checkpoint import build, die, interrupt_commit
 
 manager = pccore.CheckpointManager({dir!r})
 model, opt_state = build()
 manager.save(1, model=model, opt_state=opt_state)
-real, calls = os.replace, []
-
-def die_on_second(a, b):
-    calls.append(a)
-    if len(calls) == 2:  # the old checkpoint is set aside, the new one not yet in place
-        os.kill(os.getpid(), signal.SIGKILL)
-    return real(a, b)
-
-os.replace = die_on_second
+interrupt_commit("step_00000001", die)  # the old checkpoint set aside, the new one written
 changed = jax.tree.map(lambda a: a + 1 if eqx.is_inexact_array(a) else a, model)
 manager.save(1, model=changed, opt_state=opt_state, overwrite=True)
 """
@@ -495,8 +557,9 @@ def test_overwrite_killed_between_renames_keeps_previous_checkpoint(tmp_path):
     proc = run_python(_KILL_BETWEEN_RENAMES.format(dir=str(tmp_path)))
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     names = sorted(p.name for p in tmp_path.iterdir())
-    # Nothing at step_00000001: the old checkpoint set aside, the new one still in .tmp-.
-    assert [n[:19] for n in names] == [".old-step_00000001-", ".tmp-step_00000001-"], names
+    # Nothing at step_00000001: the old checkpoint set aside, the new one in orbax's temporary.
+    assert len(names) == 2 and names[0].startswith(".old-step_00000001-"), names
+    assert names[1].startswith("step_00000001" + ORBAX_TMP), names
     model, opt_state = build()
     manager = pccore.CheckpointManager(tmp_path)
     # Readers find the set-aside checkpoint (the previous one) without touching the directory.
@@ -509,32 +572,116 @@ def test_overwrite_killed_between_renames_keeps_previous_checkpoint(tmp_path):
     # A writer renames it back first: it exists again, so a plain save is refused.
     with pytest.raises(FileExistsError, match=r"step_00000001' already exists"):
         pccore.save_checkpoint(manager.path(1), model=model, opt_state=opt_state, step=1)
-    assert (manager.path(1) / "manifest.json").is_file()
-    manager.save(2, model=model, opt_state=opt_state)  # and the manager clears the .tmp- leftover
+    assert (manager.path(1) / "manifest/manifest.json").is_file()
+    manager.save(2, model=model, opt_state=opt_state)  # and the manager clears orbax's leftover
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000001", "step_00000002"]
     ck = manager.restore(1, model=model, opt_state=opt_state)
     for a, b in zip(arrays(model), arrays(ck.model), strict=True):
         np.testing.assert_array_equal(a, b)
 
 
-def test_overwrite_raising_between_renames_puts_previous_back(tmp_path, monkeypatch):
+def test_overwrite_raising_before_commit_puts_previous_back(tmp_path, monkeypatch):
+    from orbax.checkpoint._src.path import async_path
+
     model, opt_state = build()
     path = pccore.save_checkpoint(tmp_path / "c", model=model, opt_state=opt_state, step=1)
-    real, calls = os.replace, []
 
-    def interrupt_second(a, b):
-        calls.append(a)
-        if len(calls) == 2:
-            raise KeyboardInterrupt("between the renames")
-        return real(a, b)
+    def interrupt():  # the old checkpoint is set aside, the new one written
+        assert [p.name[:7] for p in tmp_path.iterdir() if p.name.startswith(".old-c-")] == [".old-c-"]
+        raise KeyboardInterrupt("before the commit")
 
-    monkeypatch.setattr(os, "replace", interrupt_second)
+    monkeypatch.setattr(async_path, "rename", async_path.rename)  # undone below
+    interrupt_commit("c", interrupt)
     changed = jax.tree.map(lambda a: a + 1 if eqx.is_inexact_array(a) else a, model)
-    with pytest.raises(KeyboardInterrupt, match="between the renames"):
+    with pytest.raises(KeyboardInterrupt, match="before the commit"):
         pccore.save_checkpoint(path, model=changed, opt_state=opt_state, step=1, overwrite=True)
     monkeypatch.undo()
-    assert len(calls) == 3  # set aside, (interrupted), put back
-    assert [p.name for p in tmp_path.iterdir()] == ["c"]
+    assert [p.name for p in tmp_path.iterdir()] == ["c"]  # put back, orbax's temporary removed
     ck = pccore.restore_checkpoint(path, model=model, opt_state=opt_state)
     for a, b in zip(arrays(model), arrays(ck.model), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+class Wide(eqx.Module):
+    weight: jax.Array
+    bias: jax.Array
+
+
+def test_flipped_byte_in_array_data_names_the_parameter(tmp_path):
+    # Arrays too large to sit in orbax's index are stored in data files of their own, and a
+    # flipped byte there is read back without complaint: pccore's SHA-256 per array catches it.
+    saved = Wide(jax.random.normal(jax.random.key(0), (2048,)), jnp.zeros(3))
+    path = pccore.save_checkpoint(tmp_path / "c", model=saved, opt_state=None, step=0)
+    data = max((path / "state").rglob("ocdbt.process_*/d/*"), key=lambda p: p.stat().st_size)
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    with pytest.raises(
+        pccore.CheckpointError,
+        match=r"c' is truncated or corrupted: the first damaged parameter is `model\.weight` \(its "
+        r"data does not match the SHA-256 in the manifest; the SHA-256 checksum of "
+        r"state/ocdbt\.process_0/d/\w+ does not match files\.json\)",
+    ):
+        pccore.restore_checkpoint(path, model=saved, opt_state=None)
+    with pytest.raises(pccore.CheckpointError, match=r"the first damaged parameter is `model\.weight`"):
+        pccore.read_manifest(path)
+    assert pccore.read_manifest(path, verify=False)["step"] == 0
+    # Without files.json (a save stopped right after orbax's commit) the arrays' SHA-256 catch it.
+    (path / "files.json").unlink()
+    with pytest.raises(
+        pccore.CheckpointError,
+        match=r"the first damaged parameter is `model\.weight` \(its data does not match the SHA-256 "
+        r"in the manifest; orbax-checkpoint read back other bytes than were saved\)",
+    ):
+        pccore.restore_checkpoint(path, model=saved, opt_state=None)
+
+
+LEGACY = ROOT / "tests" / "data" / "checkpoints-0.1"  # written by pccore 0.1 (state.eqx)
+
+
+def test_reads_checkpoints_of_pccore_0_1(tmp_path):
+    directory = tmp_path / "run"
+    shutil.copytree(LEGACY, directory)
+    model, opt_state = build()
+    doubled = jax.tree.map(lambda a: a * 2 if eqx.is_inexact_array(a) else a, model)
+    manager = pccore.CheckpointManager(directory, keep=3)
+    assert manager.steps() == [2] and manager.latest_step() == 2
+    assert pccore.read_manifest(manager.path(2))["format_version"] == 1
+    ck = manager.restore(model=model, opt_state=opt_state)
+    assert ck.step == 2 and ck.config == {"epochs": 4, "sizes": SIZES} and ck.framework == "equinox"
+    assert type(ck.model) is pccore.PCModel
+    for a, b in zip(arrays((doubled, opt_state)), arrays((ck.model, ck.opt_state)), strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(jax.random.key_data(ck.key), jax.random.key_data(jax.random.key(7)))
+    # A run resumed from it goes on in the orbax layout, in the same directory.
+    manager.save(3, model=ck.model, opt_state=ck.opt_state, key=ck.key, config=ck.config)
+    assert manager.steps() == [2, 3] and manager.latest_step() == 3
+    assert (manager.path(3) / "state").is_dir() and (manager.path(2) / "state.eqx").is_file()
+    ck3 = manager.restore(model=model, opt_state=opt_state)
+    for a, b in zip(arrays(ck.model), arrays(ck3.model), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # Its checks are those of 0.1.
+    wide = build([4, 9, 3])
+    with pytest.raises(pccore.CheckpointError, match=r"first mismatching parameter is `model\.params"):
+        manager.restore(2, model=wide[0], opt_state=wide[1])
+    state = manager.path(2) / "state.eqx"
+    raw = bytearray(state.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    state.write_bytes(bytes(raw))
+    with pytest.raises(pccore.CheckpointError, match=r"step_00000002' is corrupted: the SHA-256"):
+        manager.restore(2, model=model, opt_state=opt_state)
+
+
+def test_orbax_is_imported_only_for_checkpoints(tmp_path, monkeypatch):
+    proc = run_python(
+        """
+        import sys
+        import pccore
+        assert not [m for m in sys.modules if m.startswith("orbax")], "orbax imported"
+        """
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    monkeypatch.setitem(sys.modules, "orbax.checkpoint", None)  # as if not installed
+    model, opt_state = build()
+    with pytest.raises(ImportError, match=r'orbax-checkpoint, which is not installed: pip install "pccore\[checkpoint\]"'):
+        pccore.CheckpointManager(tmp_path).save(1, model=model, opt_state=opt_state)
