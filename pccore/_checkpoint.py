@@ -1,7 +1,7 @@
 """Checkpoints of the full training state, stored with orbax-checkpoint, verified on load.
 
 A checkpoint is a directory `step_00000012/` that orbax-checkpoint writes and commits
-atomically (a temporary `step_00000012.orbax-checkpoint-tmp-*` directory renamed into
+atomically (a temporary `step_00000012.orbax-checkpoint-tmp` directory renamed into
 place once every process has written its part). It holds two orbax items:
 
 - `state/`: every array of the model, the optimiser state and the RNG key, one per leaf,
@@ -13,10 +13,15 @@ place once every process has written its part). It holds two orbax items:
     version and framework, and the path, shape, dtype and SHA-256 (of the bytes) of every
     saved leaf.
 
+After the commit, process 0 adds `files.json`, the size and SHA-256 of every file, so
+that a checkpoint is verified (`latest_step`, `read_manifest`) without reading its arrays.
+
 Orbax does the storage, the atomic commit, keep-N (`max_to_keep`) and the coordination of
-several processes; pccore checks the manifest, the template (naming the first mismatching
-parameter) and each array's SHA-256, which catches damage orbax reads back silently (a
-flipped byte in an array's data).
+several processes. pccore checks the manifest, `files.json`, the template (naming the first
+mismatching parameter) and each array's SHA-256, which catches damage orbax reads back
+silently (a flipped byte in an array's data); a damaged checkpoint's error names the first
+damaged parameter. A save stopped between the commit and `files.json` leaves a complete
+checkpoint, verified by reading its arrays.
 
 **Atomicity.** A save interrupted at any point (an exception, `SIGKILL`) leaves no
 `step_*` directory, only orbax's temporary one, which readers ignore and the next
@@ -35,8 +40,9 @@ lock and pccore's file operations are process 0's.
 `equinox.tree_serialise_leaves`) are still read, verified by their file's SHA-256; new
 saves write the orbax layout, also into a directory holding old steps.
 
+Saves are synchronous: `save` returns once the checkpoint is committed and indexed.
 orbax-checkpoint is the `checkpoint` extra (`pip install "pccore[checkpoint]"`), imported
-when a checkpoint is written or an orbax checkpoint read.
+when a checkpoint is written or an orbax checkpoint's arrays are read.
 """
 
 import contextlib
