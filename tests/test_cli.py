@@ -462,3 +462,164 @@ def test_train_resume_equals_uninterrupted_and_refuses_other_settings(mnist_dir,
     assert run("resumed", 1, "--resume") == 2
     assert re.search(r"--epochs 1: the checkpoint .*step_00000002 is already at epoch 2; pass "
                      r"--epochs 2 or more", capsys.readouterr().err)
+
+
+# --- compare --model cnn / resnet, --variants (issue 20, item 4) ------------------------------
+
+MODEL_BUDGET = ["--train-limit", "64", "--test-limit", "32", "--epochs", "1", "--batch-size",
+                "16", "--steps", "3", "--no-plot", "--quiet"]
+
+
+def _cnn_by_hand(weights, x, activation=np.tanh):
+    """The CNN written with jax.lax.conv from the canonical weights (the oracle)."""
+    (K, bK), (W, b) = weights
+    img = jnp.asarray(x).reshape(-1, 1, 8, 8)  # NCHW
+    h = jax.lax.conv(img, jnp.transpose(jnp.asarray(K), (3, 2, 0, 1)), (1, 1), "VALID")
+    h = activation(h + bK[None, :, None, None])  # (B, C, 6, 6)
+    h = h.reshape(h.shape[0], h.shape[1], 3, 2, 3, 2).mean((3, 5))
+    return jnp.transpose(h, (0, 2, 3, 1)).reshape(h.shape[0], -1) @ W + b  # flatten HWC
+
+
+def _resnet_by_hand(weights, x, activation=np.tanh):
+    (Ws, bs), *blocks, (Wh, bh) = weights
+    h = x @ Ws + bs
+    for W1, W2, b1, b2 in blocks:
+        h = h + activation(activation(h) @ W1 + b1) @ W2 + b2
+    return h @ Wh + bh
+
+
+def test_cnn_and_resnet_forward_equal_hand_written_oracles():
+    weights = _builders.canonical_cnn((64, 4, 10), 3)
+    x = datasets.load("digits", seed=0).x_test[:7]
+    model = _builders.build_model("cnn", "equinox", weights, jnp.tanh, 64)
+    np.testing.assert_allclose(model(x), _cnn_by_hand(weights, x), atol=1e-5, rtol=1e-5)
+    assert model.names == ("pool", "head")
+    assert [z.shape for z in pccore.init_activities(model, x=x, y=None)][:1] == [(7, 36)]
+    assert _builders.max_weight_difference(_builders.canonical_weights(model), weights) == 0
+    weights = _builders.canonical_resnet((64, 5, 5, 5, 10), 3)
+    model = _builders.build_model("resnet", "equinox", weights, jnp.tanh, 64)
+    np.testing.assert_allclose(model(x), _resnet_by_hand(weights, x), atol=1e-5, rtol=1e-5)
+    assert model.names == ("stem", "blocks[0]", "blocks[1]", "blocks[2]", "head")
+    assert _builders.max_weight_difference(_builders.canonical_weights(model), weights) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind, sizes", [("cnn", (64, 3, 10)), ("resnet", (64, 6, 6, 10))])
+def test_model_builders_agree_across_frameworks(kind, sizes):
+    """Every framework's model from the same canonical weights: the same forward (the
+    hand-written oracle), weights read back exactly, the same latents, energy and activity
+    gradients at perturbed activities."""
+    weights = _builders.CANONICAL[kind](sizes, 1)
+    data = datasets.load("digits", seed=0)
+    x, y = data.x_test[:5], data.y_test[:5]
+    oracle = (_cnn_by_hand if kind == "cnn" else _resnet_by_hand)(weights, x)
+    pc = pccore.PC(loss=pccore.CrossEntropy())
+    ref = None
+    for fw in available_frameworks():
+        model = _builders.build_model(kind, fw, weights, jnp.tanh, 64)
+        np.testing.assert_allclose(model(x), oracle, atol=1e-5, rtol=1e-5, err_msg=fw)
+        assert _builders.max_weight_difference(_builders.canonical_weights(model), weights) == 0
+        z = pccore.init_activities(model, x=x, y=y, energy=pc)
+        z = tuple(a + 0.1 * np.cos(np.arange(a.size)).reshape(a.shape).astype(np.float32)
+                  for a in z)
+        e, g = jax.value_and_grad(lambda z: pccore.energy(model, z, x=x, y=y, energy=pc))(z)
+        if ref is None:
+            ref = (e, g)
+            continue
+        assert float(e) == pytest.approx(float(ref[0]), rel=1e-5), fw
+        for a, b in zip(g, ref[1]):
+            np.testing.assert_allclose(a, b, atol=1e-5, err_msg=fw)
+    assert _builders.describe(kind, sizes).startswith(kind)
+
+
+def _compare(tmp_path, *argv):
+    out = tmp_path / "out"
+    assert _cli.main(["compare", *MODEL_BUDGET, "--out", str(out), *argv]) == 0  # argv last
+    return json.loads((out / "compare.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind, hidden", [("cnn", ["4"]), ("resnet", ["8", "8"])])
+def test_compare_models_agree_across_frameworks(kind, hidden, tmp_path):
+    """`pccore compare --model cnn|resnet`: every framework trains the same network from the
+    same weights, so the weights after training agree to float32 rounding, the first step's
+    energies are equal, and the backprop row trains the same architecture."""
+    frameworks = available_frameworks()
+    record = _compare(tmp_path, "--model", kind, "--hidden", *hidden, "--frameworks",
+                      *frameworks)
+    rows = {r["framework"]: r for r in record["results"]}
+    assert list(rows) == [*frameworks, "backprop"]
+    assert record["config"]["model"] == kind
+    first = rows[frameworks[0]]
+    for fw in frameworks:
+        assert rows[fw]["weight_difference"] < 1e-4, fw
+        assert rows[fw]["first_step_energy"] == pytest.approx(first["first_step_energy"],
+                                                              rel=1e-5), fw
+        assert rows[fw]["test_accuracy"] == first["test_accuracy"], fw
+        assert rows[fw]["final_energy"] == pytest.approx(first["final_energy"], rel=1e-4), fw
+    bp = rows["backprop"]
+    assert bp["weight_difference"] is not None and bp["weight_difference"] > 1e-4  # trained
+    assert np.isfinite(first["first_step_energy"])
+
+
+@pytest.mark.slow
+def test_compare_variants_one_row_each(tmp_path, capsys):
+    """`--variants pc epc`: one row per variant on one framework (equinox by default). With a
+    few inference steps ePC ends elsewhere than PC; run to convergence they share equilibria
+    and parameter gradients (pccore.EPC's docs), so they train to the same weights. (Two
+    hidden layers: with one, z_1 = mu_1(x) + eps_1 is a shift and the flows coincide.)"""
+    few = _compare(tmp_path, "--variants", "pc", "epc", "--hidden", "16", "16")
+    table = capsys.readouterr().out
+    assert "| variant (equinox) |" in table and "| epc |" in table
+    assert [(r["label"], r["variant"], r["framework"]) for r in few["results"]] == [
+        ("pc", "pc", "equinox"), ("epc", "epc", "equinox"), ("backprop", None, "backprop")]
+    pc, epc, _ = few["results"]
+    assert pc["first_step_energy"] != pytest.approx(epc["first_step_energy"], rel=1e-4)
+    assert epc["weight_difference"] > 1e-3
+    many = _compare(tmp_path, "--variants", "pc", "epc", "--hidden", "16", "16", "--steps", "300",
+                    "--dt0", "0.2", "--no-backprop", "--frameworks", "linen")
+    pc, epc = many["results"]
+    assert [r["framework"] for r in many["results"]] == ["linen", "linen"]
+    assert epc["weight_difference"] < 1e-5
+    assert epc["first_step_energy"] == pytest.approx(pc["first_step_energy"], rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--variants", "pc", "epc", "--frameworks", "haiku", "linen"],
+         r"--variants compares variants on one framework; got --frameworks haiku linen"),
+        (["--variants", "pc", "epc", "--variant", "pc"],
+         r"--variant pc and --variants pc epc: pass one of them"),
+        (["--variants", "pc", "pc"], r"--variants lists a variant twice: pc pc"),
+        (["--model", "cnn", "--variant", "generative"],
+         r"--model cnn trains the network from images to labels: variant generative needs a "
+         r"network from labels to images, which only --model mlp builds; use pc or epc"),
+        (["--model", "resnet", "--variants", "pc", "hybrid", "bidirectional"],
+         r"variant hybrid, bidirectional needs"),
+        (["--model", "cnn", "--hidden", "4", "4"], r"--model cnn has one convolution; pass one "
+                                                   r"value, its channels"),
+        (["--model", "resnet", "--hidden", "8", "16"],
+         r"--model resnet has one residual width; pass equal values"),
+    ],
+)
+def test_compare_model_and_variants_errors(argv, message, tmp_path, capsys, monkeypatch):
+    from pccore._cli import _run
+
+    monkeypatch.setattr(_run, "train_pc", lambda *a, **k: 1 / 0)  # refused before training
+    assert _cli.main(["compare", *argv, "--out", str(tmp_path), "--quiet", "--no-plot"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pccore: error: ") and "Traceback" not in err
+    assert re.search(message, err), err
+
+
+def test_cnn_needs_square_images():
+    assert _builders.image_side(64) == 8 and _builders.image_side(784) == 28
+    with pytest.raises(ValueError, match="50 features are not a square one-channel image"):
+        _builders.image_side(50)
+
+
+def test_compare_cli_exit_status_for_bad_model_combination():
+    proc = subprocess.run([sys.executable, "-m", "pccore", "compare", "--model", "bogus"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "invalid choice: 'bogus'" in proc.stderr

@@ -15,7 +15,18 @@ import tempfile
 import time
 from collections.abc import Sequence
 
-from .._builders import ACTIVATIONS, FRAMEWORK_EXTRAS, build_mlp, canonical_mlp, max_weight_difference
+from .._builders import (
+    ACTIVATIONS,
+    CANONICAL,
+    DEFAULT_HIDDEN,
+    FRAMEWORK_EXTRAS,
+    MODELS,
+    build_model,
+    describe,
+    image_side,
+    max_weight_difference,
+    same_layout,
+)
 from .._checkpoint import CheckpointError, read_manifest
 from ._options import (
     LOSSES,
@@ -79,7 +90,7 @@ def _positive_float(text: str) -> float:
 
 def _common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("predictive coding")
-    g.add_argument("--variant", choices=VARIANT_NAMES, default="pc", help="PC variant (default: pc)")
+    g.add_argument("--variant", choices=VARIANT_NAMES, default=None, help="PC variant (default: pc)")
     g.add_argument("--parameterisation", choices=PARAMETERISATIONS, default="sp",
                    help="weight scalings: standard, neural tangent or muPC (default: sp)")
     g.add_argument("--gamma", type=_positive_float, default=1.0, help="muPC output scaling gamma")
@@ -103,8 +114,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     s.add_argument("--rtol", type=_positive_float, default=1e-3, help="adaptive steps: relative tolerance")
     s.add_argument("--atol", type=_positive_float, default=1e-3, help="adaptive steps: absolute tolerance")
     t = p.add_argument_group("training")
-    t.add_argument("--hidden", type=_positive_int, nargs="+", default=[64, 64],
-                   help="hidden widths (default: 64 64)")
+    t.add_argument("--hidden", type=_positive_int, nargs="+", default=None,
+                   help="hidden widths of the MLP (default: 64 64); with compare --model cnn "
+                        "one value, the convolution's channels (default: 8); with --model "
+                        "resnet the residual width, one block per value, all equal "
+                        "(default: 32 32)")
     t.add_argument("--activation", choices=tuple(ACTIVATIONS), default="tanh")
     t.add_argument("--epochs", type=_positive_int, default=20, help="(default: 20)")
     t.add_argument("--batch-size", type=_positive_int, default=32, help="(default: 32)")
@@ -199,14 +213,25 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="{compare,train}")
     c = sub.add_parser(
         "compare",
-        help="train one MLP from the same weights in every framework, and with backprop",
-        description="Train the same MLP, from identical starting weights, through the Equinox, "
-                    "Haiku, Flax Linen and Flax NNX adapters with the same PC settings, plus "
-                    "backprop; print a table, write JSON and a PNG figure.",
+        help="train one network from the same weights in every framework, and with backprop",
+        description="Train the same network (an MLP, a small CNN or a small ResNet), from "
+                    "identical starting weights, through the Equinox, Haiku, Flax Linen and "
+                    "Flax NNX adapters with the same PC settings, plus backprop; or several PC "
+                    "variants on one framework (--variants). Print a table, write JSON and a "
+                    "PNG figure.",
     )
-    c.add_argument("--frameworks", nargs="+", choices=FRAMEWORKS, default=list(FRAMEWORKS),
+    c.add_argument("--frameworks", nargs="+", choices=FRAMEWORKS, default=None,
                    help="frameworks to compare; the first is the weight reference "
-                        "(default: equinox haiku linen nnx)")
+                        "(default: equinox haiku linen nnx; with --variants: equinox, and "
+                        "at most one may be named)")
+    c.add_argument("--model", choices=MODELS, default="mlp",
+                   help="mlp; cnn: conv 3x3 (--hidden channels) -> activation -> 2x2 average "
+                        "pool -> dense, on square one-channel images; resnet: dense stem, "
+                        "residual blocks h + W2 act(W1 act(h)), dense head (default: mlp)")
+    c.add_argument("--variants", nargs="+", choices=VARIANT_NAMES, default=None,
+                   metavar="VARIANT",
+                   help="compare these PC variants on one framework, one row each (instead "
+                        f"of --variant); choose from {', '.join(VARIANT_NAMES)}")
     c.add_argument("--no-backprop", action="store_true", help="skip the backprop reference row")
     _common(c)
     t = sub.add_parser("train", help="train one framework with one PC variant",
@@ -356,27 +381,45 @@ def _interrupted(args, argv: Sequence[str]) -> str:
             f"Resume with: {command}")
 
 
-def _build(framework: str, weights, activation):
+def _build(framework: str, weights, activation, kind="mlp", num_features=None):
     try:
-        return build_mlp(framework, weights, activation)
+        return build_model(kind, framework, weights, activation, num_features)
     except TypeError as e:  # no adapter registered for this framework's models
         raise CLIError(f"--frameworks {framework}: {e}") from e
 
 
-def _make(variant, framework, sizes, seed, activation):
-    """The variant's model in `framework`; its k-th network starts from weights seeded seed+k."""
+def _make(variant, framework, sizes, seed, activation, kind="mlp", num_features=None):
+    """The variant's `kind` model in `framework`; its k-th network starts from weights seeded
+    seed+k (`CANONICAL[kind]`)."""
     return variant.make_model(
-        lambda s, k: _build(framework, canonical_mlp(s, seed + k), activation), sizes
+        lambda s, k: _build(framework, CANONICAL[kind](s, seed + k), activation, kind,
+                            num_features),
+        sizes,
     )
 
 
-def _settings(args):
+def _resolve_defaults(args) -> None:
+    """Fill in the options whose default depends on others (before the config is recorded)."""
+    model = getattr(args, "model", "mlp")
+    if args.hidden is None:
+        args.hidden = list(DEFAULT_HIDDEN[model])
+    if getattr(args, "variants", None) is None and args.variant is None:
+        args.variant = "pc"
+
+
+def _variant(args, name):
     param = make_parameterisation(args.parameterisation, gamma=args.gamma,
                                   output_precision=args.output_precision)
-    variant = make_variant(args.variant, loss=args.loss, parameterisation=param)
-    solver = make_solver(args.solver, steps=args.steps, dt0=args.dt0, t1=args.t1,
-                         rtol=args.rtol, atol=args.atol)
-    return variant, solver
+    return make_variant(name, loss=args.loss, parameterisation=param)
+
+
+def _solver(args):
+    return make_solver(args.solver, steps=args.steps, dt0=args.dt0, t1=args.t1,
+                       rtol=args.rtol, atol=args.atol)
+
+
+def _settings(args):
+    return _variant(args, args.variant), _solver(args)
 
 
 def _config(args) -> dict:
@@ -415,13 +458,15 @@ def _check_resume(checkpoints, args) -> None:
         )
 
 
-def _describe(args, sizes, solver) -> str:
-    arch = "-".join(str(n) for n in sizes)
-    loss = args.loss or ("mse" if args.variant == "generative" else "ce")
+def _describe(args, sizes, solver, variants=None, kind="mlp") -> str:
+    arch = describe(kind, sizes)
+    variants = variants or [args.variant]
+    losses = {args.loss or ("ce" if v in ("pc", "epc") else "mse") for v in variants}
+    loss = losses.pop() if len(losses) == 1 else "each variant's default loss"
     steps = f"{args.steps} steps" if solver.is_optax else f"t1={solver.t1:g}, dt0={args.dt0:g}"
-    return (f"{args.data} {arch} {args.activation}, {args.variant}/{args.parameterisation}/"
-            f"{loss}, {args.solver} ({steps}), {args.epochs} epochs, batch {args.batch_size}, "
-            f"seed {args.seed}")
+    return (f"{args.data} {arch} {args.activation}, {','.join(variants)}/"
+            f"{args.parameterisation}/{loss}, {args.solver} ({steps}), {args.epochs} epochs, "
+            f"batch {args.batch_size}, seed {args.seed}")
 
 
 def _time_axis(solver) -> str:
@@ -430,53 +475,124 @@ def _time_axis(solver) -> str:
     return "time t (adaptive steps)" if solver.adaptive else f"inference step (dt0 = {solver.dt0:g})"
 
 
+FORWARD_VARIANTS = ("pc", "epc")
+"""The variants that train the network as built (input at the bottom, label at the top): the
+only ones `--model cnn`/`resnet` take (the others need a network from labels to images)."""
+
+
+def _compare_plan(args) -> tuple[list[str], list[str]]:
+    """The frameworks and variant names of a compare run (one row per pair), checked."""
+    if args.variants is not None:
+        if args.variant is not None:
+            raise CLIError(
+                f"--variant {args.variant} and --variants {' '.join(args.variants)}: pass one "
+                "of them (--variants compares several variants, one row each).")
+        if len(set(args.variants)) != len(args.variants):
+            raise CLIError(f"--variants lists a variant twice: {' '.join(args.variants)}.")
+        frameworks = args.frameworks or ["equinox"]
+        if len(frameworks) != 1:
+            raise CLIError(
+                f"--variants compares variants on one framework; got --frameworks "
+                f"{' '.join(frameworks)}. Name one framework (e.g. --frameworks "
+                f"{frameworks[0]}), or compare frameworks with one --variant.")
+        variants = list(args.variants)
+    else:
+        frameworks = args.frameworks or list(FRAMEWORKS)
+        if len(set(frameworks)) != len(frameworks):
+            raise CLIError(f"--frameworks lists a framework twice: {' '.join(frameworks)}.")
+        variants = [args.variant]
+    if args.model != "mlp":
+        other = [v for v in variants if v not in FORWARD_VARIANTS]
+        if other:
+            raise CLIError(
+                f"--model {args.model} trains the network from images to labels: variant "
+                f"{', '.join(other)} needs a network from labels to images, which only --model "
+                f"mlp builds; use {' or '.join(FORWARD_VARIANTS)} with --model {args.model}.")
+    if args.model == "cnn" and len(args.hidden) != 1:
+        raise CLIError(
+            f"--hidden {' '.join(map(str, args.hidden))}: --model cnn has one convolution; "
+            "pass one value, its channels (e.g. --hidden 8).")
+    if args.model == "resnet" and len(set(args.hidden)) != 1:
+        raise CLIError(
+            f"--hidden {' '.join(map(str, args.hidden))}: --model resnet has one residual "
+            f"width; pass equal values, one per residual block (e.g. --hidden "
+            f"{args.hidden[0]} {args.hidden[0]}).")
+    return frameworks, variants
+
+
+def _sizes(args, variant, data) -> tuple[int, ...]:
+    if args.model == "mlp":
+        return tuple(variant.layer_sizes(data.num_features, args.hidden, data.num_classes))
+    if args.model == "cnn":
+        try:
+            image_side(data.num_features)
+        except ValueError as e:
+            raise CLIError(f"--model cnn on --data {args.data}: {e}") from None
+    return (data.num_features, *args.hidden, data.num_classes)
+
+
 def compare(args) -> int:
     from ._report import require_matplotlib, table, write_figure, write_json
     from ._run import train_backprop, train_pc
 
-    if len(set(args.frameworks)) != len(args.frameworks):
-        raise CLIError(f"--frameworks lists a framework twice: {' '.join(args.frameworks)}.")
+    _resolve_defaults(args)
+    frameworks, names = _compare_plan(args)
+    by_variant = len(names) > 1 or args.variants is not None
     if not args.no_plot:
         require_matplotlib()
-    variant, solver = _settings(args)
+    variants = {name: _variant(args, name) for name in names}
+    solver = _solver(args)
     data = _load_data(args)
-    sizes = variant.layer_sizes(data.num_features, args.hidden, data.num_classes)
-    weights = canonical_mlp(sizes, args.seed)
+    sizes = {name: _sizes(args, v, data) for name, v in variants.items()}
     activation = ACTIVATIONS[args.activation]
-    models = {fw: _make(variant, fw, sizes, args.seed, activation)  # fail early
-              for fw in args.frameworks}
+    n_in = data.num_features
+    runs = [(fw, name, _make(variants[name], fw, sizes[name], args.seed, activation, args.model,
+                             n_in))  # fail early
+            for fw in frameworks for name in names]
     say = (lambda s: None) if args.quiet else print
     progress = not args.quiet
     _writable_folder(args.out, "--out")
-    say(f"pccore compare: {_describe(args, sizes, solver)}")
+    title = _describe(args, sizes[names[0]], solver, names, args.model)
+    if by_variant:
+        title = f"{frameworks[0]}: {title}"
+    say(f"pccore compare: {title}")
     results = []
-    for fw, model in models.items():
-        r = train_pc(fw, model, variant, solver, data, epochs=args.epochs,
+    for fw, name, model in runs:
+        label = name if by_variant else fw
+        r = train_pc(label, model, variants[name], solver, data, epochs=args.epochs,
                      batch_size=args.batch_size, lr=args.lr, seed=args.seed, progress=progress,
                      data_parallel=args.data_parallel)
+        r.framework, r.variant, r.label = fw, name, label
         _check_updated(r, args)
-        say(f"{fw:>8}: test accuracy {100 * r.final_accuracy:.2f}% after {args.epochs} epochs "
-            f"({r.seconds:.1f} s){_skipped_note(r)}")
+        say(f"{label:>8}: test accuracy {100 * r.final_accuracy:.2f}% after {args.epochs} "
+            f"epochs ({r.seconds:.1f} s){_skipped_note(r)}")
         results.append(r)
-    if not args.no_backprop and not variant.has_backprop_reference:
-        say(f"backprop: no reference row for the {args.variant!r} variant")
+    with_reference = [n for n in names if variants[n].has_backprop_reference]
+    if not args.no_backprop and not with_reference:
+        say(f"backprop: no reference row for the {' / '.join(repr(n) for n in names)} "
+            f"variant{'s' if len(names) > 1 else ''}")
     elif not args.no_backprop:
-        ref_model = _build("equinox", weights, activation)
-        r = train_backprop(ref_model, variant, data, epochs=args.epochs, batch_size=args.batch_size,
-                           lr=args.lr, seed=args.seed, progress=progress)
+        name = with_reference[0]  # one row: the first variant's loss and network
+        weights = CANONICAL[args.model](sizes[name], args.seed)
+        ref_model = _build("equinox", weights, activation, args.model, n_in)
+        r = train_backprop(ref_model, variants[name], data, epochs=args.epochs,
+                           batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                           progress=progress)
+        r.label = "backprop"
         say(f"backprop: test accuracy {100 * r.final_accuracy:.2f}% ({r.seconds:.1f} s)")
         results.append(r)
     if not _lead():  # one result per run: process 0 writes it
         return 0
     reference = results[0]
     for r in results:
-        r.weight_difference = max_weight_difference(r.weights, reference.weights)
-    print(table(results, reference.framework))
+        if same_layout(r.weights, reference.weights):
+            r.weight_difference = max_weight_difference(r.weights, reference.weights)
+    print(table(results, reference.name, column=f"variant ({frameworks[0]})" if by_variant
+                else "framework"))
     write_json(args.out / "compare.json", _config(args), results)
     written = [args.out / "compare.json"]
     if not args.no_plot:
-        write_figure(args.out / "compare.png", results, _describe(args, sizes, solver),
-                     _time_axis(solver))
+        write_figure(args.out / "compare.png", results, title, _time_axis(solver))
         written.append(args.out / "compare.png")
     say("wrote " + ", ".join(str(p) for p in written))
     return 0
@@ -486,6 +602,7 @@ def train(args) -> int:
     from ._report import require_matplotlib, write_figure, write_json
     from ._run import train_pc
 
+    _resolve_defaults(args)
     if not args.no_plot:
         require_matplotlib()
     variant, solver = _settings(args)

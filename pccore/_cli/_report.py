@@ -26,14 +26,15 @@ def require_matplotlib():
     return plt
 
 
-def table(results: list[RunResult], reference: str) -> str:
-    """A Markdown table: one row per framework, then backprop.
+def table(results: list[RunResult], reference: str, column: str = "framework") -> str:
+    """A Markdown table: one row per run (framework, or variant with `pccore compare
+    --variants`: the first `column` is its header), then backprop.
 
     `skipped updates` counts the training steps whose update was skipped because inference
     diverged, out of all training steps (backprop has none).
     """
     head = (
-        "| framework | test accuracy | final energy | ms / step | inference steps / step "
+        f"| {column} | test accuracy | final energy | ms / step | inference steps / step "
         f"| skipped updates | max abs weight diff vs {reference} |"
     )
     rows = [head, "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -43,7 +44,7 @@ def table(results: list[RunResult], reference: str) -> str:
         steps = f"{r.inference_steps:g}" if pc else "-"
         skipped = f"{r.updates_skipped}/{r.training_steps}" if pc else "-"
         rows.append(
-            f"| {r.framework} | {100 * r.final_accuracy:.2f}% | {r.final_energy:.4f} | "
+            f"| {r.name} | {100 * r.final_accuracy:.2f}% | {r.final_energy:.4f} | "
             f"{r.step_ms:.2f} | {steps} | {skipped} | {diff} |"
         )
     return "\n".join(rows)
@@ -74,7 +75,7 @@ def write_figure(path: pathlib.Path, results: list[RunResult], title: str, time_
         style = "-" if r.framework == "backprop" else _STYLES[i % len(_STYLES)]
         width = 3.0 - 0.6 * i if r.framework != "backprop" else 1.5
         left.plot(epochs, [100 * a for a in r.test_accuracy], style, lw=max(width, 1.0),
-                  label=r.framework, color="black" if r.framework == "backprop" else None)
+                  label=r.name, color="black" if r.framework == "backprop" else None)
     left.xaxis.get_major_locator().set_params(integer=True)
     left.set_xlabel("epoch")
     left.set_ylabel("test accuracy (%)")
@@ -83,7 +84,7 @@ def write_figure(path: pathlib.Path, results: list[RunResult], title: str, time_
     left.legend()
     for i, r in enumerate(pc):
         right.plot(r.trace_times, r.energy_trace, _STYLES[i % len(_STYLES)], lw=max(3.0 - 0.6 * i, 1.0),
-                   label=r.framework)
+                   label=r.name)
     if "step" in time_axis:
         right.xaxis.get_major_locator().set_params(integer=True)
     right.set_xlabel(time_axis)

@@ -34,7 +34,11 @@ class RunResult:
     epoch's training steps (for backprop: the training loss). `energy_trace` is the batch-mean
     energy along one inference solve on the first test batch with the final weights, at
     `trace_times`. `updates_skipped` of the `training_steps` run here left the weights
-    unchanged because inference diverged (`TrainStats.updated` False).
+    unchanged because inference diverged (`TrainStats.updated` False). `first_step_energy`
+    is the batch-mean energy at the inferred activities of this run's first training step
+    (NaN for backprop), the same in every framework from the same weights. `variant` names
+    the PC variant (None for backprop) and `label` the row (`pccore compare --variants`
+    labels rows by variant); `name` is the label, else the framework.
     """
 
     framework: str
@@ -50,6 +54,13 @@ class RunResult:
     weights: Weights = dataclasses.field(repr=False)
     weight_difference: float | None = None
     training_steps: int = 0
+    first_step_energy: float = float("nan")
+    variant: str | None = None
+    label: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.label or self.framework
 
     @property
     def never_updated(self) -> bool:
@@ -146,6 +157,7 @@ every process after `jax.distributed.initialize`, each process feeding its own r
         mesh, model, opt_state = _data_parallel(model, opt_state)
     accs, losses, times, steps, energies = [], [], [], [], []
     skipped, start = 0, time.perf_counter()
+    first_energy = None
     n_batches = data.x_train.shape[0] // batch_size
     with progress_bar((epochs - first) * n_batches, f"{framework:>8}", progress) as bar:
         for epoch in range(first, epochs):
@@ -167,6 +179,8 @@ every process after `jax.distributed.initialize`, each process feeding its own r
                 epoch_raised += int(stats.result == RESULTS.energy_increased)
                 epoch_loss.append(float(stats.loss))
                 epoch_energy.append(float(stats.energy))
+                if first_energy is None:
+                    first_energy = epoch_energy[-1]
                 bar.set_postfix_str(f"epoch {epoch + 1}/{epochs} energy {epoch_energy[-1]:.4f}",
                                     refresh=False)
                 bar.update(1)
@@ -198,6 +212,7 @@ every process after `jax.distributed.initialize`, each process feeding its own r
         energy_trace=trace,
         weights=canonical_weights(variant.network(model)),
         training_steps=len(times),
+        first_step_energy=float("nan") if first_energy is None else first_energy,
     )
 
 
