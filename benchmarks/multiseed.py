@@ -19,7 +19,7 @@ from pccore import datasets
 from pccore._builders import ACTIVATIONS, build_mlp, canonical_mlp
 from pccore._cli._options import make_solver, make_variant
 from pccore._cli._run import train_backprop, train_pc
-from pccore._parameterisation import SP
+from pccore._energy._parameterisation import SP
 
 
 def main() -> None:

@@ -34,6 +34,8 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 
+from ._energy._abstract import AbstractEnergy
+from ._energy._init import AbstractInit
 from ._model import AbstractPCModel, PCModel
 
 MAX_FIXED_STEPS = 1_000_000
@@ -176,8 +178,6 @@ def as_batch(
 
 def check_model(model: Any, energy: Any) -> None:
     """`model` must be a float32/float64 pccore model and `energy` an AbstractEnergy."""
-    from ._energy import AbstractEnergy
-
     if not isinstance(model, AbstractPCModel):
         raise TypeError(
             f"`model` must be a pccore.PCModel (or another pccore.AbstractPCModel); got "
@@ -378,8 +378,6 @@ def check_part(owner: str, name: str, value: Any, base: type, examples: str) -> 
 
 def check_init(init: Any, key: Any) -> None:
     """`init` is an AbstractInit and `key`, if given, a JAX PRNG key."""
-    from ._init import AbstractInit
-
     check_part("init", "init", init, AbstractInit,
                "pccore.FeedForward(), pccore.RandomNormal(), pccore.Zeros()")
     if key is None:
@@ -440,31 +438,6 @@ def check_devices(model: Any, x: Any, y: Any) -> None:
 
 def _devices(ds: Any) -> str:
     return "[" + ", ".join(str(d) for d in sorted(ds, key=lambda d: d.id)) + "]"
-
-
-def check_energy_parts(owner: str, energy: Any) -> None:
-    """The `loss`, `parameterisation` and `regularisers` a variant holds are pccore objects."""
-    from ._loss import AbstractLoss
-    from ._parameterisation import AbstractParameterisation
-    from ._regularise import AbstractRegulariser
-
-    fields = {f.name for f in dataclasses.fields(energy)}
-    if "loss" in fields:
-        check_part(owner, "loss", energy.loss, AbstractLoss,
-                   "pccore.MSE(), pccore.CrossEntropy()")
-    if "parameterisation" in fields:
-        check_part(owner, "parameterisation", energy.parameterisation, AbstractParameterisation,
-                   "pccore.SP(), pccore.NTP(), pccore.MuPC()")
-    if "regularisers" in fields:
-        regs = energy.regularisers
-        if not isinstance(regs, tuple):
-            raise TypeError(
-                f"`{owner}`: `regularisers` must be a tuple of pccore regularisers; got "
-                f"{type(regs).__name__}. E.g. `regularisers=(pccore.WeightDecay(1e-4),)`."
-            )
-        for i, r in enumerate(regs):
-            check_part(owner, f"regularisers[{i}]", r, AbstractRegulariser,
-                       "pccore.WeightDecay(1e-4), pccore.SpectralPenalty(1e-3)")
 
 
 def _describe_state(state: Any) -> str:

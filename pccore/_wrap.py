@@ -103,9 +103,9 @@ def _trial_step(model: PCModel) -> None:
     import diffrax
     import optax
 
-    from ._energy import PC
-    from ._init import FeedForward
-    from ._learn import update
+    from ._energy._base import PC
+    from ._energy._init import FeedForward
+    from ._train._learn import update
 
     x = jnp.zeros((1, *model.in_shape.shape), model.in_shape.dtype)
     y = jnp.zeros((1, *model.out_shapes[-1].shape), model.out_shapes[-1].dtype)

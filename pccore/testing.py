@@ -42,13 +42,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ._energy import PC, AbstractEnergy, energy, init_activities
-from ._energy import energy as _total_energy  # `energy` is the variant in check_energy
-from ._init import AbstractInit
-from ._infer import infer
-from ._learn import param_grads
+from ._energy._abstract import AbstractEnergy
+
+from ._energy._api import energy, init_activities
+
+from ._energy._base import PC
+from ._energy._api import energy as _total_energy  # `energy` is the variant in check_energy
+from ._energy._init import AbstractInit
+from ._inference._infer import infer
+from ._train._learn import param_grads
 from ._model import PCModel
-from ._train_step import train_step
+from ._train._train_step import train_step
 from ._transfer import transfer_weights
 from ._wrap import wrap
 
@@ -314,8 +318,8 @@ def check_energy(energy: AbstractEnergy, model: PCModel, x: jax.Array | None,
     - `init`: the initialiser (default feed-forward from `x`, or random normal when `x` is
         None).
     """
-    from ._init import FeedForward, RandomNormal
-    from ._learn import objective
+    from ._energy._init import FeedForward, RandomNormal
+    from ._train._learn import objective
 
     if not jax.config.jax_enable_x64:
         raise ValueError(

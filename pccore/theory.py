@@ -27,8 +27,8 @@ import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import Array, Float
 
-from ._energy import PC
-from ._loss import MSE
+from ._energy._base import PC
+from ._energy._loss import MSE
 from ._model import PCModel
 
 

@@ -52,9 +52,9 @@ def test_a_new_key_is_a_new_sample_without_recompiling(x64):
     method = pccore.Langevin(0.1)
     run = lambda k: pccore.infer(model, x=x, y=y, method=method, max_steps=30, key=k)
     a, b = run(jax.random.key(0)), run(jax.random.key(0))
-    before = pccore._infer.solve.cache.copy()
+    before = pccore._inference._infer.solve.cache.copy()
     c = run(jax.random.key(1))
-    assert len(pccore._infer.solve.cache) == len(before)  # the key is an argument
+    assert len(pccore._inference._infer.solve.cache) == len(before)  # the key is an argument
     for u, v in zip(a.activities, b.activities):
         np.testing.assert_array_equal(u, v)
     assert float(jnp.abs(a.activities[0] - c.activities[0]).max()) > 1e-2

@@ -210,7 +210,7 @@ def test_remembered_state_does_not_outlive_its_model(getkey):
 def test_release_callback_survives_interpreter_exit():
     """The callback that releases a remembered entry with its model must not read module
     globals: at interpreter exit they may already be cleared when the model dies (here an
-    entry held from `__main__` outlives `pccore._train_step`'s globals). Oracle: a clean stderr."""
+    entry held from `__main__` outlives `pccore._train._train_step`'s globals). Oracle: a clean stderr."""
     import subprocess
     import sys
 

@@ -16,19 +16,20 @@ import jax.numpy as jnp
 import optax
 
 from .._custom_types import StepSizeController
-from .._bidirectional import BPC, Bidirectional
-from .._energy import PC, AbstractEnergy
-from .._epc import EPC
-from .._evaluate import evaluate
-from .._hybrid import Amortised, hybrid_evaluate, hybrid_train_step
-from .._infer import infer
+from .._energy._bidirectional import BPC, Bidirectional
+from .._energy._abstract import AbstractEnergy
+from .._energy._base import PC
+from .._energy._epc import EPC
+from .._train._evaluate import evaluate
+from .._train._hybrid import Amortised, hybrid_evaluate, hybrid_train_step
+from .._inference._infer import infer
 from .._inference import AbstractInference, GradientFlow, OptaxInference
-from .._init import AbstractInit, FeedForward, RandomNormal
-from .._train_step import train_step
-from .._loss import MSE, CrossEntropy
+from .._energy._init import AbstractInit, FeedForward, RandomNormal
+from .._train._train_step import train_step
+from .._energy._loss import MSE, CrossEntropy
 from .._model import PCModel
-from .._parameterisation import NTP, SP, MuPC
-from .._solvers import AdaptiveEuler
+from .._energy._parameterisation import NTP, SP, MuPC
+from .._inference._adaptive_euler import AdaptiveEuler
 
 
 class CLIError(Exception):

@@ -17,12 +17,12 @@ from tqdm import tqdm
 from .._builders import Weights, canonical_weights
 from .._checkpoint import CheckpointManager
 from ._options import AbstractVariant, SolverConfig
-from .._evaluate import evaluate
-from .._infer import infer
+from .._train._evaluate import evaluate
+from .._inference._infer import infer
 from .._model import PCModel
 from .._results import RESULTS
-from .._sharding import data_parallel as _data_parallel
-from .._sharding import shard_batch as _shard_batch
+from .._train._sharding import data_parallel as _data_parallel
+from .._train._sharding import shard_batch as _shard_batch
 from ..datasets import Dataset
 
 

@@ -7,14 +7,15 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ._check import as_batch
-from ._custom_types import BatchArray, StepSizeController
-from ._energy import PC, AbstractEnergy
-from ._infer import infer
-from ._inference import AbstractInference
-from ._init import AbstractInit, RandomNormal
-from ._model import PCModel
-from ._solution import SteadyState
+from .._check import as_batch
+from .._custom_types import BatchArray, StepSizeController
+from .._energy._abstract import AbstractEnergy
+from .._energy._base import PC
+from .._inference._infer import infer
+from .._inference import AbstractInference
+from .._energy._init import AbstractInit, RandomNormal
+from .._model import PCModel
+from .._solution import SteadyState
 
 
 class GenerativeEvaluation(eqx.Module):

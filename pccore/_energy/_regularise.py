@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, ArrayLike, Float
 
-from ._check import check_option
-from ._custom_types import Scalar
+from .._check import check_option
+from .._custom_types import Scalar
 
 
 def _weight_matrices(model: Any) -> list[Array]:

@@ -18,12 +18,14 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
-from ._check import _is_float, check_activities, check_data, check_energy_parts, check_option
-from ._custom_types import Activities, BatchArray, EnergyParams, Scalar
+from .._check import _is_float, check_option
+from .._custom_types import Activities, EnergyParams, Scalar
+from .._model import PCModel
+from ._abstract import AbstractEnergy
 from ._init import AbstractInit, FeedForward
 from ._loss import MSE, AbstractLoss
-from ._model import PCModel
 from ._parameterisation import SP, AbstractParameterisation
+from ._parts import check_energy_parts
 from ._regularise import AbstractRegulariser, penalty
 
 
@@ -77,99 +79,6 @@ def check_free_bottom(model: PCModel) -> None:
 def chain_data_shapes(model: PCModel) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """The chain's input and output per-sample shapes."""
     return model.in_shape.shape, model.out_shapes[-1].shape
-
-
-class AbstractEnergy(eqx.Module):
-    """A predictive coding variant: its inference variables and its per-sample energy.
-
-    The engine ([`pccore.infer`][], [`pccore.train_step`][]) only calls these methods, so a
-    new variant plugs into every solver and the one update path by subclassing this.
-    Methods other than `prepare` receive the *prepared* model (parameterisation applied).
-    """
-
-    @abc.abstractmethod
-    def variable_shapes(
-        self, model: PCModel, x_clamped: bool
-    ) -> tuple[jax.ShapeDtypeStruct, ...]:
-        """Per-sample shapes of the inference variables."""
-
-    @abc.abstractmethod
-    def data_shapes(
-        self, model: PCModel
-    ) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """Per-sample shapes of the clamped bottom `x` and top `y`."""
-
-    @abc.abstractmethod
-    def layer_energies(
-        self, model: PCModel, variables: Activities, x: Array | None, y: Array | None
-    ) -> Float[Array, "batch terms"]:
-        """Per-sample energy of every term, in layer order (no regularisers)."""
-
-    @abc.abstractmethod
-    def init(
-        self,
-        model: PCModel,
-        x: Array | None,
-        y: Array | None,
-        initialiser: AbstractInit,
-        key: PRNGKeyArray | None,
-    ) -> Activities:
-        """Initial inference variables."""
-
-    @abc.abstractmethod
-    def predict(self, model: PCModel, x: Array) -> Array:
-        """The feed-forward prediction of the top from `x` (for losses and evaluation)."""
-
-    @abc.abstractmethod
-    def output_loss(self, prediction: Array, y: Array) -> Float[Array, " batch"]:
-        """The per-sample output loss of a prediction (without the output precision)."""
-
-    def prepare(self, model: PCModel) -> PCModel:
-        """Apply the parameterisation (done once per solve, outside the inference loop)."""
-        return model
-
-    def per_sample(
-        self, model: PCModel, variables: Activities, x: Array | None, y: Array | None
-    ) -> Float[Array, " batch"]:
-        """Per-sample total energy $F_i$ (with activity regularisers, without parameter ones)."""
-        return self.layer_energies(model, variables, x, y).sum(axis=1)
-
-    def penalty(self, model: PCModel) -> Scalar:
-        """Parameter regulariser $R(\\theta)$, added once to the batch-mean objective."""
-        return jnp.zeros(())
-
-    def init_params(self, model: PCModel) -> EnergyParams | None:
-        r"""The initial values of this variant's own trainable parameters (learnable precisions,
-        say), or None (the default) for a variant without any.
-
-        A variant with parameters overrides this; the user stores them in the model once,
-        `model = model.with_energy_params(energy.init_params(model))`, and the variant reads
-        them back as `model.energy_params` in `per_sample`, `layer_energies` or `penalty`.
-        A training step ([`pccore.TrainStep`][]) then differentiates the batch-mean objective
-        $\mathcal L$ in them and updates them with the network's parameters
-        ([`pccore.PCModel.trainable`][]); inference holds them constant, as it does the
-        network's parameters.
-
-        **Arguments:**
-
-        - `model`: the [`pccore.PCModel`][] (unprepared) the parameters are for, e.g. for
-            its number of layers or its dtype.
-
-        **Returns:** a pytree of float32/float64 arrays, e.g.
-        `jnp.zeros(model.num_layers - 1)` for one log-precision per hidden layer, or None.
-        """
-        return None
-
-    def check_target(self, name: str, y: Array) -> None:
-        """Raise a clear error if the values of a concrete clamped top `y` are invalid for this
-        variant's output loss (e.g. CrossEntropy rows that are not distributions). Called at
-        the entry points; by default every finite value is valid."""
-
-    def activities(self, model: PCModel, variables: Activities, x: Array | None) -> Activities:
-        """The free activities (as [`pccore.PC`][] orders them) that the inference variables
-        stand for: the variables themselves, unless a variant reparameterises them
-        ([`pccore.EPC`][] infers errors). `model` is not prepared."""
-        return tuple(variables)
 
 
 class AbstractChainEnergy(AbstractEnergy):
@@ -285,89 +194,3 @@ class PC(AbstractChainEnergy):
     def init(self, model: PCModel, x: Array | None, y: Array | None, initialiser: AbstractInit,
              key: PRNGKeyArray | None) -> Activities:
         return initialiser(model, self.variable_shapes(model, x is not None), x, y, key)
-
-
-def energy(
-    model: PCModel,
-    activities: Activities,
-    *,
-    x: BatchArray | None = None,
-    y: BatchArray | None,
-    energy: AbstractEnergy = PC(),
-) -> Scalar:
-    r"""The energy $\mathcal F = \sum_i F_i$ of a batch: the *sum* over samples.
-
-    Its gradient in the activities drives inference. Divide by the batch size for the
-    parameter objective (see the batch convention above; [`pccore.param_grads`][] does).
-
-    **Arguments:**
-
-    - `model`: a [`pccore.PCModel`][].
-    - `activities`: the inference variables (for [`pccore.PC`][]: $z_1..z_{L-1}$, or
-        $z_0..z_{L-1}$ when `x` is None).
-    - `x`: the clamped bottom (input or prior), or None for a free bottom.
-    - `y`: the clamped top (target or observation), or None for a free top.
-    - `energy`: the variant, e.g. `PC(loss=CrossEntropy())`.
-
-    **Returns:** a scalar, $\sum_i F_i$ (activity regularisers included).
-    """
-    x, y = check_data(model, energy, x, y, scan_device=True)
-    activities = check_activities(model, energy, activities, x, y, scan_device=True)
-    return _energy(model, activities, x, y, energy)
-
-
-@eqx.filter_jit
-def _energy(model, activities, x, y, energy):
-    return energy.per_sample(energy.prepare(model), activities, x, y).sum()
-
-
-@eqx.filter_jit
-def _layer_energies(model, activities, x, y, energy):
-    return energy.layer_energies(energy.prepare(model), activities, x, y).sum(axis=0)
-
-
-def layer_energies(
-    model: PCModel,
-    activities: Activities,
-    *,
-    x: BatchArray | None = None,
-    y: BatchArray | None,
-    energy: AbstractEnergy = PC(),
-) -> Float[Array, " terms"]:
-    """Per-layer energies $[E_1, \\dots, E_L]$ in layer order, each summed over the batch.
-
-    They add up to [`pccore.energy`][] without activity regularisers.
-    """
-    x, y = check_data(model, energy, x, y, scan_device=True)
-    activities = check_activities(model, energy, activities, x, y, scan_device=True)
-    return _layer_energies(model, activities, x, y, energy)
-
-
-def init_activities(
-    model: PCModel,
-    x: BatchArray | None = None,
-    *,
-    y: BatchArray | None = None,
-    energy: AbstractEnergy = PC(),
-    init: AbstractInit = FeedForward(),
-    key: PRNGKeyArray | None = None,
-) -> Activities:
-    """Initial inference variables: feed-forward from `x` by default.
-
-    **Arguments:**
-
-    - `model`, `x`, `y`, `energy`: as in [`pccore.energy`][].
-    - `init`: [`pccore.FeedForward`][] (default) or [`pccore.RandomNormal`][] (free bottoms).
-    - `key`: a PRNG key, for random initialisers.
-
-    **Returns:** a tuple of arrays, one per inference variable.
-    """
-    x, y = check_data(model, energy, x, y, scan_device=True)
-    if x is None and y is None:
-        raise ValueError("`x` and `y` are both None; pass at least one to fix the batch size.")
-    return _init_activities(model, x, y, energy, init, key)
-
-
-@eqx.filter_jit
-def _init_activities(model, x, y, energy, init, key):
-    return energy.init(energy.prepare(model), x, y, init, key)

@@ -25,7 +25,7 @@ import numpy as np
 import optax
 from jaxtyping import PRNGKeyArray
 
-from ._check import (
+from .._check import (
     as_number,
     check_activities,
     check_data,
@@ -34,18 +34,14 @@ from ._check import (
     is_concrete,
     thread_error,
 )
-from ._compiled import compiled
-from ._custom_types import Activities, BatchArray, StepSizeController
-from ._inference import (
-    AbstractInference,
-    Fields,
-    GradientFlow,
-    OptaxInference,
-    OptimistixInference,
-    drive,
-    split_key,
-)
-from ._inference._common import (
+from .._compiled import compiled
+from .._custom_types import Activities, BatchArray, StepSizeController
+from ._base import AbstractInference, Fields, split_key
+from ._driver import drive
+from ._gradient_flow import GradientFlow
+from ._optax import OptaxInference
+from ._optimistix import OptimistixInference
+from ._common import (
     Raw,
     activity_grad,
     all_finite,
@@ -54,12 +50,13 @@ from ._inference._common import (
     field_norm,
     is_steady,
 )
-from ._inference._gradient_flow import solve_flow
-from ._energy import PC, AbstractEnergy
-from ._init import AbstractInit, FeedForward
-from ._model import PCModel
-from ._results import RESULTS
-from ._solution import InferenceSolution, SteadyState
+from ._gradient_flow import solve_flow
+from .._energy._abstract import AbstractEnergy
+from .._energy._base import PC
+from .._energy._init import AbstractInit, FeedForward
+from .._model import PCModel
+from .._results import RESULTS
+from .._solution import InferenceSolution, SteadyState
 
 _FAMILIES = (
     "one of three families: a diffrax ODE solver (gradient flow, e.g. diffrax.Euler(), "
@@ -415,7 +412,7 @@ def solve_raw(model, z0, x, y, energy, solver, controller, t1, dt0, n, steady, s
     if isinstance(method, GradientFlow):
         return solve_flow(method, energy, model, z0, x, y, n, steady, saveat, progress)
     if isinstance(method, OptimistixInference):
-        from ._inference._optimistix import solve_optimistix
+        from ._optimistix import solve_optimistix
 
         return solve_optimistix(method.minimiser, energy, model, z0, x, y, n, steady)
     return _solve_method(method, energy, model, z0, x, y, n, steady, saveat, key)

@@ -4,10 +4,11 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from ._check import check_data
-from ._custom_types import BatchArray
-from ._energy import PC, AbstractEnergy
-from ._model import AbstractPCModel, PCModel
+from .._check import check_data
+from .._custom_types import BatchArray
+from .._energy._abstract import AbstractEnergy
+from .._energy._base import PC
+from .._model import AbstractPCModel, PCModel
 
 
 class Evaluation(eqx.Module):

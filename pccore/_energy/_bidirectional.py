@@ -22,12 +22,14 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
-from ._check import check_energy_parts, check_option
-from ._custom_types import Activities, Params, Scalar
-from ._energy import AbstractEnergy, add_activity_decay, chain_variable_shapes, sq_norm
+from .._check import check_option
+from ._parts import check_energy_parts
+from .._custom_types import Activities, Params, Scalar
+from ._abstract import AbstractEnergy
+from ._base import add_activity_decay, chain_variable_shapes, sq_norm
 from ._init import AbstractInit, Amortised
 from ._loss import MSE
-from ._model import AbstractPCModel, PCModel
+from .._model import AbstractPCModel, PCModel
 from ._parameterisation import SP, AbstractParameterisation
 from ._regularise import AbstractRegulariser, penalty
 

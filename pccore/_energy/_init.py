@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, PRNGKeyArray
 
-from ._model import PCModel
+from .._model import PCModel
 
 
 class AbstractInit(eqx.Module):

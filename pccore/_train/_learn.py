@@ -10,14 +10,15 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import optax
 
-from ._check import check_activities, check_data
-from ._custom_types import Activities, BatchArray, Params, Scalar
-from ._energy import PC, AbstractChainEnergy, AbstractEnergy
-from ._infer import activity_grad, all_finite, is_steady, solve_raw, with_stability
-from ._inference import AbstractJointInference, Fields, descends, drive, split_key
-from ._model import AbstractStatefulLayer, PCModel
-from ._results import RESULTS
-from ._solution import TrainStats
+from .._check import check_activities, check_data
+from .._custom_types import Activities, BatchArray, Params, Scalar
+from .._energy._abstract import AbstractEnergy
+from .._energy._base import PC, AbstractChainEnergy
+from .._inference._infer import activity_grad, all_finite, is_steady, solve_raw, with_stability
+from .._inference import AbstractJointInference, Fields, descends, drive, split_key
+from .._model import AbstractStatefulLayer, PCModel
+from .._results import RESULTS
+from .._solution import TrainStats
 
 
 def objective(trainable, model: PCModel, energy: AbstractEnergy, z, x, y) -> tuple[Scalar, Scalar]:

@@ -24,12 +24,14 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
-from ._check import check_energy_parts, check_option
-from ._custom_types import Activities, Params
-from ._energy import AbstractEnergy, add_activity_decay, output_term, sq_norm
+from .._check import check_option
+from ._parts import check_energy_parts
+from .._custom_types import Activities, Params
+from ._abstract import AbstractEnergy
+from ._base import add_activity_decay, output_term, sq_norm
 from ._init import AbstractInit, FeedForward
 from ._loss import MSE, AbstractLoss
-from ._model import AbstractPCModel
+from .._model import AbstractPCModel
 
 _CTX = threading.local()
 

@@ -17,11 +17,11 @@ PC share their equilibria, equilibrium energies and (envelope theorem) parameter
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
-from ._custom_types import Activities
-from ._energy import AbstractChainEnergy, add_activity_decay, sq_norm
+from .._custom_types import Activities
+from ._base import AbstractChainEnergy, add_activity_decay, sq_norm
 from ._init import AbstractInit
 from ._loss import MSE, AbstractLoss
-from ._model import PCModel
+from .._model import PCModel
 from ._parameterisation import SP, AbstractParameterisation
 from ._regularise import AbstractRegulariser
 

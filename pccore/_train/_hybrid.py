@@ -27,16 +27,17 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ._check import as_batch, check_data, check_opt_state
-from ._custom_types import Activities, BatchArray, Scalar, StepSizeController
-from ._energy import PC, AbstractEnergy, sq_norm
+from .._check import as_batch, check_data, check_opt_state
+from .._custom_types import Activities, BatchArray, Scalar, StepSizeController
+from .._energy._abstract import AbstractEnergy
+from .._energy._base import PC, sq_norm
 from ._generative import generative_evaluate
-from ._infer import check_solver, with_method
-from ._inference import AbstractInference
-from ._init import AbstractInit, Amortised, RandomNormal, amortise
+from .._inference._infer import check_solver, with_method
+from .._inference import AbstractInference
+from .._energy._init import AbstractInit, Amortised, RandomNormal, amortise
 from ._learn import guarded_update, update
-from ._model import PCModel
-from ._solution import SteadyState, TrainStats
+from .._model import PCModel
+from .._solution import SteadyState, TrainStats
 
 
 def _check_amortiser(amortiser: Any, generator_shapes: tuple, where: str = "amortiser") -> None:

@@ -20,8 +20,8 @@ import math
 import equinox as eqx
 from jaxtyping import ArrayLike
 
-from ._check import check_option
-from ._model import PCModel, scale_weights
+from .._check import check_option
+from .._model import PCModel, scale_weights
 
 
 class AbstractParameterisation(eqx.Module):

@@ -22,7 +22,7 @@ import jax.tree_util as jtu
 import optax
 from jaxtyping import PRNGKeyArray
 
-from ._check import (
+from .._check import (
     as_number,
     check_data,
     check_devices,
@@ -30,15 +30,16 @@ from ._check import (
     check_model,
     check_opt_state,
 )
-from ._compiled import compiled
-from ._custom_types import BatchArray, StepSizeController
-from ._energy import PC, AbstractEnergy
-from ._infer import check_solver, with_method
-from ._inference import AbstractInference
-from ._init import AbstractInit, FeedForward
+from .._compiled import compiled
+from .._custom_types import BatchArray, StepSizeController
+from .._energy._abstract import AbstractEnergy
+from .._energy._base import PC
+from .._inference._infer import check_solver, with_method
+from .._inference import AbstractInference
+from .._energy._init import AbstractInit, FeedForward
 from ._learn import update
-from ._model import PCModel
-from ._solution import SteadyState, TrainStats
+from .._model import PCModel
+from .._solution import SteadyState, TrainStats
 
 _TRAINED = ("params", "energy_params")  # the fields a step updates (`PCModel.trainable`)
 _STATIC = tuple(f.name for f in dataclasses.fields(PCModel) if f.name not in _TRAINED)

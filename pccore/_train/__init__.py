@@ -1,0 +1,1 @@
+"""Training: the one update path, the compiled step, evaluation, data parallelism."""
