@@ -94,6 +94,7 @@ def test_cli_refuses_data_with_a_nan_pixel(tmp_path, monkeypatch, capsys):
     assert not calls and not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_cli_run_that_never_updated_exits_1(tmp_path, capsys):
     """--dt0 1e30: inference diverges on every step, so no update is ever made."""
     assert _cli.main(train_argv(tmp_path, "--dt0", "1e30")) == 1

@@ -156,6 +156,7 @@ manager.save(2, model=model, opt_state=opt_state)
 ORBAX_TMP = ".orbax-checkpoint-tmp"
 
 
+@pytest.mark.slow
 def test_save_killed_midway_keeps_previous_checkpoint(tmp_path):
     proc = run_python(_KILL_MIDWAY.format(dir=str(tmp_path)))
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
@@ -185,6 +186,7 @@ manager.save(2, model=model, opt_state=opt_state)
 """
 
 
+@pytest.mark.slow
 def test_save_killed_after_commit_before_file_index_is_complete(tmp_path):
     proc = run_python(_KILL_AFTER_COMMIT.format(dir=str(tmp_path)))
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
@@ -553,6 +555,7 @@ manager.save(1, model=changed, opt_state=opt_state, overwrite=True)
 """
 
 
+@pytest.mark.slow
 def test_overwrite_killed_between_renames_keeps_previous_checkpoint(tmp_path):
     proc = run_python(_KILL_BETWEEN_RENAMES.format(dir=str(tmp_path)))
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]

@@ -150,6 +150,7 @@ def test_adaptive_solvers_agree(mnist_dir, tmp_path):
         runs["tsit5"]["final_energy"], rel=1e-3)
 
 
+@pytest.mark.slow
 def test_sgd_on_activities_equals_euler(mnist_dir, tmp_path):
     """optax.sgd(η) on the activities is Euler with dt0 = η: two CLI runs must agree."""
     runs = {}

@@ -87,6 +87,7 @@ def _hand_objective(mlp, s, z, x, y):
     return per.mean()
 
 
+@pytest.mark.slow
 def test_energy_params_gradient_equals_the_hand_written_one(x64):
     """The gradient the training step takes in the log-precisions (read off one SGD step of
     rate 1) and `pccore.param_grads`'s, against `jax.grad` of the energy written by hand, at
@@ -124,6 +125,7 @@ def test_energy_params_gradient_equals_the_hand_written_one(x64):
     assert float(jnp.max(jnp.abs(want))) > 1e-2  # a gradient that can tell a wrong one
 
 
+@pytest.mark.slow
 def test_one_sgd_step_updates_params_and_energy_params_by_hand(x64):
     """One SGD step of the compiled training step on both trees equals
     `theta - lr * grad` with the gradient of the hand-written energy."""
@@ -161,6 +163,7 @@ def _assert_trees_identical(a, b):
         np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
 
 
+@pytest.mark.slow
 def test_without_energy_params_the_step_is_unchanged(x64):
     """`energy_params=None`: `trainable` is `params` itself, the optimiser state of
     `step.init` is `optim.init(model.params)`, the step is bitwise the same whichever way the
@@ -252,6 +255,7 @@ def test_bad_energy_params_and_optimiser_state_are_refused():
     assert bool(stats.updated)
 
 
+@pytest.mark.slow
 def test_energy_params_survive_round_trips(tmp_path):
     """Copies, mode switches, a parameterisation, a checkpoint and replication keep them; a
     checkpoint template without them is refused with the fix."""

@@ -195,6 +195,7 @@ STEADY_ATOL = 1e-9
 CONTROLLER_TOL = 1e-11
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["EPC", "BPC", "GraphPC"])
 def test_every_solver_route_reaches_the_same_equilibrium(name, x64, getkey):
     """The adaptive diffrax and the optax routes reach the same equilibrium (float64).

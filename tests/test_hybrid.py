@@ -81,6 +81,7 @@ def _constant_amortiser(values):
     )
 
 
+@pytest.mark.slow
 def test_inference_from_the_equilibrium_does_not_move(x64, getkey):
     # float64: the restarted solve tests the field at its start in another program than the
     # one that stopped there; the two roundings of g (a difference of O(1) terms near the

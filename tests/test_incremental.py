@@ -12,6 +12,7 @@ import pccore
 from tests import cases
 
 
+@pytest.mark.slow
 def test_incremental_pc_equals_hand_written_joint_steps(x64):
     """Oracle: T joint steps with jax.grad of pccore.energy and SGD, written out."""
     model = cases.build_mlp("equinox", cases.canonical_mlp([5, 8, 6, 3], jax.random.key(0),

@@ -291,6 +291,7 @@ def test_gradient_flow_with_a_steady_state_stops_where_its_fused_route_stops(x64
     assert a.result == b.result == pccore.RESULTS.not_converged
 
 
+@pytest.mark.slow
 def test_gradient_flow_object_equals_the_keyword_shorthand(x64):
     model, (x, y) = _mlp(), _data()
     pid = diffrax.PIDController(rtol=1e-4, atol=1e-4)
@@ -348,6 +349,7 @@ def test_gradient_flow_options_live_on_the_object():
         pccore.infer(model, x=x, y=y, solver=pccore.GradientFlow(diffrax.Euler(), dt0=-1.0))
 
 
+@pytest.mark.slow
 def test_optimistix_minimiser_as_an_object_and_through_the_driver(x64):
     """`OptimistixInference(m)` equals the shorthand `solver=m`; its steps through the driver
     reach the closed-form equilibrium of a deep linear network within the steady-state

@@ -85,6 +85,7 @@ def test_monte_carlo_pc_trains_on_digits():
     assert acc > 0.7, acc
 
 
+@pytest.mark.slow
 def test_monte_carlo_pc_averages_the_gradient_over_its_samples(x64):
     """Oracle at T = 0 (deterministic): burn_in descent steps, then the SGD update with the
     mean of the parameter gradients at the next num_samples points, written by hand."""

@@ -142,6 +142,7 @@ def test_activity_hessian_matches_autodiff(x64, getkey, L, param, skips):
     np.testing.assert_allclose(H, H_auto, atol=1e-10, rtol=0)
 
 
+@pytest.mark.slow
 def test_scalings_reach_the_maps(x64, getkey):
     """a_l from fan-ins, gamma divides a_L, lambda in S; NTP+skips uses 1/sqrt(N) at the output."""
     L = 4
