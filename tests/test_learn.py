@@ -186,7 +186,7 @@ def test_remembered_state_does_not_outlive_its_model(getkey):
     import gc
     import weakref
 
-    from pccore import _train_step
+    from pccore._train import _train_step
 
     model = _model(getkey())
     x, y = jax.random.normal(getkey(), (8, 5)), jax.random.normal(getkey(), (8, 3))
