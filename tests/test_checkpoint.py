@@ -653,8 +653,10 @@ def test_reads_checkpoints_of_pccore_0_1(tmp_path):
     ck = manager.restore(model=model, opt_state=opt_state)
     assert ck.step == 2 and ck.config == {"epochs": 4, "sizes": SIZES} and ck.framework == "equinox"
     assert type(ck.model) is pccore.PCModel
+    # The fixture holds 2 x build() as one CPU computed it; another CPU's rounding of the
+    # random initialisation differs by an ulp or two (float32), so compare to 4 ulp.
     for a, b in zip(arrays((doubled, opt_state)), arrays((ck.model, ck.opt_state)), strict=True):
-        np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(a, b, rtol=4 * float(np.finfo(np.float32).eps), atol=0)
     np.testing.assert_array_equal(jax.random.key_data(ck.key), jax.random.key_data(jax.random.key(7)))
     # A run resumed from it goes on in the orbax layout, in the same directory.
     manager.save(3, model=ck.model, opt_state=ck.opt_state, key=ck.key, config=ck.config)
