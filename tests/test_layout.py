@@ -85,3 +85,12 @@ def test_every_module_in_the_package_map_exists():
             assert here.exists() or (ROOT / "adapters" / name).exists(), name
             named += 1
     assert named > 30
+
+
+def test_every_subpackage_is_listed_for_the_wheel():
+    """pyproject.toml lists pccore's packages by name; a subpackage left out installs a
+    broken package (the editable install of the README would not show it)."""
+    text = (ROOT / "pyproject.toml").read_text()
+    listed = set(re.findall(r'"(pccore[\w.]*)"', text.split("packages = [", 1)[1].split("]", 1)[0]))
+    found = {".".join(p.relative_to(ROOT).parent.parts) for p in (ROOT / "pccore").glob("**/__init__.py")}
+    assert found <= listed | {"pccore.adapters"}, found - listed
