@@ -22,6 +22,7 @@ the model once more with every boundary's input cut loose and follows, through t
 what each layer's output depends on.
 """
 
+import abc
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
@@ -143,7 +144,7 @@ def require_params(params: Any, what: str) -> None:
         )
 
 
-class Intercepted:
+class Intercepted(abc.ABC):
     """One model as discovery sees it: the hooks a framework implements (`discover` calls them).
 
     Attributes, set by the subclass: `params` (the whole trainable tree), `frozen`
@@ -156,13 +157,13 @@ class Intercepted:
     per_sample: bool = False
     """`run` takes one sample, not a batch (see `Plan`)."""
 
+    @abc.abstractmethod
     def run(self, params: Any, frozen: Any, x: Any, icpt: Icpt) -> Any:
         """The framework's call, see the module docstring."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def owner(self, keys: tuple) -> str:
         """The name of the module owning a parameter leaf, from its key path."""
-        raise NotImplementedError
 
     def leaf_keys(self, keys: tuple) -> tuple:
         """The key path of a leaf inside the per-layer nested dicts."""

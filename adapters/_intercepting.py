@@ -11,6 +11,7 @@ layers (train-mode state layers where there is a training call), the weight spec
 layer names, and the `PCModel`.
 """
 
+import abc
 import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -86,9 +87,9 @@ class InterceptedModel(Intercepted):
     shape_what: str | None = None
     """How errors about the input shape name the model (default: `what`)."""
 
+    @abc.abstractmethod
     def train_run(self, params: Any, frozen: Any, x: Any, icpt: Any, key: Any) -> tuple[Any, Any]:
         """The training call, with the step's key: `(output, new frozen state)`."""
-        raise NotImplementedError
 
     def state_owner(self, keys: tuple) -> str:
         """The module owning a leaf of the frozen state, from its key path."""
@@ -151,9 +152,9 @@ class InterceptedModel(Intercepted):
         """The output axis of a weight leaf, from its key path (-1: `(..., in, out)`)."""
         return -1
 
+    @abc.abstractmethod
     def rebuild(self, params: Any, state: Any = None) -> Any:
         """The user's native object from the whole trainable tree (and the frozen state)."""
-        raise NotImplementedError
 
 
 class AbstractInterceptingAdapter(AbstractAdapter):
@@ -163,10 +164,10 @@ class AbstractInterceptingAdapter(AbstractAdapter):
     are the framework's options, calling `wrap_intercepted`.
     """
 
+    @abc.abstractmethod
     def intercept(self, model: Any, variables: Any, options: Options, **extra: Any) -> InterceptedModel:
         """Check `model` and `variables` and give the model's hooks; `extra` holds the
         framework's own options."""
-        raise NotImplementedError
 
     def wrap_intercepted(self, model: Any, variables: Any, options: Options, **extra: Any) -> PCModel:
         """The common wrap: `intercept`, discover the chain, and build the `PCModel`."""
