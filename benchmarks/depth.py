@@ -1,18 +1,28 @@
-"""Depth: a 32-layer residual tanh network (width 64) on sklearn digits, muPC vs SP.
+"""Depth: residual tanh networks (width 64) on sklearn digits, muPC vs SP vs backprop.
 
-    python benchmarks/depth.py            # full run
-    python benchmarks/depth.py --quick    # a short run for development
+    python benchmarks/depth.py                       # depths 32, 64, 128 (a few minutes)
+    python benchmarks/depth.py --depths 128 --only muPC --t1 16 --gamma 0.05   # a sweep point
+    python benchmarks/depth.py --quick               # depths 8 and 16, 150 steps (seconds)
 
-The network has L = 32 layers: 64 -> 64 (input layer), 30 residual hidden layers
-z_l = tanh(a_l W_l z_{l-1}) + z_{l-1}, and 64 -> 10 (output). muPC scales each weight by its
-a_l (1/sqrt(D), 1/sqrt(N L) on residual layers, 1/(N gamma) at the output) with W ~ N(0, 1);
-SP uses Equinox's default initialisation and a_l = 1. Both train with predictive coding
-(Euler inference on the activities, Adam on the weights) through `pccore.train_step`, with a
-softmax cross-entropy output; the reported accuracy is the feed-forward test accuracy.
+A network of L layers: 64 -> 64 (input layer), L - 2 residual hidden layers
+z_l = tanh(a_l W_l z_{l-1}) + z_{l-1}, and 64 -> 10 (output), no biases. muPC scales each
+weight by its a_l (1/sqrt(D), 1/sqrt(N L) on residual layers, 1/(N gamma) at the output) with
+W ~ N(0, 1); SP uses Equinox's default initialisation and a_l = 1.
 
-Defaults (chosen in a small sweep of the quick mode): Euler t1 = 8, dt0 = 0.5 (16 inference
-steps; longer inference trained worse at this depth), gamma = 0.1, Adam 1e-1 for muPC and
-1e-3 for SP (try `--lr-sp 1e-2`).
+Methods, all on the same Equinox network, Adam on the weights, batch 64, the same batches:
+
+- `muPC`: predictive coding with `pccore.MuPC(gamma)` (Euler inference on the activities from
+  the feed-forward initialisation, then one Adam step on the weights, `pccore.train_step`).
+- `SP`: the same predictive coding with the standard parameterisation.
+- `BP muP`: backprop, `jax.grad` of the softmax cross-entropy of the feed-forward prediction
+  of the *same* muPC-parameterised network (the forward pass `energy.predict` that
+  `pccore.evaluate` uses, so the same a_l and the same initial weights as `muPC`).
+- `BP SP`: backprop on the SP network (the same initial weights as `SP`).
+
+The reported accuracy is the feed-forward test accuracy after the last step. "train s" is
+the wall time of the training loop without the first step (which compiles); "compile s" is
+that first step. Defaults (chosen in a small sweep, see RESULTS.md): Euler t1 = 8,
+dt0 = 0.5 (16 inference steps), gamma = 0.1, Adam 1e-1 for muPC, 1e-3 for SP and for backprop.
 """
 
 import argparse
@@ -26,6 +36,8 @@ import numpy as np
 import optax
 
 import pccore
+
+METHODS = ("muPC", "SP", "BP muP", "BP SP")
 
 
 def load_digits(seed):
@@ -53,54 +65,124 @@ def build(depth, width, key, mupc):
     return pccore.wrap(eqx.nn.Sequential(layers), skips=True)
 
 
-def run(name, energy, model, data, args):
+def inference(args):
+    """The keyword arguments of `pccore.train_step` for the inference method `args.solver`."""
+    if args.solver == "euler":
+        return dict(solver=diffrax.Euler(), t1=args.t1, dt0=args.dt0)
+    if args.solver == "heun":  # same horizon and step, two gradients per step
+        return dict(solver=diffrax.Heun(), t1=args.t1, dt0=args.dt0)
+    if args.solver == "momentum":  # optax SGD + momentum 0.9 on the activities, t1/dt0 steps
+        n = round(args.t1 / args.dt0)
+        return dict(method=pccore.OptaxInference(optax.sgd(args.dt0, momentum=0.9)),
+                    max_steps=n)
+    raise ValueError(args.solver)
+
+
+def init_of(args):
+    return {"ff": pccore.FeedForward(), "zeros": pccore.Zeros(),
+            "random": pccore.RandomNormal(0.05)}[args.init]
+
+
+def make_bp_step(energy, opt):
+    def loss(params, model, x, y):
+        pred = energy.predict(energy.prepare(model.with_params(params)), x)
+        return -jnp.mean(jnp.sum(y * jax.nn.log_softmax(pred, axis=-1), axis=-1))
+
+    @eqx.filter_jit
+    def step(model, state, x, y):
+        l, g = jax.value_and_grad(loss)(model.params, model, x, y)
+        upd, state = opt.update(g, state, model.params)
+        return model.with_params(optax.apply_updates(model.params, upd)), state, l
+
+    return step
+
+
+def run(name, depth, data, args):
     x_tr, x_te, y_tr, y_te = data
-    opt = optax.adam(args.lr_mupc if name == "muPC" else args.lr_sp)
+    mupc = "muP" in name
+    key = jax.random.key(args.seed)
+    model = build(depth, args.width, key, mupc)
+    ce = pccore.CrossEntropy()
+    param = (pccore.MuPC(gamma=args.gamma, output_precision=args.precision) if mupc
+             else pccore.SP())
+    energy = pccore.PC(loss=ce, parameterisation=param)
+    lr = args.lr_mupc if name == "muPC" else args.lr_bp if name.startswith("BP") else args.lr_sp
+    opt = optax.adam(lr)
     state = opt.init(model.params)
-    rng = np.random.default_rng(args.seed)
-    solver = dict(solver=diffrax.Euler(), t1=args.t1, dt0=args.dt0)
-    t0 = time.perf_counter()
+    steps = args.steps
+    rng = np.random.default_rng(args.seed)  # the same batches for every method
     n = len(x_tr)
-    for step in range(args.steps):
+    if name.startswith("BP"):
+        bp = make_bp_step(energy, opt)
+    else:
+        kw = dict(inference(args), init=init_of(args))
+    grads = 0
+    t_compile = 0.0
+    t0 = time.perf_counter()
+    for step in range(steps):
         i = rng.choice(n, args.batch, replace=False)
-        model, state, stats = pccore.train_step(model, opt, state, x=x_tr[i], y=y_tr[i],
-                                                energy=energy, **solver)
+        if name.startswith("BP"):
+            model, state, _ = bp(model, state, x_tr[i], y_tr[i])
+        else:
+            model, state, stats = pccore.train_step(model, opt, state, x=x_tr[i], y=y_tr[i],
+                                                    energy=energy, **kw)
+            grads += int(stats.num_grad_evals) if step == 0 else 0
         if step == 0:
             jax.block_until_ready(model.params)
             t_compile = time.perf_counter() - t0
+            t0 = time.perf_counter()
     jax.block_until_ready(model.params)
     elapsed = time.perf_counter() - t0
     ev = pccore.evaluate(model, x_te, y_te, energy=energy)
-    print(f"{name:5s} test accuracy {100 * float(ev.accuracy):5.1f}%  "
-          f"(final train energy {float(stats.energy):.4f}, {args.steps} steps, "
-          f"{elapsed:.1f} s incl. {t_compile:.1f} s first step)", flush=True)
-    return float(ev.accuracy)
+    row = dict(depth=depth, method=name, acc=100 * float(ev.accuracy), steps=steps,
+               lr=lr, train_s=elapsed, compile_s=t_compile,
+               grads="1 fwd+bwd" if name.startswith("BP") else grads)
+    print(f"  depth {depth:3d} {name:6s} test accuracy {row['acc']:5.1f}%  ({steps} steps, "
+          f"Adam {lr:g}, {elapsed:.1f} s + {t_compile:.1f} s first step)", flush=True)
+    return row
+
+
+def table(rows, args):
+    inf = (f"{args.solver} t1={args.t1} dt0={args.dt0}, init {args.init}, "
+           f"gamma {args.gamma}, output precision {args.precision}")
+    lines = [f"Inference: {inf}; batch {args.batch}, seed {args.seed}.", "",
+             "| depth | method | test accuracy | steps | Adam lr | ∇z evals / step | "
+             "train s | compile s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['depth']} | {r['method']} | {r['acc']:.1f}% | {r['steps']} | "
+                     f"{r['lr']:g} | {r['grads']} | {r['train_s']:.1f} | {r['compile_s']:.1f} |")
+    return "\n".join(lines)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="a short run (300 steps)")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--depth", type=int, default=32)
+    p.add_argument("--quick", action="store_true", help="depths 8 and 16, 150 steps")
+    p.add_argument("--depths", type=int, nargs="+", default=None)
+    p.add_argument("--only", nargs="+", default=None, choices=METHODS)
+    p.add_argument("--steps", type=int, default=None, help="training steps (default 1500)")
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--solver", default="euler", choices=("euler", "heun", "momentum"))
+    p.add_argument("--init", default="ff", choices=("ff", "zeros", "random"))
     p.add_argument("--t1", type=float, default=8.0, help="inference horizon (16 Euler steps)")
     p.add_argument("--dt0", type=float, default=0.5)
     p.add_argument("--gamma", type=float, default=0.1)
+    p.add_argument("--precision", type=float, default=1.0, help="muPC output precision")
     p.add_argument("--lr-mupc", type=float, default=1e-1)
     p.add_argument("--lr-sp", type=float, default=1e-3)
+    p.add_argument("--lr-bp", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    args.steps = args.steps or (300 if args.quick else 1500)
+    args.depths = args.depths or ([8, 16] if args.quick else [32, 64, 128])
+    args.steps = args.steps or (150 if args.quick else 1500)
     data = load_digits(args.seed)
-    key = jax.random.key(args.seed)
-    print(f"depth {args.depth}, width {args.width}, residual tanh, digits; "
-          f"Euler t1={args.t1} dt0={args.dt0}, batch {args.batch}, chance 10%")
-    ce = pccore.CrossEntropy()
-    mu = run("muPC", pccore.PC(loss=ce, parameterisation=pccore.MuPC(gamma=args.gamma)),
-             build(args.depth, args.width, key, True), data, args)
-    sp = run("SP", pccore.PC(loss=ce), build(args.depth, args.width, key, False), data, args)
-    return mu, sp
+    print(f"width {args.width}, residual tanh, digits (chance 10%), jax {jax.__version__}, "
+          f"{jax.devices()[0].platform}", flush=True)
+    rows = [run(name, d, data, args) for d in args.depths for name in (args.only or METHODS)]
+    md = table(rows, args)
+    print(md)
+    return rows
 
 
 if __name__ == "__main__":

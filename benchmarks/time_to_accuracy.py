@@ -1,0 +1,175 @@
+"""Time to accuracy on deep residual nets: wall time and gradients until a target test accuracy.
+
+    python benchmarks/time_to_accuracy.py            # 20- and 64-layer nets, target 90%
+    python benchmarks/time_to_accuracy.py --quick    # 8-layer net, target 80%, short budget
+
+The networks are those of `depth.py`: residual tanh MLPs of width 64 on sklearn digits
+(64 -> 64, L - 2 residual 64 -> 64 layers, 64 -> 10, no biases), softmax cross-entropy,
+Adam on the weights, batch 64, the same data split, batches and initial weights for every
+method of one parameterisation. Methods:
+
+- `PC Euler`: standard PC (SP), Euler gradient flow on the activities, fixed step count.
+- `PC momentum`: standard PC (SP), optax SGD with momentum 0.9 on the activities
+  (`pccore.OptaxInference`), the fastest inference method of the solver study
+  (`solver_study.py`: 2.1-3.2x Euler's wall time to equilibrium on its 20-layer net).
+- `ePC`: error-reparameterised PC (`pccore.EPC`, SP), Euler on the errors.
+- `muPC`: PC with `pccore.MuPC` (W ~ N(0, 1)), Euler, as in `depth.py`.
+- `backprop`: `jax.grad` of the cross-entropy of the feed-forward SP network (the forward
+  pass `pccore.evaluate` uses), the same initial weights as the SP rows.
+
+Each run is repeated `--reps` times (same seed, so the same steps) and the table gives
+the median wall time. Test accuracy (feed-forward, 360 held-out digits) is evaluated every `--every` steps; the
+clock stops at the first evaluation at or above the target. Timing excludes compilation
+(each method runs one warm-up training step and one evaluation on a throwaway copy first)
+and excludes evaluation (the clock is paused while evaluating). Gradient evaluations:
+for PC methods the activity-gradient evaluations of inference (`TrainStats.num_grad_evals`,
+summed over steps) plus one parameter gradient per step; for backprop one forward+backward
+per step. One activity gradient of a chain energy costs about one forward and one backward
+pass through the network, so the counts are comparable in kind.
+"""
+
+import argparse
+import statistics
+import time
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from depth import build, load_digits
+
+import pccore
+
+
+def methods():
+    """(name, parameterisation is muPC, energy, Adam lr, train_step keywords).
+
+    Chosen in small sweeps on the 20-layer net (steps to 90%; see RESULTS.md): Adam 3e-3
+    for every SP method (1e-3 and 1e-2 were as fast or slower for each), 4 inference steps
+    of 0.2 for PC (8 steps of 0.1-0.3 took fewer training steps but more time), and for
+    ePC one Euler step of 0.005 (larger or more steps make ePC train worse on this net)."""
+    ce = pccore.CrossEntropy()
+    pc, epc = pccore.PC(loss=ce), pccore.EPC(loss=ce)
+    mupc = pccore.PC(loss=ce, parameterisation=pccore.MuPC(gamma=0.1))
+    return [
+        ("PC Euler (4 steps, dt 0.2)", False, pc, 3e-3,
+         dict(solver=diffrax.Euler(), t1=0.8, dt0=0.2)),
+        ("PC momentum (4 steps, sgd 0.2, m 0.9)", False, pc, 3e-3,
+         dict(method=pccore.OptaxInference(optax.sgd(0.2, momentum=0.9)), max_steps=4)),
+        ("ePC (1 Euler step, dt 0.005)", False, epc, 3e-3,
+         dict(solver=diffrax.Euler(), t1=0.005, dt0=0.005)),
+        ("muPC (16 Euler steps, dt 0.5)", True, mupc, 1e-1,
+         dict(solver=diffrax.Euler(), t1=8.0, dt0=0.5)),
+        ("backprop", False, pc, 3e-3, None),
+    ]
+
+
+def bp_step(energy, opt):
+    def loss(params, model, x, y):
+        pred = energy.predict(energy.prepare(model.with_params(params)), x)
+        return -jnp.mean(jnp.sum(y * jax.nn.log_softmax(pred, axis=-1), axis=-1))
+
+    @eqx.filter_jit
+    def step(model, state, x, y):
+        g = jax.grad(loss)(model.params, model, x, y)
+        upd, state = opt.update(g, state, model.params)
+        return model.with_params(optax.apply_updates(model.params, upd)), state
+
+    return step
+
+
+def time_to_target(name, model, energy, lr, kw, data, args):
+    x_tr, x_te, y_tr, y_te = data
+    opt = optax.adam(lr)
+    if kw is None:
+        f = bp_step(energy, opt)
+        step = lambda m, s, x, y: (*f(m, s, x, y), 0)
+    else:
+        def step(m, s, x, y):
+            m, s, stats = pccore.train_step(m, opt, s, x=x, y=y, energy=energy, **kw)
+            return m, s, stats.num_grad_evals
+    acc = lambda m: float(pccore.evaluate(m, x_te, y_te, energy=energy).accuracy)
+    state = opt.init(model.params)
+    # warm-up: compile the step and the evaluation on a throwaway copy
+    jax.block_until_ready(step(model, state, x_tr[:args.batch], y_tr[:args.batch])[0].params)
+    acc(model)
+    rng = np.random.default_rng(args.seed)  # the same batches for every method
+    n = len(x_tr)
+    wall, counts, best = 0.0, [], 0.0
+    hit = None
+    for k in range(1, args.max_steps + 1):
+        i = rng.choice(n, args.batch, replace=False)
+        t0 = time.perf_counter()
+        model, state, g = step(model, state, x_tr[i], y_tr[i])
+        if k % args.every == 0:
+            jax.block_until_ready(model.params)
+        wall += time.perf_counter() - t0
+        counts.append(g)
+        if k % args.every == 0:
+            a = acc(model)
+            best = max(best, a)
+            if a >= args.target:
+                hit = k
+                break
+    zgrads = int(sum(int(c) for c in counts))
+    steps = hit or args.max_steps
+    grads = steps + zgrads  # one parameter gradient (or fwd+bwd) per step
+    row = dict(name=name, reached=hit is not None, steps=steps, wall=wall, grads=grads,
+               zgrads=zgrads, best=100 * best, final=100 * a)
+    print(f"  {name:40s} {'reached' if hit else 'MISSED '} {100 * args.target:.0f}% "
+          f"after {steps} steps, {wall:.2f} s, {grads} gradients (best {100 * best:.1f}%)",
+          flush=True)
+    return row
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="8-layer net, target 80%%, 300 steps")
+    p.add_argument("--depths", type=int, nargs="+", default=None)
+    p.add_argument("--target", type=float, default=None)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--every", type=int, default=5, help="evaluate every this many steps")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--reps", type=int, default=None,
+                   help="repeat each run (same seed, same steps) and report the median wall time "
+                        "(default 3, quick 1)")
+    p.add_argument("--only", nargs="+", default=None, help="method name prefixes")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    args.depths = args.depths or ([8] if args.quick else [20, 64])
+    args.target = args.target or (0.8 if args.quick else 0.9)
+    args.max_steps = args.max_steps or (300 if args.quick else 2000)
+    args.reps = args.reps or (1 if args.quick else 3)
+    data = load_digits(args.seed)
+    print(f"digits, target {100 * args.target:.0f}% test accuracy, evaluated every "
+          f"{args.every} steps, at most {args.max_steps} steps; jax {jax.__version__}", flush=True)
+    out = []
+    for depth in args.depths:
+        print(f"depth {depth}:", flush=True)
+        rows = []
+        for name, mupc, energy, lr, kw in methods():
+            if args.only and not any(name.startswith(o) for o in args.only):
+                continue
+            reps = [time_to_target(name, build(depth, 64, jax.random.key(args.seed), mupc),
+                                   energy, lr, kw, data, args) for _ in range(args.reps)]
+            row = dict(reps[0], wall=statistics.median(r["wall"] for r in reps))
+            row["walls"] = [r["wall"] for r in reps]
+            rows.append(row)
+        bp = next((r for r in rows if r["name"] == "backprop" and r["reached"]), None)
+        lines = [f"Depth {depth}, target {100 * args.target:.0f}%:", "",
+                 f"| method | reached | steps | wall s (median of {args.reps}) | range s | gradients (∇z + per-step) | "
+                 "wall / backprop | best acc |",
+                 "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in rows:
+            ratio = f"{r['wall'] / bp['wall']:.1f}×" if bp and r["reached"] else "–"
+            lines.append(f"| {r['name']} | {'yes' if r['reached'] else 'no'} | {r['steps']} | "
+                         f"{r['wall']:.2f} | {min(r['walls']):.2f}–{max(r['walls']):.2f} | {r['grads']} | {ratio} | {r['best']:.1f}% |")
+        print("\n".join(lines) + "\n", flush=True)
+        out.append((depth, rows))
+    return out
+
+
+if __name__ == "__main__":
+    main()
