@@ -17,7 +17,8 @@ import optax
 import pytest
 
 import pccore
-from pccore import _builders, _checkpoint, datasets
+from pccore import _builders, datasets
+from pccore._checkpoint import _commit
 from pccore._cli import _main as _cli
 from pccore._cli import _run as _cli_run
 from tests.test_datasets import fake_mnist, write_idx, write_mnist_dir
@@ -360,7 +361,7 @@ def test_hold_refuses_another_writer_for_a_whole_run(tmp_path):
 def test_save_overtaken_without_a_lock_is_checkpoint_error(tmp_path, monkeypatch):
     """Without flock (some network file systems), another manager's save removes this save's
     temporary directory as a leftover: a CheckpointError, not a FileNotFoundError on it."""
-    monkeypatch.setattr(_checkpoint, "fcntl", None)
+    monkeypatch.setattr(_commit, "fcntl", None)
     model, opt_state = _tiny_model()
     loser, winner = pccore.CheckpointManager(tmp_path), pccore.CheckpointManager(tmp_path)
     _during_write(monkeypatch, lambda: winner.save(1, model=model, opt_state=opt_state))
@@ -379,7 +380,7 @@ def test_save_overtaken_without_a_lock_is_checkpoint_error(tmp_path, monkeypatch
 def test_same_checkpoint_written_meanwhile_is_checkpoint_error(tmp_path, monkeypatch):
     """Without a lock, a writer that finds its target written by another one meanwhile gives
     up with a CheckpointError and leaves the other's checkpoint in place."""
-    monkeypatch.setattr(_checkpoint, "fcntl", None)
+    monkeypatch.setattr(_commit, "fcntl", None)
     model, opt_state = _tiny_model()
     path = tmp_path / "step_00000001"
     _during_write(monkeypatch, lambda: pccore.save_checkpoint(

@@ -175,13 +175,13 @@ def test_save_killed_midway_keeps_previous_checkpoint(tmp_path):
 
 _KILL_AFTER_COMMIT = """
 import pccore
-from pccore import _checkpoint
+from pccore._checkpoint import _files
 from tests.test_checkpoint import build, die
 
 manager = pccore.CheckpointManager({dir!r}, keep=1)
 model, opt_state = build()
 manager.save(1, model=model, opt_state=opt_state)
-_checkpoint._write_file_index = lambda path: die()
+_files.write_index = lambda path: die()
 manager.save(2, model=model, opt_state=opt_state)
 """
 
@@ -200,6 +200,97 @@ def test_save_killed_after_commit_before_file_index_is_complete(tmp_path):
     ck = manager.restore(model=model, opt_state=opt_state)
     for a, b in zip(arrays((model, opt_state)), arrays((ck.model, ck.opt_state)), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+_KILL_ASYNC = """
+import pccore
+from tests.test_checkpoint import build, die, interrupt_commit
+
+manager = pccore.CheckpointManager({dir!r}, keep=3, async_save=True)
+model, opt_state = build()
+manager.save(1, model=model, opt_state=opt_state)
+interrupt_commit("step_00000002", die)
+manager.save(2, model=model, opt_state=opt_state)  # returns; the commit is in the background
+print("save returned", flush=True)
+manager.wait()
+"""
+
+
+@pytest.mark.slow
+def test_async_save_killed_in_the_background_keeps_previous_checkpoint(tmp_path):
+    proc = run_python(_KILL_ASYNC.format(dir=str(tmp_path)))
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert proc.stdout == "save returned\n"  # killed by the background commit, after save returned
+    leftovers = [p for p in tmp_path.iterdir() if p.name.startswith("step_00000002" + ORBAX_TMP)]
+    assert len(leftovers) == 1
+    manager = pccore.CheckpointManager(tmp_path, keep=3)
+    assert manager.steps() == [1] and manager.latest_step() == 1
+    model, opt_state = build()
+    ck = manager.restore(model=model, opt_state=opt_state)
+    for a, b in zip(arrays((model, opt_state)), arrays((ck.model, ck.opt_state)), strict=True):
+        np.testing.assert_array_equal(a, b)
+    manager.save(2, model=model, opt_state=opt_state)  # the next save clears the leftover
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000001", "step_00000002"]
+
+
+def test_async_save_returns_before_its_commit_and_needs_no_device_buffers(tmp_path, monkeypatch):
+    import threading
+
+    from orbax.checkpoint._src.path import async_path
+
+    model, opt_state = build()
+    manager = pccore.CheckpointManager(tmp_path, keep=3, async_save=True)
+    manager.save(1, model=model, opt_state=opt_state)
+    monkeypatch.setattr(async_path, "rename", async_path.rename)  # undone below
+    release = threading.Event()
+    interrupt_commit("step_00000002", lambda: release.wait(60))
+    # The state saved at step 2 lives in buffers that training then donates or frees.
+    changed = jax.tree.map(lambda a: a * 3 if eqx.is_inexact_array(a) else a, (model, opt_state))
+    expected = arrays(changed)
+    manager.save(2, model=changed[0], opt_state=changed[1])
+    for leaf in jax.tree.leaves(changed):
+        if eqx.is_inexact_array(leaf):  # the new arrays (the int count is shared with opt_state)
+            leaf.delete()
+    # In flight: not committed, readers see step 1, and the directory is held.
+    assert (tmp_path / ("step_00000002" + ORBAX_TMP)).is_dir()
+    assert not (tmp_path / "step_00000002").exists()
+    assert pccore.CheckpointManager(tmp_path).steps() == [1]
+    with pytest.raises(pccore.CheckpointError, match="is held by another writer"):
+        pccore.save_checkpoint(tmp_path / "step_00000009", model=model, opt_state=opt_state, step=9)
+    release.set()
+    manager.wait()
+    monkeypatch.undo()
+    assert manager.steps() == [1, 2]
+    ck = manager.restore(model=model, opt_state=opt_state)
+    assert ck.step == 2
+    for a, b in zip(expected, arrays((ck.model, ck.opt_state)), strict=True):
+        np.testing.assert_array_equal(a, b)
+    pccore.save_checkpoint(tmp_path / "step_00000009", model=model, opt_state=opt_state, step=9)
+
+
+def test_async_save_that_fails_raises_at_wait_and_keeps_previous(tmp_path, monkeypatch):
+    from orbax.checkpoint._src.path import async_path
+
+    model, opt_state = build()
+    manager = pccore.CheckpointManager(tmp_path, async_save=True)
+    manager.save(1, model=model, opt_state=opt_state)
+
+    def disk_full():
+        raise OSError("disk full")
+
+    monkeypatch.setattr(async_path, "rename", async_path.rename)  # undone below
+    interrupt_commit("step_00000002", disk_full)
+    changed = jax.tree.map(lambda a: a + 1 if eqx.is_inexact_array(a) else a, model)
+    with manager.hold():
+        manager.save(2, model=changed, opt_state=opt_state)  # returns: the commit fails later
+        with pytest.raises(OSError, match="disk full"):
+            manager.save(3, model=changed, opt_state=opt_state)  # waits for step 2 first
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000001"]
+    assert manager.restore(model=model, opt_state=opt_state).step == 1
+    manager.save(2, model=changed, opt_state=opt_state)  # the lock was given back
+    manager.wait()
+    assert manager.latest_step() == 2
 
 
 def test_save_raising_midway_keeps_previous_checkpoint(tmp_path, monkeypatch):
@@ -690,3 +781,16 @@ def test_orbax_is_imported_only_for_checkpoints(tmp_path, monkeypatch):
     model, opt_state = build()
     with pytest.raises(ImportError, match=r'orbax-checkpoint, which is not installed: pip install "pccore\[checkpoint\]"'):
         pccore.CheckpointManager(tmp_path).save(1, model=model, opt_state=opt_state)
+
+
+def test_restore_latest_refuses_a_wrong_template_instead_of_falling_back(tmp_path):
+    model, opt_state = build()
+    with pccore.CheckpointManager(tmp_path, async_save=True) as manager:
+        manager.save(1, model=model, opt_state=opt_state)
+        manager.save(2, model=model, opt_state=opt_state)
+    assert manager.steps() == [1, 2]  # leaving the block waited for step 2
+    wide = build([4, 9, 3])
+    with pytest.raises(pccore.CheckpointError,
+                       match=r"step_00000002' does not fit the template: the first mismatching "
+                             r"parameter is `model\.params\[0\]\[0\]\.weight`"):
+        manager.restore(model=wide[0], opt_state=wide[1])

@@ -27,7 +27,8 @@ from .._builders import (
     max_weight_difference,
     same_layout,
 )
-from .._checkpoint import CheckpointError, read_manifest
+from .._checkpoint._format import CheckpointError
+from .._checkpoint._store import read_manifest
 from ._options import (
     LOSSES,
     PARAMETERISATIONS,
@@ -321,7 +322,7 @@ def _checkpoint_folder(args) -> pathlib.Path | None:
 def _open_checkpoints(args, stack: contextlib.ExitStack):
     """The run's CheckpointManager, writable and held for the run (None without checkpoints);
     refuses a folder of another run unless resuming it with the same settings."""
-    from .._checkpoint import CheckpointManager
+    from .._checkpoint._manager import CheckpointManager
 
     folder = _checkpoint_folder(args)
     if folder is None:
@@ -370,7 +371,7 @@ def _interrupted(args, argv: Sequence[str]) -> str:
     if folder is None:
         return (f"{line}; no results were written (pccore train --checkpoint-dir DIR saves after "
                 "every epoch, to resume from).")
-    from .._checkpoint import CheckpointManager
+    from .._checkpoint._manager import CheckpointManager
 
     manager = CheckpointManager(folder)
     step = manager.latest_step()

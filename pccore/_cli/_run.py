@@ -15,7 +15,7 @@ import optax
 from tqdm import tqdm
 
 from .._builders import Weights, canonical_weights
-from .._checkpoint import CheckpointManager
+from .._checkpoint._manager import CheckpointManager
 from ._options import AbstractVariant, SolverConfig
 from .._train._evaluate import evaluate
 from .._inference._infer import infer
