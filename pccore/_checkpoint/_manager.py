@@ -89,9 +89,11 @@ class CheckpointManager:
             self._holding = True
             try:
                 yield self
-                self.wait()
             finally:
-                self._holding = False
+                try:
+                    self.wait()  # an asynchronous save in flight commits before the lock goes
+                finally:
+                    self._holding = False
 
     def path(self, step: int) -> Path:
         """The directory of checkpoint `step`."""

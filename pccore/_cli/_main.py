@@ -322,13 +322,18 @@ def _checkpoint_folder(args) -> pathlib.Path | None:
 def _open_checkpoints(args, stack: contextlib.ExitStack):
     """The run's CheckpointManager, writable and held for the run (None without checkpoints);
     refuses a folder of another run unless resuming it with the same settings."""
+    import jax
+
     from .._checkpoint._manager import CheckpointManager
 
     folder = _checkpoint_folder(args)
     if folder is None:
         return None
     _writable_folder(folder, "--checkpoint-dir")
-    checkpoints = CheckpointManager(folder, keep=args.keep or 3)
+    # Saved in the background while the next epoch trains (one process; with several,
+    # each save completes before training goes on).
+    checkpoints = CheckpointManager(folder, keep=args.keep or 3, async_save=jax.process_count() == 1)
+    stack.enter_context(checkpoints)  # the last save is committed when the run ends
     if _lead():  # process 0 writes (and holds the folder); the others read on --resume
         stack.enter_context(checkpoints.hold())  # a second run into this folder is refused
     if not args.resume and checkpoints.steps():
