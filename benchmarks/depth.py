@@ -83,16 +83,19 @@ def init_of(args):
             "random": pccore.RandomNormal(0.05)}[args.init]
 
 
-def make_bp_step(energy, opt):
-    def loss(params, model, x, y):
+def make_bp_step(energy, opt, model):
+    """One backprop step, `jax.jit` over the parameters and optimiser state alone (the model's
+    structure is closed over, so a call passes only the weight arrays, as a lean training
+    loop does)."""
+    def loss(params, x, y):
         pred = energy.predict(energy.prepare(model.with_params(params)), x)
         return -jnp.mean(jnp.sum(y * jax.nn.log_softmax(pred, axis=-1), axis=-1))
 
-    @eqx.filter_jit
-    def step(model, state, x, y):
-        l, g = jax.value_and_grad(loss)(model.params, model, x, y)
-        upd, state = opt.update(g, state, model.params)
-        return model.with_params(optax.apply_updates(model.params, upd)), state, l
+    @jax.jit
+    def step(params, state, x, y):
+        l, g = jax.value_and_grad(loss)(params, x, y)
+        upd, state = opt.update(g, state, params)
+        return optax.apply_updates(params, upd), state, l
 
     return step
 
@@ -113,7 +116,7 @@ def run(name, depth, data, args):
     rng = np.random.default_rng(args.seed)  # the same batches for every method
     n = len(x_tr)
     if name.startswith("BP"):
-        bp = make_bp_step(energy, opt)
+        bp = make_bp_step(energy, opt, model)
     else:
         kw = dict(inference(args), init=init_of(args))
     grads = 0
@@ -122,7 +125,8 @@ def run(name, depth, data, args):
     for step in range(steps):
         i = rng.choice(n, args.batch, replace=False)
         if name.startswith("BP"):
-            model, state, _ = bp(model, state, x_tr[i], y_tr[i])
+            params, state, _ = bp(model.params, state, x_tr[i], y_tr[i])
+            model = model.with_params(params)
         else:
             model, state, stats = pccore.train_step(model, opt, state, x=x_tr[i], y=y_tr[i],
                                                     energy=energy, **kw)
