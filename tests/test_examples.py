@@ -12,8 +12,8 @@ SCRIPTS = sorted(p.name for p in EXAMPLES.glob("*.py") if not p.name.startswith(
 
 
 def test_every_example_is_listed():
-    assert SCRIPTS == ["custom_training_loop.py", "mupc_resnet.py", "solvers.py", "variants.py",
-                       "wrap_each_framework.py"]
+    assert SCRIPTS == ["custom_training_loop.py", "mupc_resnet.py", "solvers.py", "transformer.py",
+                       "variants.py", "wrap_each_framework.py"]
 
 
 @pytest.mark.slow
