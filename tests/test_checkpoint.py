@@ -268,19 +268,26 @@ def test_async_save_returns_before_its_commit_and_needs_no_device_buffers(tmp_pa
     pccore.save_checkpoint(tmp_path / "step_00000009", model=model, opt_state=opt_state, step=9)
 
 
-def test_async_save_that_fails_raises_at_wait_and_keeps_previous(tmp_path, monkeypatch):
+def _disk_full_at_step_2(tmp_path, monkeypatch, async_save):
+    """A manager with step 1 saved whose save of step 2 fails at the commit (a full disk)
+    until `monkeypatch.undo()`; and the model, a changed model and the optimiser state."""
     from orbax.checkpoint._src.path import async_path
 
     model, opt_state = build()
-    manager = pccore.CheckpointManager(tmp_path, async_save=True)
+    manager = pccore.CheckpointManager(tmp_path, async_save=async_save)
     manager.save(1, model=model, opt_state=opt_state)
 
     def disk_full():
         raise OSError("disk full")
 
-    monkeypatch.setattr(async_path, "rename", async_path.rename)  # undone below
+    monkeypatch.setattr(async_path, "rename", async_path.rename)  # undone by monkeypatch.undo()
     interrupt_commit("step_00000002", disk_full)
     changed = jax.tree.map(lambda a: a + 1 if eqx.is_inexact_array(a) else a, model)
+    return manager, model, changed, opt_state
+
+
+def test_async_save_that_fails_raises_at_wait_and_keeps_previous(tmp_path, monkeypatch):
+    manager, model, changed, opt_state = _disk_full_at_step_2(tmp_path, monkeypatch, True)
     with manager.hold():
         manager.save(2, model=changed, opt_state=opt_state)  # returns: the commit fails later
         with pytest.raises(OSError, match="disk full"):
@@ -294,18 +301,7 @@ def test_async_save_that_fails_raises_at_wait_and_keeps_previous(tmp_path, monke
 
 
 def test_save_raising_midway_keeps_previous_checkpoint(tmp_path, monkeypatch):
-    from orbax.checkpoint._src.path import async_path
-
-    model, opt_state = build()
-    manager = pccore.CheckpointManager(tmp_path)
-    manager.save(1, model=model, opt_state=opt_state)
-
-    def disk_full():
-        raise OSError("disk full")
-
-    monkeypatch.setattr(async_path, "rename", async_path.rename)  # undone below
-    interrupt_commit("step_00000002", disk_full)
-    changed = jax.tree.map(lambda a: a + 1 if eqx.is_inexact_array(a) else a, model)
+    manager, model, changed, opt_state = _disk_full_at_step_2(tmp_path, monkeypatch, False)
     with pytest.raises(OSError, match="disk full"):
         manager.save(2, model=changed, opt_state=opt_state)
     monkeypatch.undo()
