@@ -17,10 +17,9 @@ uniform. Two baselines on the test split:
 The Bayes-optimal accuracy after the first position is 0.9 + 0.1 / VOCAB.
 
 Both frameworks start from the same NumPy weights and see the same batches, so they must
-give the same run: equal energies at initialisation, weights equal to float32 rounding
-after K steps (PC; for μPC see the comment at the check), the same test accuracy and CE at
-the end. The script prints the weight gap next to float32's own: Equinox against itself
-from weights one ulp apart.
+give the same run: equal energies at initialisation, weights after K steps as close as
+float32 rounding lets two runs be (the gap is printed next to float32's own: Equinox against
+itself from weights one ulp apart), the same test accuracy and CE at the end.
 
     python examples/transformer.py [--quick]
 """
@@ -36,7 +35,8 @@ from _common import QUICK
 import _transformer_models as tm
 import pccore
 
-VOCAB, SEQ, DIM, DEPTH, HEADS, HIDDEN = 8, 12, 32, 2, 2, 64
+VOCAB, SEQ, DIM, HEADS, HIDDEN = 8, 12, 32, 2, 64
+DEPTH = 1 if QUICK else 2  # attention blocks
 steps = 6 if QUICK else 600
 batch = 64
 K = 30  # the frameworks' weights are compared after K steps and at the end
@@ -111,19 +111,19 @@ for variant, (energy, unit) in VARIANTS.items():
     print(f"{variant:>4}: max |equinox - nnx| weight difference {early:.1e} after "
           f"{min(K, steps)} steps (Equinox against itself from weights one ulp apart: "
           f"{floor:.1e}), {late:.1e} after {steps} (training moved a weight by up to "
-          f"{moved:.2f}; {time.perf_counter() - start:.0f} s)")
+          f"{moved:.1e}; {time.perf_counter() - start:.0f} s)")
     # Rounding only. The frameworks round differently (einsum against vmapped matmuls, the
-    # order of sums), and training amplifies rounding differences as it amplifies any. With PC
-    # they stay at a few float32 ulp of the O(1) weights for tens of steps (measured 6e-7
-    # after 30 steps, the one-ulp run 1e-6; 1e-5 is ~80 ulp of the largest weight, 4), then
-    # grow (2.3e-3 after 300 steps, the one-ulp run 4.2e-4). μPC's lower layers learn from
-    # small prediction errors, computed as differences of O(1) activities, so their gradients
-    # are partly rounding noise, which Adam turns into steps of about the learning rate
-    # either way: the gap is about one learning rate from the first step on, for Equinox
-    # against itself too (measured 4.5e-4 and 4.0e-4 after one step). tests/test_transformer.py
-    # runs both variants in float64, where the frameworks agree to 1e-9.
-    if variant == "PC":
-        assert early <= 1e-5, (early, floor)
+    # order of sums), and PC amplifies rounding: a hidden layer learns from its prediction
+    # error z - f(z_prev), a small difference of O(1) activities, so a float32 gradient there
+    # differs by ~1e-3 relative between the frameworks, and as much between Equinox and itself
+    # from weights one ulp apart. Adam turns such a gradient entry that is mostly noise into
+    # a step of about the learning rate either way. So the frameworks' gap is compared with
+    # float32's own, the one-ulp run's: measured after 30 steps 6e-7 against 1e-6 (PC) and
+    # 4.5e-4 against 4.0e-4 (μPC, its small lower-layer errors); with --quick (6 steps, one
+    # block) 1.7e-5 against 9.1e-6 (PC) and 9.9e-4 against 9.5e-4 (μPC). A real difference
+    # between the models would not hide under 30x the floor: tests/test_transformer.py runs
+    # both variants in float64, where the frameworks agree to 1e-9 after 20 steps.
+    assert early <= max(30 * floor, 1e-5), (early, floor)
     accs, ces = zip(*(results[variant, name] for name in models))
     assert abs(accs[0] - accs[1]) <= 0.01 and abs(ces[0] - ces[1]) <= 0.01, (accs, ces)
 

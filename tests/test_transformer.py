@@ -163,13 +163,18 @@ def _train(models, energy, steps, x, y, lr=1e-3, check_at=None):
                 models[n], optim, states[n], x=x[idx], y=y[idx], energy=energy, t1=2.0, dt0=0.1)
             assert bool(stats.updated)
         if step + 1 == check_at:
-            early = _gap(models)
+            early = _weights_of(models)
     return models, early
 
 
+def _weights_of(models):
+    return {n: (tm.nnx_weights if n == "flax.nnx" else tm.eqx_weights)(m.unwrap())
+            for n, m in models.items()}
+
+
 def _gap(models):
-    return tm.max_abs_diff(tm.eqx_weights(models["equinox"].unwrap()),
-                           tm.nnx_weights(models["flax.nnx"].unwrap()))
+    w = _weights_of(models)
+    return tm.max_abs_diff(w["equinox"], w["flax.nnx"])
 
 
 @pytest.mark.slow
@@ -195,15 +200,26 @@ def test_equal_weights_train_equally_in_float64(variant, x64):
 
 @pytest.mark.slow
 def test_pc_training_agrees_in_float32_and_beats_the_unigram_baseline():
-    """In float32, both frameworks' PC runs agree to a few ulp for the first steps and both
-    beat the unigram baseline on the test split by the same margin."""
+    """In float32, both frameworks' PC runs stay as close as float32 lets two runs be, and
+    both beat the unigram baseline on the test split by the same margin.
+
+    float32's own gap: Equinox against itself from weights one ulp apart. A hidden layer
+    learns from its prediction error z - f(z_prev), a small difference of O(1) activities,
+    so its float32 gradient carries rounding noise of ~1e-3 relative, and Adam turns an
+    entry that is mostly noise into a step of about the learning rate either way: after 20
+    steps the frameworks differed by 7.1e-6 and the one-ulp runs by 8.2e-6 (1e-5 is ~80
+    ulp of the largest weight, 4). The float64 test above is the tight check."""
     x_train, y_train = _data(1024, seed=1)
     x_test, y_test = _data(256, seed=2)
     uni_acc, uni_ce = tm.unigram_baseline(y_train.argmax(-1), y_test.argmax(-1), V)
-    models = {name: _wrap(_weights(), name) for name in FRAMEWORKS}
+    w = _weights()
+    nudged = jax.tree_util.tree_map(lambda a: np.nextafter(a, np.inf, dtype=a.dtype), w)
+    models = {**{name: _wrap(w, name) for name in FRAMEWORKS}, "one ulp": _wrap(nudged, "equinox")}
     models, early = _train(models, CE, 150, x_train, y_train, check_at=20)
-    # the weights are O(1) (the largest ~4): 1e-5 is ~80 float32 ulp of it
-    assert early < 1e-5, early
+    gap = tm.max_abs_diff(early["equinox"], early["flax.nnx"])
+    floor = tm.max_abs_diff(early["equinox"], early["one ulp"])
+    assert gap <= max(30 * floor, 1e-5), (gap, floor)
+    del models["one ulp"]
     evals = [pccore.evaluate(m, x_test, y_test, energy=CE) for m in models.values()]
     for name, ev in zip(models, evals):
         acc, ce = float(ev.accuracy), float(ev.loss) / S
