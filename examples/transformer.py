@@ -122,7 +122,7 @@ for variant, (energy, unit) in VARIANTS.items():
     # 4.5e-4 against 4.0e-4 (μPC, its small lower-layer errors); with --quick (6 steps, one
     # block) 1.7e-5 against 9.1e-6 (PC) and 9.9e-4 against 9.5e-4 (μPC). A real difference
     # between the models would not hide under 30x the floor: tests/test_transformer.py runs
-    # both variants in float64, where the frameworks agree to 1e-9 after 20 steps.
+    # both variants in float64, where the frameworks agree to 3e-14 after 20 steps.
     assert early <= max(30 * floor, 1e-5), (early, floor)
     accs, ces = zip(*(results[variant, name] for name in models))
     assert abs(accs[0] - accs[1]) <= 0.01 and abs(ces[0] - ces[1]) <= 0.01, (accs, ces)
