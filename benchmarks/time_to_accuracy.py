@@ -24,8 +24,11 @@ the median wall time (a run that misses the target is not repeated). Test accura
 clock stops at the first evaluation at or above the target. Timing excludes compilation
 (each method runs one warm-up training step and one evaluation on a throwaway copy first)
 and excludes evaluation (the clock is paused while evaluating); every step is timed on
-its own (`jax.block_until_ready` after each). Besides the summed wall time the table gives
-steps × the median step time, which is far less sensitive to load from other processes. Gradient evaluations:
+its own (`jax.block_until_ready` after each). Besides the summed wall time, which moves by 2× from run
+to run on a loaded machine, the table gives a paired step-time ratio: the methods and
+backprop take one step each in turn, `--rounds` times, on the same batch, and the median
+of (method step) / (backprop step) is multiplied by the ratio of training steps to the
+target. That estimate of the time ratio is far less sensitive to load from elsewhere. Gradient evaluations:
 for PC methods the activity-gradient evaluations of inference (`TrainStats.num_grad_evals`,
 summed over steps) plus one parameter gradient per step; for backprop one forward+backward
 per step. One activity gradient of a chain energy costs about one forward and one backward
@@ -50,16 +53,19 @@ import pccore
 def methods():
     """(name, parameterisation is muPC, energy, Adam lr, train_step keywords).
 
-    Chosen in small sweeps on the 20-layer net (steps to 90%; see RESULTS.md): Adam 3e-3
-    for every SP method (1e-3 and 1e-2 were as fast or slower for each), 4 inference steps
-    of 0.2 for PC (8 steps of 0.1-0.3 took fewer training steps but more time), and for
-    ePC one Euler step of 0.005 (larger or more steps make ePC train worse on this net)."""
+    Chosen in small sweeps on the 20-layer net (training steps to 90%; see RESULTS.md): for PC,
+    1-8 inference steps of 0.1-0.5 with Adam 1e-3 to 1e-2; the fewest gradients and the
+    least time came from 2 steps of 0.3 with Adam 1e-2. Backprop: Adam 3e-3 (1e-3 and 1e-2
+    took more steps). ePC: one Euler step of 0.005 (larger or more steps make ePC train
+    worse on this net: its energy is far stiffer in the errors than PC's in the activities)."""
     ce = pccore.CrossEntropy()
     pc, epc = pccore.PC(loss=ce), pccore.EPC(loss=ce)
     mupc = pccore.PC(loss=ce, parameterisation=pccore.MuPC(gamma=0.1))
     return [
-        ("PC Euler (4 steps, dt 0.2)", False, pc, 3e-3,
-         dict(solver=diffrax.Euler(), t1=0.8, dt0=0.2)),
+        ("PC Euler (2 steps, dt 0.3)", False, pc, 1e-2,
+         dict(solver=diffrax.Euler(), t1=0.6, dt0=0.3)),
+        ("PC momentum (2 steps, sgd 0.3, m 0.9)", False, pc, 1e-2,
+         dict(method=pccore.OptaxInference(optax.sgd(0.3, momentum=0.9)), max_steps=2)),
         ("PC momentum (4 steps, sgd 0.2, m 0.9)", False, pc, 3e-3,
          dict(method=pccore.OptaxInference(optax.sgd(0.2, momentum=0.9)), max_steps=4)),
         ("ePC (1 Euler step, dt 0.005)", False, epc, 3e-3,
@@ -87,8 +93,9 @@ def bp_step(energy, opt, model):
     return step
 
 
-def time_to_target(name, model, energy, lr, kw, data, args):
-    x_tr, x_te, y_tr, y_te = data
+def make_step(model, energy, lr, kw):
+    """(step, initial optimiser state); `step(model, state, x, y)` returns the new model and
+    state and the number of activity-gradient evaluations (0 for backprop)."""
     opt = optax.adam(lr)
     if kw is None:
         f = bp_step(energy, opt, model)
@@ -100,8 +107,36 @@ def time_to_target(name, model, energy, lr, kw, data, args):
         def step(m, s, x, y):
             m, s, stats = pccore.train_step(m, opt, s, x=x, y=y, energy=energy, **kw)
             return m, s, stats.num_grad_evals
+    return step, opt.init(model.params)
+
+
+def step_ratios(depth, chosen, data, args, rounds):
+    """Median over `rounds` of (one training step of a method) / (one backprop step), the
+    methods taking turns within a round on the same batch: cost per step relative to
+    backprop, robust to load that drifts over seconds."""
+    x, y = data[0][:args.batch], data[2][:args.batch]
+    live = {}
+    for name, mupc, energy, lr, kw in chosen:
+        model = build(depth, 64, jax.random.key(args.seed), mupc)
+        step, state = make_step(model, energy, lr, kw)
+        model, state, _ = step(model, state, x, y)  # compile
+        jax.block_until_ready(model.params)
+        live[name] = [step, model, state, []]
+    for _ in range(rounds):
+        for v in live.values():
+            t0 = time.perf_counter()
+            v[1], v[2], _ = v[0](v[1], v[2], x, y)
+            jax.block_until_ready(v[1].params)
+            v[3].append(time.perf_counter() - t0)
+    bp = live["backprop"][3]
+    return {n: statistics.median(t / b for t, b in zip(v[3], bp, strict=True))
+            for n, v in live.items()}
+
+
+def time_to_target(name, model, energy, lr, kw, data, args):
+    x_tr, x_te, y_tr, y_te = data
+    step, state = make_step(model, energy, lr, kw)
     acc = lambda m: float(pccore.evaluate(m, x_te, y_te, energy=energy).accuracy)
-    state = opt.init(model.params)
     # warm-up: compile the step and the evaluation on a throwaway copy
     jax.block_until_ready(step(model, state, x_tr[:args.batch], y_tr[:args.batch])[0].params)
     acc(model)
@@ -146,8 +181,11 @@ def main(argv=None):
                    help="repeat each run (same seed, same steps) and report the median wall time "
                         "(default 5, quick 1)")
     p.add_argument("--only", nargs="+", default=None, help="method name prefixes")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="rounds of the paired step-time comparison (default 100, quick 20)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    args.rounds = args.rounds or (20 if args.quick else 100)
     args.depths = args.depths or ([8] if args.quick else [20, 64])
     args.target = args.target or (0.8 if args.quick else 0.9)
     args.max_steps = args.max_steps or (300 if args.quick else 2000)
@@ -176,19 +214,22 @@ def main(argv=None):
             row["est"] = row["steps"] * row["step_ms"] / 1e3
             rows.append(row)
         bp = next((r for r in rows if r["name"] == "backprop" and r["reached"]), None)
+        ratios = step_ratios(depth, chosen, data, args, args.rounds) if bp else {}
         lines = [f"Depth {depth}, target {100 * args.target:.0f}%:", "",
-                 f"| method | reached | steps | gradients (∇z + per-step) | wall s (median of "
-                 f"{args.reps}) | range s | median step ms | steps × median step s | "
-                 "wall / backprop | (steps × step) / backprop | best acc |",
-                 "|" + " --- |" * 11]
+                 f"| method | reached | training steps | gradients (∇z + per-step) | wall s "
+                 f"(median of {args.reps}) | range s | wall / backprop | step time / backprop "
+                 f"(paired) | steps × step time / backprop | best acc |",
+                 "|" + " --- |" * 10]
         for r in rows:
             ok = bp and r["reached"]
             ratio = f"{r['wall'] / bp['wall']:.1f}×" if ok else "–"
-            ratio2 = f"{r['est'] / bp['est']:.1f}×" if ok else "–"
+            q = ratios.get(r["name"])
+            paired = f"{q:.2f}×" if q else "–"
+            est = f"{q * r['steps'] / bp['steps']:.1f}×" if ok and q else "–"
             lines.append(f"| {r['name']} | {'yes' if r['reached'] else 'no'} | {r['steps']} | "
                          f"{r['grads']} | {r['wall']:.2f} | "
-                         f"{min(r['walls']):.2f}–{max(r['walls']):.2f} | {r['step_ms']:.2f} | "
-                         f"{r['est']:.2f} | {ratio} | {ratio2} | {r['best']:.1f}% |")
+                         f"{min(r['walls']):.2f}–{max(r['walls']):.2f} | {ratio} | {paired} | "
+                         f"{est} | {r['best']:.1f}% |")
         print("\n".join(lines) + "\n", flush=True)
         out.append((depth, rows))
     return out
