@@ -18,17 +18,21 @@ method of one parameterisation. Methods:
   pass `pccore.evaluate` uses), the same initial weights as the SP rows.
 
 Each run is repeated `--reps` times (same seed, so the same steps; the methods alternate
-within each round, so that load from elsewhere hits them alike) and the table gives
-the median wall time (a run that misses the target is not repeated). Test accuracy
-(feed-forward, 360 held-out digits) is evaluated every `--every` steps; the
-clock stops at the first evaluation at or above the target. Timing excludes compilation
-(each method runs one warm-up training step and one evaluation on a throwaway copy first)
-and excludes evaluation (the clock is paused while evaluating); every step is timed on
-its own (`jax.block_until_ready` after each). Besides the summed wall time, which moves by 2× from run
-to run on a loaded machine, the table gives a paired step-time ratio: the methods and
-backprop take one step each in turn, `--rounds` times, on the same batch, and the median
-of (method step) / (backprop step) is multiplied by the ratio of training steps to the
-target. That estimate of the time ratio is far less sensitive to load from elsewhere. Gradient evaluations:
+within each round, so that load from elsewhere hits them alike) and the table gives the
+median wall time (a run that misses the target is not repeated). Test accuracy
+(feed-forward, 360 held-out digits) is evaluated every `--every` steps; the clock stops at
+the first evaluation at or above the target. Timing excludes compilation (each method runs
+one warm-up training step and one evaluation on a throwaway copy first) and evaluation
+(the clock is paused while evaluating); every step is timed on its own
+(`jax.block_until_ready` after each).
+
+The summed wall time moves by 2x from run to run on a loaded machine, so the table also
+gives a paired step-time ratio: the methods and backprop take one step each, in a random
+order, `--rounds` times on the same batch, and the median of (method step) / (backprop
+step), multiplied by the ratio of training steps to the target, estimates the time ratio
+with far less sensitivity to load from elsewhere.
+
+Gradient evaluations:
 for PC methods the activity-gradient evaluations of inference (`TrainStats.num_grad_evals`,
 summed over steps) plus one parameter gradient per step; for backprop one forward+backward
 per step. One activity gradient of a chain energy costs about one forward and one backward
@@ -112,8 +116,8 @@ def make_step(model, energy, lr, kw):
 
 def step_ratios(depth, chosen, data, args, rounds):
     """Median over `rounds` of (one training step of a method) / (one backprop step), the
-    methods taking turns within a round on the same batch: cost per step relative to
-    backprop, robust to load that drifts over seconds."""
+    methods taking turns in a random order within a round, on the same batch: cost per
+    step relative to backprop, robust to load that drifts over seconds."""
     x, y = data[0][:args.batch], data[2][:args.batch]
     live = {}
     for name, mupc, energy, lr, kw in chosen:
@@ -122,8 +126,10 @@ def step_ratios(depth, chosen, data, args, rounds):
         model, state, _ = step(model, state, x, y)  # compile
         jax.block_until_ready(model.params)
         live[name] = [step, model, state, []]
+    order = np.random.default_rng(1)
     for _ in range(rounds):
-        for v in live.values():
+        for j in order.permutation(len(live)):  # a fresh order each round: no position bias
+            v = list(live.values())[j]
             t0 = time.perf_counter()
             v[1], v[2], _ = v[0](v[1], v[2], x, y)
             jax.block_until_ready(v[1].params)
