@@ -30,17 +30,17 @@ CE = pccore.PC(loss=pccore.CrossEntropy())
 MUPC = pccore.PC(loss=pccore.CrossEntropy(), parameterisation=pccore.MuPC(gamma=1.0))
 
 
-def _weights(dtype=np.float32, unit=False):
-    w = tm.init_weights(V, S, D, DEPTH, F, seed=0, unit=unit)
+def _weights(dtype=np.float32, unit=False, depth=DEPTH):
+    w = tm.init_weights(V, S, D, depth, F, seed=0, unit=unit)
     return jax.tree_util.tree_map(lambda a: a.astype(dtype), w)
 
 
 def _wrap(w, framework):
     if framework == "equinox":
-        return pccore.wrap(tm.to_equinox(w, H), boundaries=tm.eqx_boundaries(DEPTH),
+        return pccore.wrap(tm.to_equinox(w, H), boundaries=tm.eqx_boundaries(len(w["blocks"])),
                            input_shape=(S,), dtype=jnp.int32)
-    return pccore.wrap(tm.to_nnx(w, H), boundaries=tm.nnx_boundaries(DEPTH), input_shape=(S,),
-                       dtype=jnp.int32)
+    return pccore.wrap(tm.to_nnx(w, H), boundaries=tm.nnx_boundaries(len(w["blocks"])),
+                       input_shape=(S,), dtype=jnp.int32)
 
 
 FRAMEWORKS = ("equinox", "flax.nnx")
@@ -138,12 +138,13 @@ def test_both_frameworks_give_the_hand_written_logits_and_the_same_layers():
 @pytest.mark.parametrize("framework", FRAMEWORKS)
 def test_energy_equals_hand_written(framework, variant, x64):
     """pccore's energy at random per-token latents, in float64, equals the hand-written one
-    (for μPC: with the weights scaled by hand)."""
+    (for μPC: with the weights scaled by hand). One block (first, hidden and last layer
+    kinds; the two-block chain is checked by the logits test) keeps the compilation short."""
     x, y = _data(3, seed=4)
     unit = variant == "muPC"
-    w = _weights(np.float64, unit=unit)
+    w = _weights(np.float64, unit=unit, depth=1)
     model = _wrap(w, framework)
-    keys = jax.random.split(jax.random.key(5), DEPTH + 1)
+    keys = jax.random.split(jax.random.key(5), 2)
     zs = tuple(jax.random.normal(k, (3, S, D), jnp.float64) for k in keys)
     got = pccore.energy(model, zs, x=x, y=y.astype(np.float64), energy=MUPC if unit else CE)
     want = _energy_by_hand(_mupc_scaled(w) if unit else w, zs, x, y.astype(np.float64))
