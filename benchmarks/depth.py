@@ -24,7 +24,8 @@ the wall time of the training loop without the first step (which compiles); "com
 that first step. Defaults (chosen in a small sweep at depth 32): Euler t1 = 8, dt0 = 0.5
 (16 inference steps), gamma = 0.1, Adam 1e-1 for muPC, 1e-3 for SP and for backprop. At 128
 layers these leave muPC at 75%; `--gamma 0.02 --dt0 0.25` (32 inference steps over the same
-horizon) reaches 92.8% in 500 steps (the sweep is in benchmarks/NOTES.md, "Depth").
+horizon) reaches 92.8% in 500 steps and 93.1% in 1500 (the sweep is in
+benchmarks/NOTES.md, "Depth").
 """
 
 import argparse
