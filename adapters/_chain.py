@@ -607,15 +607,18 @@ def layer_names(plan: Plan, leaf_owner_names: Sequence[tuple[str, int]]) -> tupl
     return tuple("+".join([n, *e]) for n, e in zip(plan.names, extra))
 
 
-def weight_specs(params: Any, names: Sequence[str], out_axis=lambda keys: -1) -> tuple[WeightSpec, ...]:
+def weight_specs(params: Any, names: Sequence[str], out_axis=lambda keys: -1,
+                 out_ndim=lambda keys: 1) -> tuple[WeightSpec, ...]:
     """WeightSpecs of the leaves called one of `names` with ndim >= 2; `out_axis(keys)` gives
-    the output axis from a leaf's key path (default -1: `(..., in, out)`)."""
+    the output axis from a leaf's key path (default -1: `(..., in, out)`), and `out_ndim(keys)`
+    how many axes index outputs (default 1; 2 for an `(in, heads, head_dim)` kernel)."""
     specs = []
     for i, (path, leaf) in enumerate(jtu.tree_flatten_with_path(params)[0]):
         ks = [_key(k) for k in path]
-        ks = [k for k in ks if k != "value"]
+        if ks and ks[-1] == "value":  # a boxed leaf (nnx.Variable, nn.Partitioned), not a module
+            ks = ks[:-1]
         if ks and ks[-1] in names and np.ndim(leaf) >= 2:
-            specs.append(WeightSpec(i, out_axis(tuple(ks))))
+            specs.append(WeightSpec(i, out_axis(tuple(ks)), out_ndim(tuple(ks))))
     return tuple(specs)
 
 

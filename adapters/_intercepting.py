@@ -152,6 +152,12 @@ class InterceptedModel(Intercepted):
         """The output axis of a weight leaf, from its key path (-1: `(..., in, out)`)."""
         return -1
 
+    def weight_out_ndim(self, keys: tuple) -> int:
+        """How many axes of a weight leaf index outputs, from its key path (default 1; a
+        subclass reads it from the module owning the leaf, e.g. 2 for a Flax
+        `LinearGeneral`/`DenseGeneral` kernel `(in, heads, head_dim)`)."""
+        return 1
+
     @abc.abstractmethod
     def rebuild(self, params: Any, state: Any = None) -> Any:
         """The user's native object from the whole trainable tree (and the frozen state)."""
@@ -199,7 +205,8 @@ class AbstractInterceptingAdapter(AbstractAdapter):
             in_shape=in_shape,
             out_shapes=plan.out_shapes,
             names=layer_names(plan, owners_by_layer(plan, m)),
-            weights=tuple(weight_specs(p, m.weight_names, m.weight_out_axis) for p in per_layer),
+            weights=tuple(weight_specs(p, m.weight_names, m.weight_out_axis, m.weight_out_ndim)
+                          for p in per_layer),
             skips=(False,) * len(layers),
             framework=self.name,
             rebuild=lambda new_params, state=None: m.rebuild(merge(new_params), state),

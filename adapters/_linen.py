@@ -72,9 +72,12 @@ def _candidates(params) -> list[tuple[tuple[int, ...], str]]:
     return out
 
 
-def _interceptor(icpt):
+def _interceptor(icpt, out_ndims: dict[str, int] | None = None):
     """A Linen method interceptor calling `icpt(module path, method, next_fn, args, kwargs)`
-    for every method call of a named submodule (not for setup, nor the top-level module)."""
+    for every method call of a named submodule (not for setup, nor the top-level module).
+
+    It also notes in `out_ndims` how many output axes the kernel of each `nn.DenseGeneral`
+    called has (its `features`: its kernel is `(in..., *features)`)."""
 
     def ln_icpt(nf, a, kw, ctx):
         m = ctx.module
@@ -83,6 +86,8 @@ def _interceptor(icpt):
         name = "/".join(str(s) for s in m.scope.path)
         if not name:
             return nf(*a, **kw)
+        if out_ndims is not None and isinstance(m, nn.DenseGeneral):
+            out_ndims[name] = len(m.features) if isinstance(m.features, Sequence) else 1
         return icpt(name, ctx.method_name, nf, a, kw)
 
     return ln_icpt
@@ -170,15 +175,16 @@ class _Linen(InterceptedModel):
         self.has_state = bool(self.frozen)
         self.what = f"the Linen module {type(module).__name__}"
         self._owner, self._leaf_keys = _key_fns(self.params)
+        self._out_ndims: dict[str, int] = {}  # per nn.DenseGeneral called, by module path
 
     def run(self, params, frozen, x, icpt):
-        with nn.intercept_methods(_interceptor(icpt)):
+        with nn.intercept_methods(_interceptor(icpt, self._out_ndims)):
             return self.module.apply({"params": params, **frozen}, x, *self.args, **self.kwargs)
 
     def train_run(self, params, frozen, x, icpt, key):
         rngs = {} if key is None else {
             n: key if i == 0 else jax.random.fold_in(key, i) for i, n in enumerate(self.rng_names)}
-        with nn.intercept_methods(_interceptor(icpt)):
+        with nn.intercept_methods(_interceptor(icpt, self._out_ndims)):
             if not frozen:
                 return self.module.apply({"params": params}, x, *self.train_args, rngs=rngs,
                                          **self.train_kwargs), frozen
@@ -191,6 +197,11 @@ class _Linen(InterceptedModel):
 
     def leaf_keys(self, keys):
         return self._leaf_keys(keys)
+
+    def weight_out_ndim(self, keys):  # an nn.DenseGeneral's kernel is (in..., *features)
+        if keys[-1] == "kernel":
+            return self._out_ndims.get("/".join(str(k) for k in keys[:-1]), 1)
+        return 1
 
     def state_owner(self, keys):  # (collection, *module path, name)
         return "/".join(str(k) for k in keys[1:-1])

@@ -233,6 +233,12 @@ class _NNX(InterceptedModel):
     def leaf_keys(self, keys):
         return _strip(keys)
 
+    def weight_out_ndim(self, keys):  # an nnx.LinearGeneral's kernel is (in..., out...)
+        m = self.modules.get(_path_name(keys[:-1]))
+        if isinstance(m, nnx.LinearGeneral) and keys[-1] == "kernel":
+            return len(m.out_features)
+        return 1
+
     def refuse(self, e, where):
         msg = str(e)
         if "shape" in msg.lower() or "dot_general" in msg:

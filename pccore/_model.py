@@ -2,7 +2,7 @@
 
 import abc
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from equinox import AbstractVar
@@ -30,19 +30,52 @@ class WeightSpec(eqx.Module):
     - `index`: position of the weight among `jax.tree_util.tree_leaves(params_l)`.
     - `out_axis`: the axis of the weight that indexes outputs: `0` for Equinox's
         `(out, in, ...)` layout, `-1` for Haiku/Flax's `(..., in, out)` kernels.
+    - `out_ndim`: how many axes index outputs (default `1`): the `out_ndim` axes that start
+        at `out_axis` and run inwards (`0`: the leading axes; `-1`: the trailing ones). Flax's
+        `LinearGeneral`/`DenseGeneral` kernels of attention's query, key and value
+        projections are `(in, heads, head_dim)`: `WeightSpec(i, -1, out_ndim=2)`.
 
-    The matricised weight is `W = moveaxis(w, out_axis, 0).reshape(out, -1)`, so its fan-in
-    is `w.size // w.shape[out_axis]` (for a convolution, `in_channels * prod(kernel)`).
+    The matricised weight moves the output axes to the front and reshapes, `W =
+    w.reshape(prod(out_shape), -1)` after the move, so its fan-in is `w.size //
+    prod(out_shape)` (for a convolution, `in_channels * prod(kernel)`; for an
+    `(in, heads, head_dim)` kernel, `in`; for attention's `(heads, head_dim, out)` output
+    projection, `heads * head_dim`).
     """
 
     index: int = eqx.field(static=True)
     out_axis: int = eqx.field(static=True)
+    out_ndim: int = eqx.field(static=True, default=1)
+
+    def __check_init__(self):
+        if not isinstance(self.out_ndim, int) or self.out_ndim < 1:
+            raise ValueError(f"`out_ndim`: a positive number of output axes; got {self.out_ndim!r}.")
 
 
-def matricise(w: Array, out_axis: int) -> Float[Array, "out in"]:
+def _out_axes(ndim: int, out_axis: int, out_ndim: int) -> tuple[int, ...]:
+    """The output axes of a weight with `ndim` axes (see [`pccore.WeightSpec`][])."""
+    if -ndim <= out_axis < ndim and out_ndim < ndim:
+        a = out_axis % ndim
+        first = a - out_ndim + 1 if out_axis < 0 else a
+        if first >= 0 and first + out_ndim <= ndim:
+            return tuple(range(first, first + out_ndim))
+    raise ValueError(
+        f"unsupported weight layout: out_axis={out_axis}, out_ndim={out_ndim} for a {ndim}-d "
+        "weight (the output axes must fit in it and leave at least one input axis)."
+    )
+
+
+def matricise(w: Array, out_axis: int, out_ndim: int = 1) -> Float[Array, "out in"]:
     """The weight `w` as a matrix in `(out, in)` layout (see [`pccore.WeightSpec`][])."""
-    w = jnp.moveaxis(w, out_axis, 0)
-    return w.reshape(w.shape[0], -1)
+    axes = _out_axes(w.ndim, out_axis, out_ndim)
+    w = jnp.moveaxis(w, axes, tuple(range(out_ndim)))
+    return w.reshape(int(np.prod(w.shape[:out_ndim])), -1)
+
+
+def fan_in(shape: Sequence[int], out_axis: int, out_ndim: int = 1) -> int:
+    """The fan-in of a weight of `shape` (see [`pccore.WeightSpec`][]): its size over the
+    product of its output axes."""
+    axes = _out_axes(len(shape), out_axis, out_ndim)
+    return int(np.prod(shape)) // int(np.prod([shape[a] for a in axes]))
 
 
 class AbstractStatefulLayer(eqx.Module):
@@ -367,15 +400,12 @@ class PCModel(AbstractPCModel):
     def weight_matrices(self, l: int, params: Params | None = None) -> list[Array]:
         """Layer `l`'s weight matrices in `(out, in)` layout (see [`pccore.WeightSpec`][])."""
         leaves = jtu.tree_leaves(self.params[l] if params is None else params)
-        return [matricise(leaves[s.index], s.out_axis) for s in self.weights[l]]
+        return [matricise(leaves[s.index], s.out_axis, s.out_ndim) for s in self.weights[l]]
 
     def fan_ins(self, l: int) -> tuple[int, ...]:
         """Fan-in of each weight of layer `l`, from shapes alone (no arrays are read)."""
         leaves = jtu.tree_leaves(self.params[l])
-        return tuple(
-            int(np.prod(leaves[s.index].shape)) // int(leaves[s.index].shape[s.out_axis])
-            for s in self.weights[l]
-        )
+        return tuple(fan_in(leaves[s.index].shape, s.out_axis, s.out_ndim) for s in self.weights[l])
 
 
 def check_energy_params(energy_params: Any) -> None:

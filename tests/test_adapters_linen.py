@@ -1,5 +1,7 @@
 """Flax Linen adapter: Sequential, setup() lists, @nn.compact, frozen collections, refusals."""
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -191,3 +193,86 @@ def test_input_shape_that_cannot_be_inferred_asks_for_it():
     x = jax.random.normal(jax.random.key(1), (2, 8, 8, 1))
     model = pccore.wrap(module, variables, input_shape=(8, 8, 1))
     np.testing.assert_allclose(model(x), module.apply(variables, x), rtol=1e-6)
+
+
+# -- multi-axis kernels: nn.MultiHeadDotProductAttention's (in, heads, head_dim) projections -----
+
+IN, H, HD, OUT, S = 6, 2, 4, 5, 3  # q/k/v kernels (IN, H, HD), out (H, HD, OUT); H*HD != IN
+
+
+def _init(seed):
+    """An initialiser from NumPy (no random-number kernels to compile in float64)."""
+    rng = np.random.default_rng(seed)
+    return lambda key, shape, dtype: jnp.asarray(rng.normal(size=shape) / np.sqrt(shape[0]), dtype)
+
+
+class Attention(nn.Module):
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        kw = dict(param_dtype=self.dtype, dtype=self.dtype, kernel_init=_init(0), bias_init=_init(1))
+        self.inp = nn.Dense(IN, **kw)
+        self.attn = nn.MultiHeadDotProductAttention(num_heads=H, qkv_features=H * HD,
+                                                    out_features=OUT, **kw)
+        self.head = nn.Dense(3, **kw)
+
+    def __call__(self, x):
+        return self.head(self.attn(nn.tanh(self.inp(x))))
+
+
+def _wrap_attention(dtype=jnp.float32):
+    m = Attention(dtype)
+    v = m.init(jax.random.key(0), jnp.zeros((1, S, 2), dtype))
+    return m, v, pccore.wrap(m, v, input_shape=(S, 2), boundaries=["inp", "attn", "head"])
+
+
+def _weight_names(model, l):
+    """The owning module of each of layer `l`'s weights (`query`, ..., `out`)."""
+    paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(model.params[l])[0]]
+    return [str(paths[s.index][-2].key) for s in model.weights[l]]
+
+
+def test_attention_fan_ins_and_weight_matrices_read_the_true_layout():
+    """q/k/v kernels (in, heads, head_dim) read as W (heads*head_dim, in): fan-in `in` (not
+    in*heads); the output projection (heads, head_dim, out) as W (out, heads*head_dim)."""
+    _, v, model = _wrap_attention()
+    names = _weight_names(model, 1)
+    assert sorted(names) == ["key", "out", "query", "value"]
+    assert dict(zip(names, model.fan_ins(1))) == {"query": IN, "key": IN, "value": IN, "out": H * HD}
+    assert model.fan_ins(0) == (2,) and model.fan_ins(2) == (OUT,)
+    p = v["params"]["attn"]
+    want = {n: np.asarray(p[n]["kernel"]).reshape(IN, H * HD).T for n in ("query", "key", "value")}
+    want["out"] = np.asarray(p["out"]["kernel"]).reshape(H * HD, OUT).T
+    for n, W in zip(names, model.weight_matrices(1)):
+        np.testing.assert_array_equal(W, want[n], err_msg=n)
+
+
+def test_attention_mupc_energy_equals_hand_scaled_kernels(x64):
+    """μPC's energy of the wrapped model, in float64, equals the energy written by hand from
+    variables whose kernels are scaled by 1/sqrt(true fan-in) (the head's by 1/(fan-in gamma))."""
+    gamma = 0.5
+    m, v, model = _wrap_attention(jnp.float64)
+    energy = pccore.PC(parameterisation=pccore.MuPC(gamma=gamma))
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=(4, S, 2)), rng.normal(size=(4, S, 3))
+    zs = (rng.normal(size=(4, S, IN)), rng.normal(size=(4, S, OUT)))
+    scale = {"inp": 1 / np.sqrt(2), "head": 1 / (OUT * gamma),
+             "attn": {"query": 1 / np.sqrt(IN), "key": 1 / np.sqrt(IN), "value": 1 / np.sqrt(IN),
+                      "out": 1 / np.sqrt(H * HD)}}
+
+    def scaled(p, c):
+        if isinstance(c, dict):
+            return {n: scaled(p[n], c[n]) for n in p}
+        return {**p, "kernel": p["kernel"] * c}
+
+    s = {"params": scaled(v["params"], scale)}
+
+    @jax.jit
+    def by_hand(s, x, zs, y):
+        f = lambda method, h: m.apply(s, h, method=method)
+        return 0.5 * (jnp.sum((zs[0] - jnp.tanh(f(lambda mm, h: mm.inp(h), x))) ** 2)
+                      + jnp.sum((zs[1] - f(lambda mm, h: mm.attn(h), zs[0])) ** 2)
+                      + jnp.sum((y - f(lambda mm, h: mm.head(h), zs[1])) ** 2))
+
+    got = pccore.energy(model, zs, x=x, y=y, energy=energy)
+    np.testing.assert_allclose(got, by_hand(s, x, zs, y), rtol=1e-12)

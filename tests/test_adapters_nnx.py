@@ -188,3 +188,78 @@ def test_nnx_scan_over_stacked_blocks_is_one_layer_of_its_module(getkey):
             + 0.5 * jnp.sum((z[1] - native.stack(z[0])) ** 2)
             + 0.5 * jnp.sum((y - native.out(z[1])) ** 2))
     np.testing.assert_allclose(pccore.energy(model, z, x=x, y=y), want, rtol=1e-5)
+
+
+# -- multi-axis kernels: nnx.MultiHeadAttention's (in, heads, head_dim) projections ---------------
+
+IN, H, HD, OUT, S = 6, 2, 4, 5, 3  # q/k/v kernels (IN, H, HD), out (H, HD, OUT); H*HD != IN
+
+
+def _init(seed):
+    """An initialiser from NumPy (no random-number kernels to compile in float64)."""
+    rng = np.random.default_rng(seed)
+    return lambda key, shape, dtype: jnp.asarray(rng.normal(size=shape) / np.sqrt(shape[0]), dtype)
+
+
+class _Attention(nnx.Module):
+    def __init__(self, rngs, dtype=jnp.float32):
+        kw = dict(param_dtype=dtype, dtype=dtype, rngs=rngs, kernel_init=_init(0), bias_init=_init(1))
+        self.inp = nnx.Linear(2, IN, **kw)
+        self.attn = nnx.MultiHeadAttention(num_heads=H, in_features=IN, qkv_features=H * HD,
+                                           out_features=OUT, decode=False, **kw)
+        self.head = nnx.Linear(OUT, 3, **kw)
+
+    def __call__(self, x):
+        return self.head(self.attn(jnp.tanh(self.inp(x))))
+
+
+def _wrap_attention(m):
+    return pccore.wrap(m, input_shape=(S, 2), boundaries=["inp", "attn", "head"])
+
+
+def _weight_names(model, l):
+    """The owning module of each of layer `l`'s weights (`query`, ..., `out`)."""
+    paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(model.params[l])[0]]
+    return [str(paths[s.index][-2].key) for s in model.weights[l]]
+
+
+def test_attention_fan_ins_and_weight_matrices_read_the_true_layout():
+    """q/k/v kernels (in, heads, head_dim) read as W (heads*head_dim, in): fan-in `in` (not
+    in*heads); the output projection (heads, head_dim, out) as W (out, heads*head_dim)."""
+    m = _Attention(nnx.Rngs(0))
+    model = _wrap_attention(m)
+    names = _weight_names(model, 1)
+    assert sorted(names) == ["key", "out", "query", "value"]
+    assert dict(zip(names, model.fan_ins(1))) == {"query": IN, "key": IN, "value": IN, "out": H * HD}
+    assert model.fan_ins(0) == (2,) and model.fan_ins(2) == (OUT,)
+    want = {n: np.asarray(getattr(m.attn, n).kernel[...]).reshape(IN, H * HD).T
+            for n in ("query", "key", "value")}
+    want["out"] = np.asarray(m.attn.out.kernel[...]).reshape(H * HD, OUT).T
+    for n, W in zip(names, model.weight_matrices(1)):
+        np.testing.assert_array_equal(W, want[n], err_msg=n)
+
+
+def test_attention_mupc_energy_equals_hand_scaled_kernels(x64):
+    """μPC's energy of the wrapped model, in float64, equals the energy written by hand from a
+    copy whose kernels are scaled by 1/sqrt(true fan-in) (the head's by 1/(fan-in gamma))."""
+    gamma = 0.5
+    m = _Attention(nnx.Rngs(1), jnp.float64)
+    model = _wrap_attention(m)
+    energy = pccore.PC(parameterisation=pccore.MuPC(gamma=gamma))
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=(4, S, 2)), rng.normal(size=(4, S, 3))
+    zs = (rng.normal(size=(4, S, IN)), rng.normal(size=(4, S, OUT)))
+    s = nnx.clone(m)
+    for lin, c in [(s.inp, 1 / np.sqrt(2)), (s.attn.query, 1 / np.sqrt(IN)),
+                   (s.attn.key, 1 / np.sqrt(IN)), (s.attn.value, 1 / np.sqrt(IN)),
+                   (s.attn.out, 1 / np.sqrt(H * HD)), (s.head, 1 / (OUT * gamma))]:
+        lin.kernel[...] = lin.kernel[...] * c
+
+    @nnx.jit
+    def by_hand(s, x, zs, y):
+        return 0.5 * (jnp.sum((zs[0] - jnp.tanh(s.inp(x))) ** 2)
+                      + jnp.sum((zs[1] - s.attn(zs[0])) ** 2) + jnp.sum((y - s.head(zs[1])) ** 2))
+
+    want = by_hand(s, x, zs, y)
+    got = pccore.energy(model, zs, x=x, y=y, energy=energy)
+    np.testing.assert_allclose(got, want, rtol=1e-12)

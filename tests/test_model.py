@@ -4,6 +4,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import pccore
 
@@ -42,3 +43,22 @@ def test_init_activities_is_compiled_once_and_is_the_feed_forward_pass():
         (z1,) = pccore.init_activities(model, x)
     assert len(traces) == 1
     np.testing.assert_allclose(z1, jax.vmap(lambda v: jnp.tanh(seq.layers[0](v)))(x), rtol=1e-6)
+
+
+def test_weight_spec_out_ndim_reads_multi_axis_kernels():
+    """`out_ndim` output axes from `out_axis` inwards: W has them as rows, the rest as columns;
+    the default (one output axis) reads conv kernels as before."""
+    from pccore._model import fan_in, matricise
+
+    w = np.arange(6 * 2 * 4.0).reshape(6, 2, 4)  # (in, heads, head_dim)
+    np.testing.assert_array_equal(matricise(jnp.asarray(w), -1, 2), w.reshape(6, 8).T)
+    assert fan_in(w.shape, -1, 2) == 6 and fan_in(w.shape, -1) == 12
+    o = np.arange(8 * 3 * 5.0).reshape(8, 3, 5)  # (out, heads, head_dim) with out_axis 0
+    np.testing.assert_array_equal(matricise(jnp.asarray(o), 0), o.reshape(8, 15))
+    np.testing.assert_array_equal(matricise(jnp.asarray(w.transpose(1, 2, 0)), 0, 2), w.reshape(6, 8).T)
+    assert fan_in((3, 3, 2, 8), -1) == 18 and fan_in((8, 2, 3, 3), 0) == 18
+    assert pccore.WeightSpec(0, -1).out_ndim == 1
+    with pytest.raises(ValueError, match="out_ndim"):
+        pccore.WeightSpec(0, -1, 0)
+    with pytest.raises(ValueError, match="unsupported weight layout"):
+        matricise(jnp.asarray(w), -1, 3)  # no input axis left
