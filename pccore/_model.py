@@ -46,9 +46,12 @@ class WeightSpec(eqx.Module):
     out_axis: int = eqx.field(static=True)
     out_ndim: int = eqx.field(static=True, default=1)
 
-    def __check_init__(self):
+    def __check_init__(self) -> None:
         if not isinstance(self.out_ndim, int) or self.out_ndim < 1:
-            raise ValueError(f"`out_ndim`: a positive number of output axes; got {self.out_ndim!r}.")
+            raise ValueError(
+                f"`out_ndim` must be a positive number of output axes; got {self.out_ndim!r}. "
+                "Use 1 for an ordinary (in, out) kernel, 2 for (in, heads, head_dim)."
+            )
 
 
 def _out_axes(ndim: int, out_axis: int, out_ndim: int) -> tuple[int, ...]:

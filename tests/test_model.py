@@ -58,7 +58,7 @@ def test_weight_spec_out_ndim_reads_multi_axis_kernels():
     np.testing.assert_array_equal(matricise(jnp.asarray(w.transpose(1, 2, 0)), 0, 2), w.reshape(6, 8).T)
     assert fan_in((3, 3, 2, 8), -1) == 18 and fan_in((8, 2, 3, 3), 0) == 18
     assert pccore.WeightSpec(0, -1).out_ndim == 1
-    with pytest.raises(ValueError, match="out_ndim"):
+    with pytest.raises(ValueError, match=r"`out_ndim` must be a positive number of output axes; got 0\. Use 1"):
         pccore.WeightSpec(0, -1, 0)
     with pytest.raises(ValueError, match="unsupported weight layout"):
         matricise(jnp.asarray(w), -1, 3)  # no input axis left
