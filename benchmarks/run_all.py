@@ -16,6 +16,7 @@ import compile_phases
 import layout
 import solver_study
 from _common import machine
+from _docs_page import write_docs_page
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -33,7 +34,11 @@ MODULES = {"step": bench_step, "layout": layout, "compile_phases": compile_phase
 
 
 def main():
-    """Run everything; `--from-json` only rebuilds RESULTS.md from `results/*.json`."""
+    """Run everything; `--from-json` only rebuilds RESULTS.md from `results/*.json`; `--docs`
+    only copies RESULTS.md into docs/benchmarks.md."""
+    if "--docs" in sys.argv:
+        write_docs_page()
+        return
     quick = ["--quick"] if "--quick" in sys.argv else []
     t0 = time.perf_counter()
     path = lambda name: os.path.join(HERE, "results", f"{name}.json")
@@ -69,6 +74,7 @@ def main():
         lines += [f.read()]
     with open(os.path.join(HERE, "RESULTS.md"), "w") as f:
         f.write("\n".join(lines))
+    write_docs_page()
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ class RESULTS(eqx.Enumeration):
         "this model (stiff layers such as LayerNorm or BatchNorm make the energy stiff), so the "
         "discretised flow is unstable. Use a smaller `dt0` (or optax learning rate), an adaptive "
         "solver (`solver=pccore.AdaptiveEuler()` with "
-        "`stepsize_controller=diffrax.PIDController(rtol=1e-3, atol=1e-3)`), or the muPC "
-        "parameterisation (`pccore.PC(parameterisation=pccore.MuPC())`)."
+        "`stepsize_controller=diffrax.PIDController(rtol=1e-3, atol=1e-3)`); for a deep network "
+        "in the standard parameterisation, muPC (`pccore.PC(parameterisation=pccore.MuPC())`), "
+        "and with muPC already, a smaller `gamma` or more, smaller steps."
     )

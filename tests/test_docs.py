@@ -7,7 +7,8 @@ import types
 import pccore
 from pccore import datasets
 
-API = pathlib.Path(__file__).resolve().parent.parent / "docs" / "api"
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+API = ROOT / "docs" / "api"
 
 
 def documented() -> set[str]:
@@ -34,3 +35,17 @@ def test_nav_pages_exist():
     root = API.parent.parent
     nav = re.findall(r":\s*(\S+\.md)\s*$", (root / "mkdocs.yml").read_text(), flags=re.M)
     assert nav and all((root / "docs" / page).is_file() for page in nav)
+
+
+def test_benchmark_page_holds_the_current_results():
+    """docs/benchmarks.md carries benchmarks/RESULTS.md as it is (`run_all.py --docs`)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("docs_page", ROOT / "benchmarks" / "_docs_page.py")
+    assert spec is not None and spec.loader is not None
+    run_all = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_all)
+    page = (ROOT / "docs" / "benchmarks.md").read_text()
+    results = (ROOT / "benchmarks" / "RESULTS.md").read_text()
+    assert page == run_all.docs_page(results, page), (
+        "docs/benchmarks.md is out of date: run `python benchmarks/run_all.py --docs`")
