@@ -124,6 +124,7 @@ def _skip_first_update(monkeypatch):
     monkeypatch.setattr(_cli_run, "_timed", timed)
 
 
+@pytest.mark.slow  # over 3.5 s: the fast set keeps a margin under its 5 minutes
 def test_cli_reports_skipped_updates(tmp_path, monkeypatch, capsys):
     _skip_first_update(monkeypatch)
     assert _cli.main(train_argv(tmp_path)) == 0
@@ -248,6 +249,7 @@ def _interrupt_at_step(monkeypatch, n):
     monkeypatch.setattr(_cli_run, "_timed", timed)
 
 
+@pytest.mark.slow  # over 3.5 s: the fast set keeps a margin under its 5 minutes
 def test_ctrl_c_ends_with_one_line_and_the_resume_command(tmp_path, monkeypatch, capsys):
     """Interrupted in epoch 2 (2 steps per epoch): status 130, one line naming the epoch-1
     checkpoint and the command that resumes it; that command then finishes the run."""

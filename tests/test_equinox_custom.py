@@ -429,6 +429,7 @@ class TokenClassifier(eqx.Module):
         return self.head(h.mean(0))
 
 
+@pytest.mark.slow  # over 3.5 s: the fast set keeps a margin under its 5 minutes
 def test_token_model_reading_its_tokens_in_a_later_layer(x64):
     net = jax.tree.map(lambda a: a.astype(jnp.float64) if eqx.is_inexact_array(a) else a,
                        TokenClassifier(jax.random.key(0)))

@@ -180,6 +180,7 @@ def test_integer_x_in_every_entry_point():
     assert float(pccore.evaluate(new, x, y, energy=CE).loss) < float(e.loss)
 
 
+@pytest.mark.slow  # over 3.5 s: the fast set keeps a margin under its 5 minutes
 def test_dtype_mismatches_are_refused_by_name():
     f, params = _haiku()
     model = pccore.wrap(f, params, input_shape=(S,), boundaries=HK_BOUNDARIES)
