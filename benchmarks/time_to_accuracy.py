@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from depth import build, load_digits
+from depth import build, load_digits, make_bp_step
 
 import pccore
 
@@ -80,29 +80,12 @@ def methods():
     ]
 
 
-def bp_step(energy, opt, model):
-    """One backprop step, `jax.jit` over the parameters and optimiser state alone (the model's
-    structure is closed over, so a call passes only the weight arrays, as a lean training
-    loop does)."""
-    def loss(params, x, y):
-        pred = energy.predict(energy.prepare(model.with_params(params)), x)
-        return -jnp.mean(jnp.sum(y * jax.nn.log_softmax(pred, axis=-1), axis=-1))
-
-    @jax.jit
-    def step(params, state, x, y):
-        l, g = jax.value_and_grad(loss)(params, x, y)
-        upd, state = opt.update(g, state, params)
-        return optax.apply_updates(params, upd), state, l
-
-    return step
-
-
 def make_step(model, energy, lr, kw):
     """(step, initial optimiser state); `step(model, state, x, y)` returns the new model and
     state and the number of activity-gradient evaluations (0 for backprop)."""
     opt = optax.adam(lr)
     if kw is None:
-        f = bp_step(energy, opt, model)
+        f = make_bp_step(energy, opt, model)
 
         def step(m, s, x, y):
             params, s, _ = f(m.params, s, x, y)
