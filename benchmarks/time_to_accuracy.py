@@ -44,9 +44,7 @@ import statistics
 import time
 
 import diffrax
-import equinox as eqx
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from depth import build, load_digits, make_bp_step

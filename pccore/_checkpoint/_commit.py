@@ -22,6 +22,7 @@ try:
 except ImportError:  # Windows: no advisory locks; one writer per directory is then on you
     fcntl = None
 
+
 def stranded(path: Path) -> Path | None:
     """The checkpoint set aside as `.old-NAME-*` by an overwriting save that has not
     committed (so nothing is at `path`), or None."""
@@ -31,12 +32,14 @@ def stranded(path: Path) -> Path | None:
     olds = sorted(p for p in path.parent.iterdir() if p.is_dir() and name.fullmatch(p.name))
     return olds[0] if olds else None
 
+
 def recover(path: Path) -> None:
     """Writers: rename a stranded set-aside checkpoint back to `path`."""
     old = stranded(path)
     if old is not None:
         os.replace(old, path)
         _files.fsync_dir(path.parent)
+
 
 def abandon(path: Path) -> None:
     """After a failed save of `path`: remove orbax's temporary directory, and put a
@@ -45,6 +48,7 @@ def abandon(path: Path) -> None:
         for p in path.parent.glob(f"{glob.escape(path.name)}{TMP}*"):
             shutil.rmtree(p, ignore_errors=True)
     recover(path)
+
 
 def _raced(error: BaseException, path: Path) -> str | None:
     """What another writer did if a save of `path` failed by losing a race with it (possible
@@ -58,7 +62,10 @@ def _raced(error: BaseException, path: Path) -> str | None:
         return f"it removed this save's temporary directory {tmp.name}: {first_line(error)}"
     return None
 
+
 @contextlib.contextmanager
+
+
 def writer_lock(directory: Path) -> Iterator[None]:
     """Hold the advisory writer lock of `directory` (an `flock` on the directory itself, so
     no lock file appears in it); a CheckpointError if another writer holds it."""
@@ -81,6 +88,7 @@ def writer_lock(directory: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # releases the lock
+
 
 def write_committed(path: Path, args: Any, overwrite: bool, write: Callable[[Any], None]) -> Path | None:
     """Commit `args` at `path` with `write` (the caller holds the writer lock). An existing

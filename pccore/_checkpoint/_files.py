@@ -11,12 +11,12 @@ commit and the index) is verified by its arrays' SHA-256 in the manifest instead
 import hashlib
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any
 
+from ._format import FORMAT, is_count, is_sha
+
 FILES = "files.json"
-_FORMAT = "pccore-checkpoint"
 
 
 def sha256(path: Path) -> str:
@@ -40,7 +40,7 @@ def write_index(path: Path) -> None:
     """Write `files.json` into the committed checkpoint `path`, atomically."""
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.name != FILES)
     index = {
-        "format": _FORMAT,
+        "format": FORMAT,
         "files": {p.relative_to(path).as_posix(): [p.stat().st_size, sha256(p)] for p in files},
     }
     tmp = path / f".{FILES}.tmp"
@@ -56,8 +56,7 @@ def _ok_entry(rel: Any, v: Any) -> bool:
     return (
         isinstance(rel, str) and bool(rel) and not rel.startswith("/") and ".." not in rel.split("/")
         and isinstance(v, list) and len(v) == 2
-        and isinstance(v[0], int) and not isinstance(v[0], bool) and v[0] >= 0
-        and isinstance(v[1], str) and re.fullmatch("[0-9a-f]{64}", v[1]) is not None
+        and is_count(v[0]) and is_sha(v[1])
     )
 
 
@@ -75,7 +74,7 @@ def damage(path: Path) -> str | None:
         index = json.loads(ipath.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as e:
         return f"{FILES} is corrupted ({e})"
-    if not (isinstance(index, dict) and index.get("format") == _FORMAT
+    if not (isinstance(index, dict) and index.get("format") == FORMAT
             and isinstance(index.get("files"), dict)
             and all(_ok_entry(rel, v) for rel, v in index["files"].items())):
         return f"{FILES} is not a pccore file index (edited or damaged)"

@@ -1,8 +1,8 @@
 """What a checkpoint holds and how its manifest describes it: the saved leaves (path,
 shape, dtype, SHA-256), the manifest's fields and their checks, and the errors."""
 
-import importlib.metadata
 import hashlib
+import importlib.metadata
 import json
 import re
 from collections.abc import Callable
@@ -16,17 +16,13 @@ import jax.tree_util as jtu
 import numpy as np
 
 FORMAT = "pccore-checkpoint"
-
 FORMAT_VERSION = 2  # 1: pccore 0.1 (state.eqx); 2: orbax-checkpoint
-
 MANIFEST = "manifest/manifest.json"
 MANIFEST_V1 = "manifest.json"  # pccore 0.1: at the checkpoint's top
-
-TMP = ".orbax-checkpoint-tmp"
-
+TMP = ".orbax-checkpoint-tmp"  # orbax's temporary directory of a save not yet committed
 STEP_DIR = re.compile(r"^step_(\d+)$")
+OLD_DIR = re.compile(r"^\.old-(step_(\d+))-[0-9a-f]{8}$")  # set aside by `overwrite`
 
-OLD_DIR = re.compile(r"^\.old-(step_(\d+))-[0-9a-f]{8}$")
 
 def load_orbax() -> Any:
     """orbax.checkpoint, imported on first use (it is optional, and slow to import)."""
@@ -39,6 +35,7 @@ def load_orbax() -> Any:
         ) from e
     return ocp
 
+
 def sync(name: str) -> None:
     """A barrier of all processes (nothing with one process)."""
     if jax.process_count() > 1:
@@ -46,11 +43,14 @@ def sync(name: str) -> None:
 
         multihost_utils.sync_global_devices(f"pccore:{name}")
 
+
 class CheckpointError(Exception):
     """A checkpoint is missing, truncated, corrupted, or does not fit the template."""
 
+
 class Damaged(CheckpointError):
     """The checkpoint's files are damaged (as opposed to a template that does not fit)."""
+
 
 class Checkpoint(eqx.Module):
     """A restored training state.
@@ -74,18 +74,22 @@ class Checkpoint(eqx.Module):
     version: str
     framework: str | None
 
+
 def version() -> str:
     try:
         return importlib.metadata.version("pccore")
     except importlib.metadata.PackageNotFoundError:  # running from a source tree
         return "0.0.0"
 
+
 def is_saved_leaf(x: Any) -> bool:
     # Arrays and Python/NumPy scalars (what `eqx.default_serialise_filter_spec` wrote in 0.1).
     return isinstance(x, jax.Array | np.ndarray | np.generic | bool | int | float | complex)
 
+
 def is_typed_key(x: Any) -> bool:
     return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
 
 def saved_leaves(tree: Any, prefix: str) -> list[tuple[str, Any, dict[str, Any]]]:
     """(path, leaf, spec) of every saved leaf of `tree`."""
@@ -103,6 +107,7 @@ def saved_leaves(tree: Any, prefix: str) -> list[tuple[str, Any, dict[str, Any]]
         out.append((prefix + jtu.keystr(path), leaf, spec))
     return out
 
+
 def stored(leaf: Any) -> Any:
     """What orbax stores for a leaf: key data for a typed key; NumPy for host values and,
     with several processes, for arrays local to this process (orbax writes those from
@@ -113,6 +118,7 @@ def stored(leaf: Any) -> Any:
         return np.asarray(leaf)
     return leaf
 
+
 def array_sha256(a: Any) -> str | None:
     """SHA-256 of an array's bytes (host copy); None for an array no process holds whole."""
     if isinstance(a, jax.Array) and not a.is_fully_addressable:
@@ -121,9 +127,11 @@ def array_sha256(a: Any) -> str | None:
         a = a.addressable_data(0)
     return hashlib.sha256(np.ascontiguousarray(np.asarray(a)).tobytes()).hexdigest()
 
+
 def describe(spec: dict[str, Any]) -> str:
     impl = f" ({spec['impl']})" if "impl" in spec else ""
     return f"shape {tuple(spec['shape'])} {spec['dtype']}{impl}"
+
 
 def key_parts(key: Any) -> tuple[Any, dict[str, Any] | None]:
     if key is None:
@@ -134,12 +142,15 @@ def key_parts(key: Any) -> tuple[Any, dict[str, Any] | None]:
         return jax.random.key_data(key), {"kind": "typed", "impl": str(jax.random.key_impl(key))}
     return key, {"kind": "raw"}
 
+
 def first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+
 
 def check_step(step: Any) -> None:
     if isinstance(step, bool) or not isinstance(step, int | np.integer) or step < 0:
         raise ValueError(f"`step` must be a non-negative int; got {step!r}.")
+
 
 def config_to_json(config: dict[str, Any] | None) -> dict[str, Any]:
     try:
@@ -150,11 +161,13 @@ def config_to_json(config: dict[str, Any] | None) -> dict[str, Any]:
             f"{e}. Convert such values first, e.g. `str(value)` or `float(value)`."
         ) from None
 
+
 def handlers(ocp: Any) -> dict[str, Any]:
     return {
         "state": ocp.StandardCheckpointHandler(),
         "manifest": ocp.JsonCheckpointHandler(filename=Path(MANIFEST).name),
     }
+
 
 def save_args(model: Any, opt_state: Any, step: int, key: Any, config: dict[str, Any] | None) -> Any:
     """orbax's save arguments: the arrays, and the manifest that describes them."""
@@ -183,11 +196,14 @@ def save_args(model: Any, opt_state: Any, step: int, key: Any, config: dict[str,
     }
     return ocp.args.Composite(state=ocp.args.StandardSave(arrays), manifest=ocp.args.JsonSave(manifest))
 
-def _is_int(x: Any) -> bool:
+
+def is_count(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
-def _is_sha(v: Any) -> bool:
+
+def is_sha(v: Any) -> bool:
     return isinstance(v, str) and re.fullmatch("[0-9a-f]{64}", v) is not None
+
 
 def _ok_key_info(v: Any) -> bool:
     return v is None or (
@@ -195,12 +211,16 @@ def _ok_key_info(v: Any) -> bool:
         and (v.get("kind") == "raw" or (v.get("kind") == "typed" and isinstance(v.get("impl"), str)))
     )
 
+
 _Fields = dict[str, tuple[Callable[[Any], bool], str]]
 
+
 # The manifest fields a reader relies on: (check, what is expected).
+
+
 _FIELDS: _Fields = {
-    "format_version": (_is_int, "a non-negative int"),
-    "step": (_is_int, "a non-negative int"),
+    "format_version": (is_count, "a non-negative int"),
+    "step": (is_count, "a non-negative int"),
     "pccore_version": (lambda v: isinstance(v, str), "a string"),
     "framework": (lambda v: v is None or isinstance(v, str), "a string or null"),
     "config": (lambda v: isinstance(v, dict), "a JSON object"),
@@ -208,20 +228,24 @@ _FIELDS: _Fields = {
     "leaves": (lambda v: isinstance(v, list), "a list"),
 }
 
+
 _FIELDS_V1: _Fields = {  # pccore 0.1: one data file
     "file": (lambda v: v == "state.eqx", '"state.eqx"'),
-    "bytes": (_is_int, "a non-negative int"),
-    "sha256": (_is_sha, "64 lowercase hex digits"),
+    "bytes": (is_count, "a non-negative int"),
+    "sha256": (is_sha, "64 lowercase hex digits"),
 }
+
 
 _LEAF_FIELDS: _Fields = {
     "path": (lambda v: isinstance(v, str), "a string"),
-    "shape": (lambda v: isinstance(v, list) and all(_is_int(d) for d in v),
+    "shape": (lambda v: isinstance(v, list) and all(is_count(d) for d in v),
               "a list of non-negative ints"),
     "dtype": (lambda v: isinstance(v, str), "a string"),
 }
 
-_LEAF_FIELDS_V2: _Fields = {"sha256": (lambda v: v is None or _is_sha(v), "64 lowercase hex digits or null")}
+
+_LEAF_FIELDS_V2: _Fields = {"sha256": (lambda v: v is None or is_sha(v), "64 lowercase hex digits or null")}
+
 
 def _check_fields(mpath: Path, obj: Any, fields: _Fields, prefix: str = "") -> None:
     for name, (ok, want) in fields.items():
@@ -237,10 +261,12 @@ def _check_fields(mpath: Path, obj: Any, fields: _Fields, prefix: str = "") -> N
             "was edited or damaged; restore an earlier step, or save the checkpoint again."
         )
 
+
 def manifest_path(path: Path) -> Path:
     """The manifest of the checkpoint at `path` (a pccore 0.1 one at its top)."""
     old = path / MANIFEST_V1
     return old if old.is_file() and not (path / MANIFEST).is_file() else path / MANIFEST
+
 
 def load_manifest(path: Path) -> dict[str, Any]:
     """The manifest of the checkpoint at `path`, checked; the arrays are not read."""
@@ -275,6 +301,7 @@ def load_manifest(path: Path) -> dict[str, Any]:
         if "impl" in leaf:
             _check_fields(mpath, leaf, {"impl": _LEAF_FIELDS["dtype"]}, f"leaves[{i}].")
     return manifest
+
 
 def stored_target(spec: dict[str, Any]) -> np.ndarray:
     """A NumPy array of the shape and dtype orbax stored for a manifest leaf."""

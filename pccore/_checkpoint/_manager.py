@@ -12,8 +12,20 @@ import jax
 
 from . import _files
 from ._commit import abandon, recover, stranded, write_committed, writer_lock
-from ._format import OLD_DIR, STEP_DIR, Checkpoint, CheckpointError, Damaged, handlers, load_orbax, manifest_path, save_args, sync
+from ._format import (
+    OLD_DIR,
+    STEP_DIR,
+    Checkpoint,
+    CheckpointError,
+    Damaged,
+    handlers,
+    load_orbax,
+    manifest_path,
+    save_args,
+    sync,
+)
 from ._store import read_manifest, restore_checkpoint
+
 
 class CheckpointManager:
     """Numbered checkpoints in one directory: keep the last `keep`, find the latest valid one.
@@ -228,9 +240,6 @@ class CheckpointManager:
                     shutil.rmtree(p, ignore_errors=True)  # if its step was committed anew
         sync("manager:cleared")
 
-    def _restore(self, step: int, model: Any, opt_state: Any) -> Checkpoint:
-        return restore_checkpoint(self.path(step), model=model, opt_state=opt_state)
-
     def restore(self, step: int | None = None, *, model: Any, opt_state: Any) -> Checkpoint:
         """Restore checkpoint `step`, or the latest valid one (see [`pccore.restore_checkpoint`][]).
 
@@ -241,10 +250,10 @@ class CheckpointManager:
         """
         self.wait()
         if step is not None:
-            return self._restore(step, model, opt_state)
+            return restore_checkpoint(self.path(step), model=model, opt_state=opt_state)
         for s in reversed(self.steps()):
             try:
-                return self._restore(s, model, opt_state)
+                return restore_checkpoint(self.path(s), model=model, opt_state=opt_state)
             except Damaged:
                 continue
             except CheckpointError:

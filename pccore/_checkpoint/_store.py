@@ -32,6 +32,7 @@ from ._format import (
     sync,
 )
 
+
 def save_checkpoint(
     path: str | os.PathLike[str],
     *,
@@ -86,6 +87,7 @@ def save_checkpoint(
         shutil.rmtree(old, ignore_errors=True)
     return path
 
+
 def _damaged(path: Path, manifest: dict[str, Any], what: str) -> Damaged:
     """The error for a damaged checkpoint, naming the first parameter that orbax cannot read
     or reads back with another SHA-256 (each read alone, one after the other), and `what`
@@ -113,6 +115,7 @@ def _damaged(path: Path, manifest: dict[str, Any], what: str) -> Damaged:
         f"Checkpoint {str(path)!r} is truncated or corrupted: {what}. Restore an earlier step."
     )
 
+
 def _read(path: Path, manifest: dict[str, Any], targets: dict[str, Any]) -> dict[str, Any]:
     """The arrays of the checkpoint, read into `targets` and checked against their SHA-256
     (this is the verification of an orbax checkpoint: orbax reads a flipped byte in an
@@ -138,6 +141,7 @@ def _read(path: Path, manifest: dict[str, Any], targets: dict[str, Any]) -> dict
             raise _damaged(path, manifest, "orbax-checkpoint read back other bytes than were saved")
     return arrays
 
+
 def _verify(path: Path, manifest: dict[str, Any]) -> None:
     """Check the checkpoint's files against `files.json`, or without one, read its arrays."""
     if manifest["format_version"] == 1 or not _files.has_index(path):
@@ -146,6 +150,7 @@ def _verify(path: Path, manifest: dict[str, Any]) -> None:
     damage = _files.damage(path)
     if damage is not None:
         raise _damaged(path, manifest, damage)
+
 
 def read_manifest(path: str | os.PathLike[str], *, verify: bool = True) -> dict[str, Any]:
     """The manifest of the checkpoint at `path`, checked; with `verify`, the data too: every
@@ -162,6 +167,7 @@ def read_manifest(path: str | os.PathLike[str], *, verify: bool = True) -> dict[
         _verify(path, manifest)
     return manifest
 
+
 def _energy_params_hint(*paths: str) -> str:
     """The fix when a mismatch is the energy's parameters held on one side only."""
     if not any(".energy_params" in p for p in paths):
@@ -170,6 +176,7 @@ def _energy_params_hint(*paths: str) -> str:
             "other does not: build the template as the saved run did, "
             "`model = model.with_energy_params(energy.init_params(model))` and "
             "`opt_state = optim.init(model.trainable)`.")
+
 
 def _check_fits(path: Path, saved: list[dict[str, Any]], expected: list[dict[str, Any]]) -> None:
     for got, want in zip(saved, expected):
@@ -200,12 +207,14 @@ def _check_fits(path: Path, saved: list[dict[str, Any]], expected: list[dict[str
             "exactly as for the saved run." + _energy_params_hint(extra)
         )
 
+
 def _target(leaf: Any) -> Any:
     """What orbax restores a leaf into: the template array's shape, dtype and sharding."""
     data = jax.random.key_data(leaf) if is_typed_key(leaf) else leaf
     if isinstance(data, jax.Array):
         return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=data.sharding)
     return np.zeros_like(np.asarray(data))
+
 
 def _fill(tree: Any, prefix: str, arrays: dict[str, Any]) -> Any:
     """`tree` with every saved leaf replaced by its restored array, of the leaf's kind."""
@@ -223,6 +232,7 @@ def _fill(tree: Any, prefix: str, arrays: dict[str, Any]) -> Any:
         return np.asarray(a) if isinstance(leaf, np.ndarray) else a
 
     return jtu.tree_map_with_path(fill, tree)
+
 
 def restore_checkpoint(path: str | os.PathLike[str], *, model: Any, opt_state: Any) -> Checkpoint:
     """Restore the training state saved at `path` into a template.
